@@ -1,0 +1,197 @@
+//! The admin's subcommands: `serve`, `gen-cert`, and the user management
+//! commands `useradd`, `userdel`, `usermod` and `users`.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{Config, human_bytes, parse_size};
+use crate::server::Server;
+use crate::tls;
+use crate::users::{self, Password, User, UserDb};
+
+/// `ftpx serve`: runs until SIGINT or SIGTERM.
+pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
+    let mut config = Config::load(config_path)?;
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    crate::logging::init_server(&config.server.log_file, &config.server.log_level)?;
+    for dir in [config.homes_dir(), config.partial_dir()] {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let cert_dir = config.server.cert_dir.clone();
+    if !tls::has_server_cert(&cert_dir) {
+        let hosts = tls::default_hosts();
+        tls::gen_cert(&cert_dir, &hosts, true)?;
+        eprintln!(
+            "ftpx: made a certificate for {} in {}; clients trust {}",
+            hosts.join(", "),
+            cert_dir.display(),
+            cert_dir.join(tls::CA_FILE).display()
+        );
+    }
+    let tls_config = tls::server_config(&cert_dir)?;
+    let addr = config.server.listen;
+    let server = Arc::new(Server::new(config)?);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(address = %local, "listening");
+    println!("listening on {local}");
+    let _ = std::io::stdout().flush();
+    crate::server::run(listener, server, Arc::new(tls_config), shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `ftpx gen-cert`.
+pub fn gen_cert(dir: &Path, hosts: Vec<String>, force: bool) -> Result<(), String> {
+    let hosts = if hosts.is_empty() {
+        tls::default_hosts()
+    } else {
+        hosts
+    };
+    let files = tls::gen_cert(dir, &hosts, force)?;
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    println!("certificate valid for: {}", hosts.join(", "));
+    Ok(())
+}
+
+/// Reads a new password: one line of standard input, or twice on a terminal.
+fn new_password(from_stdin: bool) -> Result<Password, String> {
+    if from_stdin {
+        return crate::shell::read_stdin_line().map(Password::new);
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err("standard input is not a terminal: use --password-stdin".into());
+    }
+    let p = rpassword::prompt_password("password: ")
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    let again = rpassword::prompt_password("password again: ")
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    if p != again {
+        return Err("the passwords differ".into());
+    }
+    Ok(Password::new(p))
+}
+
+/// `ftpx useradd`.
+pub fn useradd(
+    config_path: &Path,
+    name: &str,
+    quota: Option<&str>,
+    password_stdin: bool,
+) -> Result<(), String> {
+    let config = Config::load(config_path)?;
+    users::check_name(name)?;
+    let quota = match quota {
+        Some(q) => parse_size(q)?,
+        None => config.accounts.default_quota.0,
+    };
+    let db = UserDb::new(&config.server.var_dir);
+    if db.find(name)?.is_some() {
+        return Err(format!("user {name:?} already exists"));
+    }
+    let password = new_password(password_stdin)?;
+    users::check_password(&password, &config.accounts)?;
+    let hash = users::hash_password(&password, &config.accounts)?;
+    db.add(User {
+        name: name.to_string(),
+        quota,
+        hash,
+        created: users::now_secs(),
+    })?;
+    println!(
+        "added {name}: quota {quota} bytes ({}), home {}",
+        human_bytes(quota),
+        db.home(name).display()
+    );
+    Ok(())
+}
+
+/// `ftpx userdel`.
+pub fn userdel(config_path: &Path, name: &str, remove_home: bool) -> Result<(), String> {
+    let config = Config::load(config_path)?;
+    let db = UserDb::new(&config.server.var_dir);
+    db.remove(name, remove_home)?;
+    if remove_home {
+        let _ = std::fs::remove_dir_all(config.partial_dir().join(name));
+    }
+    println!(
+        "removed {name}{}",
+        if remove_home { " and its home" } else { "" }
+    );
+    Ok(())
+}
+
+/// `ftpx usermod`.
+pub fn usermod(
+    config_path: &Path,
+    name: &str,
+    quota: Option<&str>,
+    set_password: bool,
+    password_stdin: bool,
+) -> Result<(), String> {
+    let config = Config::load(config_path)?;
+    let db = UserDb::new(&config.server.var_dir);
+    if db.find(name)?.is_none() {
+        return Err(format!("no user {name:?}"));
+    }
+    if quota.is_none() && !set_password {
+        return Err("nothing to change: give --quota, --password or --password-stdin".into());
+    }
+    let quota = quota.map(parse_size).transpose()?;
+    let hash = if set_password {
+        let password = new_password(password_stdin)?;
+        users::check_password(&password, &config.accounts)?;
+        Some(users::hash_password(&password, &config.accounts)?)
+    } else {
+        None
+    };
+    db.modify(name, |u| {
+        if let Some(q) = quota {
+            u.quota = q;
+        }
+        if let Some(h) = &hash {
+            u.hash = h.clone();
+        }
+    })?;
+    println!("changed {name}");
+    Ok(())
+}
+
+/// `ftpx users`: name, quota and usage, one user a line.
+pub fn users(config_path: &Path) -> Result<(), String> {
+    let config = Config::load(config_path)?;
+    let db = UserDb::new(&config.server.var_dir);
+    println!("{:<32} {:>14} {:>14}", "USER", "QUOTA", "USED");
+    for u in db.load()? {
+        let used = crate::jail::Home::open(&db.home(&u.name))
+            .and_then(|h| h.usage())
+            .map_or_else(|_| "-".to_string(), human_bytes);
+        println!("{:<32} {:>14} {:>14}", u.name, human_bytes(u.quota), used);
+    }
+    Ok(())
+}

@@ -1,0 +1,636 @@
+//! The client library: one TLS session to a server, its requests, and the
+//! client half of verified, resumable transfers. Used by the `connect` shell
+//! (`shell.rs`) and by the tests.
+//!
+//! Client state lives in one directory, [`state_dir`]: the resume journals
+//! (`journal/`), the shell history and the client log (`ftpx.log`). A
+//! download arrives in a hidden partial file beside its target,
+//! `.NAME.ftpx-part`, and is renamed onto the target only after its
+//! whole-file hash matched.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::ProgressBar;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tracing::{info, warn};
+
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::jail::VPath;
+use crate::journal::{self, Journal, Record};
+use crate::protocol::{self, Candidate, FrameHeader, ReplyLine, Request};
+use crate::transfer::{self, Checkpoints, Stopped};
+
+/// Longest reply line the client accepts.
+const MAX_REPLY_LINE: usize = 64 * 1024;
+/// Listing lines kept at most, whatever a server sends.
+const MAX_REPLY_LINES: usize = 1_000_000;
+
+/// What went wrong on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+    /// The server answered with an error reply.
+    #[error("{text} ({code})")]
+    Server { code: u16, text: String },
+    #[error("{0}")]
+    Local(String),
+    #[error("server broke the protocol: {0}")]
+    Protocol(String),
+    #[error("connection lost: {0}")]
+    Connection(String),
+    #[error("{0}")]
+    Verify(String),
+}
+
+impl ClientError {
+    /// Whether reconnecting and running the same transfer again may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Connection(_) | ClientError::Connect { .. } => true,
+            ClientError::Server { code, .. } => matches!(code, 421 | 453),
+            _ => false,
+        }
+    }
+}
+
+impl From<Error> for ClientError {
+    fn from(e: Error) -> ClientError {
+        match e {
+            Error::Connection(io) => ClientError::Connection(io.to_string()),
+            Error::Timeout(what) => ClientError::Connection(format!("{what} timed out")),
+            Error::LineTooLong => ClientError::Protocol("reply line too long".into()),
+            Error::Protocol(p) | Error::Syntax(p) => ClientError::Protocol(p),
+            Error::BadChunk(at) => ClientError::Server {
+                code: 453,
+                text: format!("chunk at offset {at} failed its hash check"),
+            },
+            Error::HashMismatch => {
+                ClientError::Verify("downloaded file's hash did not match the server's".into())
+            }
+            other => ClientError::Local(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A complete reply: its continuation lines and its final line.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+    pub lines: Vec<String>,
+}
+
+/// Where the client keeps journals, history and its log:
+/// `$FTPX_STATE_DIR`, else `$XDG_STATE_HOME/ftpx`, else `~/.local/state/ftpx`.
+pub fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FTPX_STATE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("ftpx");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/state/ftpx"),
+        None => PathBuf::from(".ftpx-state"),
+    }
+}
+
+/// What was moved, for the caller to print.
+#[derive(Debug, Clone)]
+pub struct Transferred {
+    pub hash: blake3::Hash,
+    pub size: u64,
+    /// Where the transfer resumed; 0 for a fresh start.
+    pub resumed_at: u64,
+}
+
+/// How the client transfers: chunk size and checkpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferOptions {
+    pub chunk_size: usize,
+    pub checkpoints: Checkpoints,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        let t = crate::config::TransferSection::default();
+        TransferOptions {
+            chunk_size: t.chunk_size.0 as usize,
+            checkpoints: Checkpoints {
+                bytes: t.checkpoint_bytes.0,
+                interval: Duration::from_secs(t.checkpoint_secs),
+            },
+        }
+    }
+}
+
+pub struct Client {
+    conn: Connection<TlsStream<TcpStream>>,
+    /// The remote working directory, as the server last reported it.
+    cwd: VPath,
+    journal_dir: PathBuf,
+    pub options: TransferOptions,
+}
+
+impl Client {
+    /// Opens a TLS session to `host:port`, checking the server's certificate
+    /// against `ca_file`, and reads the greeting.
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        ca_file: &Path,
+        io_timeout: Duration,
+    ) -> Result<Client> {
+        let tls = crate::tls::client_config(ca_file).map_err(ClientError::Setup)?;
+        let name = crate::tls::server_name(host).map_err(ClientError::Setup)?;
+        let addr = format!(
+            "{}:{port}",
+            if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host.to_string()
+            }
+        );
+        let tcp = tokio::time::timeout(io_timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| ClientError::Connect {
+                addr: addr.clone(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tokio::time::timeout(
+            io_timeout,
+            TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| ClientError::Tls {
+            addr: addr.clone(),
+            source: std::io::ErrorKind::TimedOut.into(),
+        })?
+        .map_err(|source| ClientError::Tls {
+            addr: addr.clone(),
+            source,
+        })?;
+        if stream.get_ref().1.alpn_protocol() != Some(protocol::ALPN) {
+            return Err(ClientError::Protocol(
+                "server did not agree to the ftpx protocol (ALPN)".into(),
+            ));
+        }
+        let mut client = Client {
+            conn: Connection::new(stream, io_timeout),
+            cwd: VPath::root(),
+            journal_dir: state_dir().join("journal"),
+            options: TransferOptions::default(),
+        };
+        let greeting = client.read_reply().await?;
+        if greeting.code != 220 {
+            return Err(ClientError::Server {
+                code: greeting.code,
+                text: greeting.text,
+            });
+        }
+        info!(server = %addr, "connected");
+        Ok(client)
+    }
+
+    pub fn cwd(&self) -> &VPath {
+        &self.cwd
+    }
+
+    /// Reads one whole reply.
+    pub async fn read_reply(&mut self) -> Result<Reply> {
+        let mut lines = vec![];
+        loop {
+            let line =
+                self.conn.read_line(MAX_REPLY_LINE).await?.ok_or_else(|| {
+                    ClientError::Connection("server closed the connection".into())
+                })?;
+            let reply = ReplyLine::parse(&line)
+                .ok_or_else(|| ClientError::Protocol(format!("bad reply line {line:?}")))?;
+            if reply.last {
+                return Ok(Reply {
+                    code: reply.code,
+                    text: reply.text,
+                    lines,
+                });
+            }
+            if lines.len() >= MAX_REPLY_LINES {
+                return Err(ClientError::Protocol("reply has too many lines".into()));
+            }
+            lines.push(reply.text);
+        }
+    }
+
+    /// Sends a request and returns its reply; an error reply is an error.
+    pub async fn request(&mut self, request: &Request) -> Result<Reply> {
+        self.conn.write_line(&request.to_line()).await?;
+        self.conn.flush().await?;
+        let reply = self.read_reply().await?;
+        if reply.code >= 400 {
+            return Err(ClientError::Server {
+                code: reply.code,
+                text: reply.text,
+            });
+        }
+        Ok(reply)
+    }
+
+    pub async fn login(&mut self, user: &str, password: &str, register: bool) -> Result<()> {
+        let (user, password) = (user.to_string(), password.to_string());
+        let request = if register {
+            Request::Register { user, password }
+        } else {
+            Request::Login { user, password }
+        };
+        self.request(&request).await.map(|_| ())
+    }
+
+    /// Changes the remote directory and returns the new one.
+    pub async fn cd(&mut self, path: Option<&str>) -> Result<String> {
+        let reply = self
+            .request(&Request::Cwd(path.map(str::to_string)))
+            .await?;
+        let dir = unquote(&reply.text)?;
+        self.cwd = VPath::resolve(&VPath::root(), &dir, usize::MAX)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(dir)
+    }
+
+    /// Resolves a remote path against the remote working directory, by the
+    /// same rules the server uses.
+    pub fn remote_path(&self, arg: &str) -> Result<VPath> {
+        VPath::resolve(&self.cwd, arg, usize::MAX).map_err(|e| ClientError::Local(e.to_string()))
+    }
+
+    /// Closes the session politely.
+    pub async fn quit(mut self) {
+        if self.conn.write_line(&Request::Quit.to_line()).await.is_ok()
+            && self.conn.flush().await.is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.read_reply()).await;
+        }
+        self.conn.shutdown().await;
+    }
+
+    /// Uploads `local` to `remote`, resuming an interrupted upload of the
+    /// same unchanged file. The whole-file hash is checked on both ends.
+    pub async fn put(
+        &mut self,
+        local: &Path,
+        remote: &VPath,
+        progress: &ProgressBar,
+    ) -> Result<Transferred> {
+        let local_abs = std::path::absolute(local).map_err(|e| local_err(local, e))?;
+        let file = File::open(&local_abs).map_err(|e| local_err(local, e))?;
+        let meta = file.metadata().map_err(|e| local_err(local, e))?;
+        if !meta.is_file() {
+            return Err(ClientError::Local(format!(
+                "{}: not a regular file",
+                local.display()
+            )));
+        }
+        let size = meta.len();
+        let record = Record {
+            version: journal::VERSION,
+            kind: "upload".into(),
+            source: local_abs.to_string_lossy().into_owned(),
+            target: remote.to_string(),
+            size,
+            mtime: meta.mtime(),
+            inode: meta.ino(),
+            verified: 0,
+            updated: 0,
+        };
+        let journal_path = self.journal_dir.join(format!(
+            "{}.toml",
+            journal::key(&["upload", &record.source, &record.target])
+        ));
+        let same_source = match Journal::load(&journal_path) {
+            Ok(Some(prior)) => {
+                let same = prior.kind == record.kind
+                    && prior.source == record.source
+                    && prior.target == record.target
+                    && prior.size == size
+                    && prior.mtime == record.mtime
+                    && prior.inode == record.inode;
+                if !same {
+                    info!(local = %local.display(), remote = %remote, "source changed since the interrupted upload; starting from 0");
+                }
+                same
+            }
+            Ok(None) => false,
+            Err(e) => {
+                warn!(error = %e, "ignoring a damaged journal");
+                false
+            }
+        };
+
+        let reply = self
+            .request(&Request::Put {
+                path: remote.to_string(),
+                size,
+            })
+            .await?;
+        if reply.code != 150 {
+            return Err(ClientError::Protocol(format!(
+                "unexpected reply {} to PUT",
+                reply.code
+            )));
+        }
+        let offers = parse_offers(&reply.text)?;
+        let file = Arc::new(file);
+        let (offset, hasher) = if same_source && !offers.is_empty() {
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || transfer::choose(&f, size, &offers))
+                .await
+                .map_err(|e| ClientError::Local(e.to_string()))?
+                .map_err(|e| local_err(local, e))?
+        } else {
+            (0, blake3::Hasher::new())
+        };
+        let mut journal = Journal::new(journal_path, record);
+        journal
+            .save(offset)
+            .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
+        info!(local = %local.display(), remote = %remote, size, resumed_at = offset, "upload starts");
+        self.conn
+            .write_frame(&FrameHeader::start(offset), &[])
+            .await?;
+        progress.set_length(size);
+        progress.set_position(offset);
+        let hash = transfer::send(
+            &mut self.conn,
+            file,
+            offset,
+            size,
+            hasher,
+            self.options.chunk_size,
+            progress,
+        )
+        .await?;
+        let reply = self.read_reply().await?;
+        match reply.code {
+            226 => {
+                let theirs = reply.text.split(' ').next().unwrap_or_default();
+                if theirs != protocol::hex(&hash) {
+                    return Err(ClientError::Verify(format!(
+                        "server stored hash {theirs}, expected {}",
+                        protocol::hex(&hash)
+                    )));
+                }
+                journal.remove();
+                info!(local = %local.display(), remote = %remote, size, resumed_at = offset, hash = %protocol::hex(&hash), "upload complete");
+                Ok(Transferred {
+                    hash,
+                    size,
+                    resumed_at: offset,
+                })
+            }
+            code => {
+                if code == 454 {
+                    journal.remove();
+                }
+                info!(local = %local.display(), remote = %remote, code, error = %reply.text, "upload failed");
+                Err(ClientError::Server {
+                    code,
+                    text: reply.text,
+                })
+            }
+        }
+    }
+
+    /// Downloads `remote` to the local file `target`, resuming from a
+    /// partial download that both ends prove equal.
+    pub async fn get(
+        &mut self,
+        remote: &VPath,
+        target: &Path,
+        progress: &ProgressBar,
+    ) -> Result<Transferred> {
+        let target_abs = std::path::absolute(target).map_err(|e| local_err(target, e))?;
+        let name = target_abs
+            .file_name()
+            .ok_or_else(|| ClientError::Local(format!("{}: not a file name", target.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let dir = target_abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if target_abs.is_dir() {
+            return Err(ClientError::Local(format!(
+                "{}: is a directory",
+                target.display()
+            )));
+        }
+        let partial = dir.join(format!(".{name}.ftpx-part"));
+        let source = remote.to_string();
+        let target_str = target_abs.to_string_lossy().into_owned();
+        let journal_path = self.journal_dir.join(format!(
+            "{}.toml",
+            journal::key(&["download", &source, &target_str])
+        ));
+
+        let candidates = match Journal::load(&journal_path) {
+            Ok(Some(prior))
+                if prior.kind == "download"
+                    && prior.source == source
+                    && prior.target == target_str =>
+            {
+                let p = partial.clone();
+                tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Candidate>> {
+                    let f = File::open(&p)?;
+                    let len = f.metadata()?.len();
+                    transfer::offer(&f, &[len, prior.verified.min(len)])
+                })
+                .await
+                .map_err(|e| ClientError::Local(e.to_string()))?
+                .unwrap_or_default()
+            }
+            Ok(_) => vec![],
+            Err(e) => {
+                warn!(error = %e, "ignoring a damaged journal");
+                vec![]
+            }
+        };
+        let reply = self
+            .request(&Request::Get {
+                path: source.clone(),
+                candidates,
+            })
+            .await?;
+        let (size, offset) = match (
+            reply.code,
+            reply.text.split(' ').collect::<Vec<_>>().as_slice(),
+        ) {
+            (151, [size, offset]) => (
+                size.parse::<u64>()
+                    .map_err(|_| ClientError::Protocol("bad size in 151".into()))?,
+                offset
+                    .parse::<u64>()
+                    .map_err(|_| ClientError::Protocol("bad offset in 151".into()))?,
+            ),
+            _ => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply to GET: {} {}",
+                    reply.code, reply.text
+                )));
+            }
+        };
+        if offset > size {
+            return Err(ClientError::Protocol(
+                "server resumes past the end of the file".into(),
+            ));
+        }
+        let record = Record {
+            version: journal::VERSION,
+            kind: "download".into(),
+            source: source.clone(),
+            target: target_str,
+            size,
+            mtime: 0,
+            inode: 0,
+            verified: 0,
+            updated: 0,
+        };
+        // Open the partial file at the agreed offset. If that fails, the
+        // server is already sending: the session can't be kept in step.
+        let p = partial.clone();
+        let opened =
+            tokio::task::spawn_blocking(move || -> std::io::Result<(File, blake3::Hasher)> {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&p)?;
+                f.set_len(offset)?;
+                let h = transfer::prefix_hashers(&f, &[offset])?.remove(0);
+                Ok((f, h))
+            })
+            .await
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let (file, hasher) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                return Err(ClientError::Connection(format!(
+                    "cannot write {}: {e}",
+                    partial.display()
+                )));
+            }
+        };
+        let mut journal = Journal::new(journal_path, record);
+        if let Err(e) = journal.save(offset) {
+            return Err(ClientError::Connection(format!(
+                "cannot write the journal: {e}"
+            )));
+        }
+        info!(remote = %source, local = %target.display(), size, resumed_at = offset, "download starts");
+        let mut journal = Some(journal);
+        progress.set_length(size);
+        progress.set_position(offset);
+        let file = Arc::new(file);
+        let received = transfer::receive(
+            &mut self.conn,
+            file.clone(),
+            offset,
+            size,
+            hasher,
+            &mut journal,
+            self.options.checkpoints,
+            progress,
+        )
+        .await;
+        match received {
+            Ok(hash) => {
+                let done = (|| -> std::io::Result<()> {
+                    file.sync_all()?;
+                    std::fs::rename(&partial, &target_abs)?;
+                    File::open(&dir)?.sync_all()
+                })();
+                if let Some(j) = &journal {
+                    j.remove();
+                }
+                done.map_err(|e| local_err(target, e))?;
+                info!(remote = %source, local = %target.display(), size, resumed_at = offset, hash = %protocol::hex(&hash), "download complete");
+                Ok(Transferred {
+                    hash,
+                    size,
+                    resumed_at: offset,
+                })
+            }
+            Err(Stopped { error, verified }) => {
+                if matches!(error, Error::HashMismatch) {
+                    let _ = std::fs::remove_file(&partial);
+                    if let Some(j) = &journal {
+                        j.remove();
+                    }
+                } else {
+                    let _ = file.sync_data();
+                    if let Some(j) = journal.as_mut() {
+                        let _ = j.save(verified);
+                    }
+                }
+                info!(remote = %source, local = %target.display(), verified, error = %error, "download stopped");
+                if matches!(error, Error::Unavailable(_)) {
+                    // The server gave up mid-file (its read failed); its reply says why.
+                    let reply = self.read_reply().await?;
+                    return Err(ClientError::Server {
+                        code: reply.code,
+                        text: reply.text,
+                    });
+                }
+                Err(error.into())
+            }
+        }
+    }
+}
+
+fn local_err(path: &Path, e: std::io::Error) -> ClientError {
+    ClientError::Local(format!("{}: {e}", path.display()))
+}
+
+/// `"quoted path"` → the path.
+pub fn unquote(text: &str) -> Result<String> {
+    let words =
+        protocol::split_commands(text, false).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    words
+        .into_iter()
+        .next()
+        .and_then(|w| w.into_iter().next())
+        .ok_or_else(|| ClientError::Protocol(format!("expected a path, got {text:?}")))
+}
+
+/// The resume offers in a `150 ready [OFFSET HASH]...` reply.
+fn parse_offers(text: &str) -> Result<Vec<Candidate>> {
+    let words: Vec<&str> = text.split(' ').filter(|w| !w.is_empty()).collect();
+    let Some((&"ready", rest)) = words.split_first() else {
+        return Err(ClientError::Protocol(format!("bad 150 reply {text:?}")));
+    };
+    let line = format!("GET x {}", rest.join(" "));
+    match Request::parse(&line) {
+        Ok(Request::Get { candidates, .. }) => Ok(candidates),
+        _ => Err(ClientError::Protocol(format!("bad resume offers {text:?}"))),
+    }
+}

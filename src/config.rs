@@ -1,0 +1,378 @@
+//! Server settings: one plain struct per section of `etc/ftpx.toml`, each
+//! field with its default. A missing file or key means the default; an
+//! unknown key is an error, so that a typo never silently falls back.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+pub const DEFAULT_CONFIG: &str = "etc/ftpx.toml";
+pub const DEFAULT_PORT: u16 = 2121;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub accounts: AccountsSection,
+    pub limits: LimitsSection,
+    pub transfer: TransferSection,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerSection::default(),
+            accounts: AccountsSection::default(),
+            limits: LimitsSection::default(),
+            transfer: TransferSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Where the certificate, its key and the CA live.
+    pub cert_dir: PathBuf,
+    /// Mutable state: homes, the user database, journals, logs.
+    pub var_dir: PathBuf,
+    /// Log file; relative paths are under the working directory.
+    pub log_file: PathBuf,
+    /// tracing filter for the log file: error, warn, info, debug or trace.
+    pub log_level: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            cert_dir: "certs".into(),
+            var_dir: "var".into(),
+            log_file: "var/log/ftpx.log".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountsSection {
+    /// Whether clients may create accounts with `connect --register`.
+    pub registration: bool,
+    /// Quota of a self-registered user: drawn at random from this range.
+    pub registered_quota_min: Size,
+    pub registered_quota_max: Size,
+    /// Quota of a user made by `useradd` without `--quota`.
+    pub default_quota: Size,
+    /// Password length in characters.
+    pub password_min_len: usize,
+    pub password_max_len: usize,
+    /// scrypt cost for new hashes: N = 2^log_n, r, p. Stored hashes keep their own.
+    pub scrypt_log_n: u8,
+    pub scrypt_r: u32,
+    pub scrypt_p: u32,
+    /// Hashes with a higher cost than this are refused (a tampered database must not exhaust memory).
+    pub scrypt_max_log_n: u8,
+    /// Password hashes computed at the same time, at most.
+    pub hash_concurrency: usize,
+    /// Every failed login is answered after this long, whatever failed.
+    pub login_failure_delay_ms: u64,
+}
+
+impl Default for AccountsSection {
+    fn default() -> Self {
+        AccountsSection {
+            registration: true,
+            registered_quota_min: Size(10 << 20),
+            registered_quota_max: Size(20 << 20),
+            default_quota: Size(100 << 20),
+            password_min_len: 8,
+            password_max_len: 256,
+            scrypt_log_n: 17,
+            scrypt_r: 8,
+            scrypt_p: 1,
+            scrypt_max_log_n: 20,
+            hash_concurrency: 2,
+            login_failure_delay_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Sessions at once, in all.
+    pub max_sessions: usize,
+    /// Sessions at once from one address (an office behind one NAT counts as one).
+    pub max_sessions_per_ip: usize,
+    /// Time for a client to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Time from connect to a successful login.
+    pub login_timeout_secs: u64,
+    /// A logged-in session with no request for this long is closed (never during a transfer).
+    pub idle_timeout_secs: u64,
+    /// One read or write that makes no progress for this long ends the session.
+    pub io_timeout_secs: u64,
+    /// Longest request line in bytes.
+    pub max_line: usize,
+    /// Longest path argument in bytes.
+    pub max_path: usize,
+    /// Entries one `ls` returns at most.
+    pub max_list_entries: usize,
+    /// Time running sessions get to finish after SIGINT or SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_sessions: 1000,
+            max_sessions_per_ip: 200,
+            handshake_timeout_secs: 10,
+            login_timeout_secs: 60,
+            idle_timeout_secs: 900,
+            io_timeout_secs: 60,
+            max_line: 8192,
+            max_path: 4096,
+            max_list_entries: 100_000,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferSection {
+    /// Bytes per chunk frame (each verified by its own BLAKE3).
+    pub chunk_size: Size,
+    /// The receiver makes its progress durable (fsync, journal) after this many bytes...
+    pub checkpoint_bytes: Size,
+    /// ...or this many seconds, whichever comes first.
+    pub checkpoint_secs: u64,
+    /// Unfinished uploads not touched for this long are deleted.
+    pub partial_ttl_hours: u64,
+}
+
+impl Default for TransferSection {
+    fn default() -> Self {
+        TransferSection {
+            chunk_size: Size(256 << 10),
+            checkpoint_bytes: Size(64 << 20),
+            checkpoint_secs: 2,
+            partial_ttl_hours: 24 * 7,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file gives the defaults.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let config: Config =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .check()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let a = &self.accounts;
+        if a.registered_quota_min.0 > a.registered_quota_max.0 {
+            return Err("registered_quota_min is larger than registered_quota_max".into());
+        }
+        if a.password_min_len == 0 || a.password_min_len > a.password_max_len {
+            return Err("password_min_len must be at least 1 and at most password_max_len".into());
+        }
+        if scrypt::Params::new(a.scrypt_log_n, a.scrypt_r, a.scrypt_p).is_err()
+            || a.scrypt_log_n > a.scrypt_max_log_n
+        {
+            return Err("scrypt_log_n, scrypt_r, scrypt_p are not valid scrypt parameters within scrypt_max_log_n".into());
+        }
+        if a.hash_concurrency == 0 {
+            return Err("hash_concurrency must be at least 1".into());
+        }
+        let chunk = self.transfer.chunk_size.0;
+        if chunk == 0 || chunk > u64::from(crate::protocol::MAX_CHUNK) {
+            return Err(format!(
+                "chunk_size must be between 1 byte and {}",
+                Size(crate::protocol::MAX_CHUNK.into())
+            ));
+        }
+        let l = &self.limits;
+        if l.max_line < 256 || l.max_path == 0 || l.max_sessions == 0 || l.max_sessions_per_ip == 0
+        {
+            return Err("max_line must be at least 256; max_path, max_sessions and max_sessions_per_ip at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.handshake_timeout_secs)
+    }
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.login_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.idle_timeout_secs)
+    }
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.io_timeout_secs)
+    }
+    pub fn users_file(&self) -> PathBuf {
+        self.server.var_dir.join("users.toml")
+    }
+    pub fn homes_dir(&self) -> PathBuf {
+        self.server.var_dir.join("homes")
+    }
+    pub fn partial_dir(&self) -> PathBuf {
+        self.server.var_dir.join("partial")
+    }
+}
+
+/// A byte count, written in the config as a number or with a unit (`"15MiB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Text(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&human_bytes(self.0))
+    }
+}
+
+/// Parses `500k`, `15MiB`, `2GB`, `1024`: k/K/KiB… are powers of 1024,
+/// kB/MB/GB/TB powers of 1000.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let bad = || format!("invalid size {s:?}: expected a byte count like 500k, 15MiB or 2GB");
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// `15728640` → `15.0 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("500k"), Ok(500 * 1024));
+        assert_eq!(parse_size("15MiB"), Ok(15 << 20));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("7"), Ok(7));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("3 kB"), Ok(3000));
+        for bad in [
+            "",
+            "MiB",
+            "-1",
+            "1.5M",
+            "10 parsecs",
+            "99999999999999999999",
+            "20000000T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(human_bytes(15 << 20), "15.0 MiB");
+        assert_eq!(human_bytes(12), "12 B");
+    }
+
+    #[test]
+    fn shipped_config_is_the_default() {
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.toml");
+        let text = std::fs::read_to_string(shipped).unwrap();
+        // Every documented key, uncommented, must parse and equal the default.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| {
+                        r.split_once(" = ").is_some_and(|(k, _)| {
+                            k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        })
+                    })
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let parsed: Config = toml::from_str(&uncommented).unwrap();
+        let d = Config::default();
+        assert_eq!(format!("{parsed:?}"), format!("{d:?}"));
+        assert!(
+            uncommented.matches(" = ").count() >= 30,
+            "a key is missing from etc/ftpx.toml"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for bad in [
+            "[limits]\nmax_lines = 3\n",
+            "[transfer]\nchunk_size = \"9GiB\"\n",
+            "[accounts]\nregistered_quota_min = \"30MiB\"\n",
+            "x",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            assert!(Config::load(&p).is_err(), "{bad}");
+        }
+        assert!(Config::load(&dir.path().join("missing.toml")).is_ok());
+    }
+}

@@ -1,0 +1,127 @@
+//! Buffered lines and frames over any byte stream (TLS in production, an
+//! in-memory pipe in some tests). Every read is bounded in size, and every
+//! read or write of frame data in time.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+
+use crate::error::{Error, Result};
+use crate::protocol::{FRAME_HEADER_LEN, FrameHeader};
+
+pub struct Connection<S> {
+    stream: BufStream<S>,
+    io_timeout: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, io_timeout: Duration) -> Connection<S> {
+        Connection {
+            stream: BufStream::with_capacity(64 * 1024, 64 * 1024, stream),
+            io_timeout,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        self.stream.get_ref()
+    }
+
+    /// Reads one line of at most `max` bytes, without its line end. `Ok(None)`
+    /// is a clean end of stream before any byte of a line. A longer line is
+    /// [`Error::LineTooLong`]; bytes that are not UTF-8 are a syntax error.
+    pub async fn read_line(&mut self, max: usize) -> Result<Option<String>> {
+        let mut line = Vec::new();
+        loop {
+            let buf = self.stream.fill_buf().await.map_err(Error::Connection)?;
+            if buf.is_empty() {
+                if line.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::Connection(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if line.len() + take > max + 2 {
+                return Err(Error::LineTooLong);
+            }
+            line.extend_from_slice(&buf[..take]);
+            self.stream.consume(take);
+            if done {
+                break;
+            }
+        }
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if line.len() > max {
+            return Err(Error::LineTooLong);
+        }
+        String::from_utf8(line)
+            .map(Some)
+            .map_err(|_| Error::Syntax("request is not valid UTF-8".into()))
+    }
+
+    /// Queues a line; [`Connection::flush`] sends it.
+    pub async fn write_line(&mut self, line: &str) -> Result<()> {
+        timed(self.io_timeout, "write", async {
+            self.stream.write_all(line.as_bytes()).await?;
+            self.stream.write_all(b"\n").await
+        })
+        .await
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        timed(self.io_timeout, "write", self.stream.flush()).await
+    }
+
+    /// Writes a reply line and sends it.
+    pub async fn reply(&mut self, code: u16, text: &str) -> Result<()> {
+        self.write_line(&format!("{code} {text}")).await?;
+        self.flush().await
+    }
+
+    pub async fn read_frame_header(&mut self) -> Result<FrameHeader> {
+        let mut buf = [0u8; FRAME_HEADER_LEN];
+        timed(self.io_timeout, "read", self.stream.read_exact(&mut buf)).await?;
+        FrameHeader::decode(&buf).map_err(Error::Protocol)
+    }
+
+    /// Fills `buf` exactly.
+    pub async fn read_payload(&mut self, buf: &mut [u8]) -> Result<()> {
+        timed(self.io_timeout, "read", self.stream.read_exact(buf))
+            .await
+            .map(|_| ())
+    }
+
+    /// Queues a frame. Payloads larger than the buffer go straight to the stream.
+    pub async fn write_frame(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<()> {
+        timed(self.io_timeout, "write", async {
+            self.stream.write_all(&header.encode()).await?;
+            self.stream.write_all(payload).await
+        })
+        .await
+    }
+
+    /// Closes the write side cleanly (TLS close_notify).
+    pub async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(self.io_timeout, async {
+            let _ = self.stream.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn timed<T>(
+    limit: Duration,
+    what: &'static str,
+    fut: impl Future<Output = std::io::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(Error::Connection),
+        Err(_) => Err(Error::Timeout(what)),
+    }
+}

@@ -1,0 +1,433 @@
+//! The jail: virtual paths and a user's home.
+//!
+//! A client names files by virtual paths: `/` is its home and nothing outside
+//! exists. [`VPath::resolve`] is the one edge where a client's path string
+//! becomes a path: it refuses what is never a valid name (backslashes,
+//! control characters, over-long paths or components) and folds `.` and `..`
+//! lexically, with `..` stopping at `/` as under chroot. Nothing is
+//! percent-decoded or normalised, so `%2e%2e` and `．．` are ordinary names.
+//!
+//! The folded path is then used only relative to a [`cap_std::fs::Dir`] handle
+//! on the home, opened once at login. cap-std resolves every path beneath
+//! that handle (openat2 with RESOLVE_BENEATH where the kernel has it), so a
+//! symlink an admin planted in a home, or one swapped in during a request,
+//! can never lead outside it: such an access fails as permission denied.
+//!
+//! The functions on [`Home`] block; the session runs them on tokio's
+//! blocking pool.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+
+use crate::error::{Error, Result};
+
+/// Longest single name in a path, as on Linux.
+pub const MAX_NAME: usize = 255;
+
+/// A virtual path, folded: no `.`, `..` or empty components.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct VPath {
+    parts: Vec<String>,
+}
+
+impl VPath {
+    pub fn root() -> VPath {
+        VPath::default()
+    }
+
+    /// Resolves `arg` against the working directory `cwd`.
+    pub fn resolve(cwd: &VPath, arg: &str, max_path: usize) -> Result<VPath> {
+        if arg.is_empty() {
+            return Err(Error::BadArgument("empty path".into()));
+        }
+        if arg.len() > max_path {
+            return Err(Error::BadArgument(format!(
+                "path longer than {max_path} bytes"
+            )));
+        }
+        if arg.contains('\\') {
+            return Err(Error::BadArgument(
+                "backslashes are not allowed in paths".into(),
+            ));
+        }
+        if arg.chars().any(char::is_control) {
+            return Err(Error::BadArgument(
+                "control characters are not allowed in paths".into(),
+            ));
+        }
+        let mut parts = if arg.starts_with('/') {
+            vec![]
+        } else {
+            cwd.parts.clone()
+        };
+        for part in arg.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                name if name.len() > MAX_NAME => {
+                    return Err(Error::BadArgument(format!(
+                        "a name in the path is longer than {MAX_NAME} bytes"
+                    )));
+                }
+                name => parts.push(name.to_string()),
+            }
+        }
+        let path = VPath { parts };
+        if path.to_string().len() > max_path {
+            return Err(Error::BadArgument(format!(
+                "path longer than {max_path} bytes"
+            )));
+        }
+        Ok(path)
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The path relative to the home, for cap-std (`.` for the home itself).
+    pub fn rel(&self) -> PathBuf {
+        if self.parts.is_empty() {
+            PathBuf::from(".")
+        } else {
+            self.parts.iter().collect()
+        }
+    }
+
+    pub fn file_name(&self) -> Option<&str> {
+        self.parts.last().map(String::as_str)
+    }
+
+    pub fn parent(&self) -> VPath {
+        let mut parts = self.parts.clone();
+        parts.pop();
+        VPath { parts }
+    }
+
+    pub fn join(&self, name: &str) -> VPath {
+        let mut parts = self.parts.clone();
+        parts.push(name.to_string());
+        VPath { parts }
+    }
+}
+
+impl std::fmt::Display for VPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.parts.is_empty() {
+            return f.write_str("/");
+        }
+        for p in &self.parts {
+            write!(f, "/{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `ls` and `STAT` show of one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `d` directory, `f` regular file, `l` symlink, `o` anything else.
+    pub kind: char,
+    pub size: u64,
+    pub mtime: i64,
+    pub name: String,
+}
+
+impl Entry {
+    fn from_metadata(name: String, m: &cap_std::fs::Metadata) -> Entry {
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_file() {
+            'f'
+        } else if ft.is_symlink() {
+            'l'
+        } else {
+            'o'
+        };
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.into_std().duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        Entry {
+            kind,
+            size: if ft.is_file() { m.len() } else { 0 },
+            mtime,
+            name,
+        }
+    }
+
+    /// `TYPE SIZE MTIME NAME`, the name quoted as a word.
+    pub fn to_line(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.kind,
+            self.size,
+            self.mtime,
+            crate::protocol::quote(&self.name)
+        )
+    }
+}
+
+/// A user's home, opened as a directory handle.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: Arc<Dir>,
+}
+
+impl Home {
+    /// Opens a home. A home that is a symlink or not a directory is refused.
+    pub fn open(path: &Path) -> io::Result<Home> {
+        let m = std::fs::symlink_metadata(path)?;
+        if !m.is_dir() {
+            return Err(io::Error::other(format!(
+                "home {} is not a plain directory",
+                path.display()
+            )));
+        }
+        let dir = Dir::open_ambient_dir(path, cap_std::ambient_authority())?;
+        Ok(Home { dir: Arc::new(dir) })
+    }
+
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    /// Whether `path` is a directory (following in-home symlinks).
+    pub fn check_dir(&self, path: &VPath) -> Result<()> {
+        let m = self
+            .dir
+            .metadata(path.rel())
+            .map_err(|e| Error::fs(e, &path.to_string()))?;
+        if m.is_dir() {
+            Ok(())
+        } else {
+            Err(Error::NotADirectory(path.to_string()))
+        }
+    }
+
+    /// Entries of a directory, sorted by name, at most `max`; the flag says whether more were left out.
+    pub fn list(&self, path: &VPath, max: usize) -> Result<(Vec<Entry>, bool)> {
+        let vp = path.to_string();
+        let m = self
+            .dir
+            .metadata(path.rel())
+            .map_err(|e| Error::fs(e, &vp))?;
+        if !m.is_dir() {
+            // `ls FILE` shows the file, as ls(1) does.
+            let name = path.file_name().unwrap_or("/").to_string();
+            return Ok((vec![Entry::from_metadata(name, &m)], false));
+        }
+        let mut entries = vec![];
+        let mut truncated = false;
+        for item in self
+            .dir
+            .read_dir(path.rel())
+            .map_err(|e| Error::fs(e, &vp))?
+        {
+            let item = item.map_err(|e| Error::fs(e, &vp))?;
+            if entries.len() >= max {
+                truncated = true;
+                break;
+            }
+            let name = item.file_name().to_string_lossy().into_owned();
+            match item.metadata() {
+                Ok(m) => entries.push(Entry::from_metadata(name, &m)),
+                // Gone between readdir and stat: leave it out.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::fs(e, &vp)),
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((entries, truncated))
+    }
+
+    /// One entry, not following a final symlink.
+    pub fn stat(&self, path: &VPath) -> Result<Entry> {
+        let m = self
+            .dir
+            .symlink_metadata(path.rel())
+            .map_err(|e| Error::fs(e, &path.to_string()))?;
+        Ok(Entry::from_metadata(
+            path.file_name().unwrap_or("/").to_string(),
+            &m,
+        ))
+    }
+
+    pub fn mkdir(&self, path: &VPath) -> Result<()> {
+        if path.is_root() {
+            return Err(Error::Exists("/".into()));
+        }
+        self.dir
+            .create_dir(path.rel())
+            .map_err(|e| Error::fs(e, &path.to_string()))
+    }
+
+    pub fn rmdir(&self, path: &VPath) -> Result<()> {
+        if path.is_root() {
+            return Err(Error::PermissionDenied("/".into()));
+        }
+        self.dir
+            .remove_dir(path.rel())
+            .map_err(|e| Error::fs(e, &path.to_string()))
+    }
+
+    /// Removes a file or a symlink (never what it points to); not a directory.
+    pub fn remove_file(&self, path: &VPath) -> Result<u64> {
+        let vp = path.to_string();
+        if path.is_root() {
+            return Err(Error::IsADirectory(vp));
+        }
+        let m = self
+            .dir
+            .symlink_metadata(path.rel())
+            .map_err(|e| Error::fs(e, &vp))?;
+        if m.is_dir() {
+            return Err(Error::IsADirectory(vp));
+        }
+        self.dir
+            .remove_file(path.rel())
+            .map_err(|e| Error::fs(e, &vp))?;
+        Ok(if m.is_file() { m.len() } else { 0 })
+    }
+
+    /// Renames; onto an existing file replaces it, into an existing directory
+    /// moves inside it. Returns the final path and the size of a file it replaced.
+    pub fn rename(&self, from: &VPath, to: &VPath) -> Result<(VPath, u64)> {
+        if from.is_root() {
+            return Err(Error::PermissionDenied("/".into()));
+        }
+        self.dir
+            .symlink_metadata(from.rel())
+            .map_err(|e| Error::fs(e, &from.to_string()))?;
+        let mut target = to.clone();
+        if let Ok(m) = self.dir.metadata(to.rel()) {
+            if m.is_dir() {
+                target = to.join(from.file_name().unwrap_or_default());
+            }
+        }
+        if target.is_root() || target == *from {
+            return Err(Error::BadArgument(format!(
+                "cannot move {from} onto {target}"
+            )));
+        }
+        if target.to_string().starts_with(&format!("{from}/")) {
+            return Err(Error::BadArgument(format!(
+                "cannot move {from} into itself"
+            )));
+        }
+        let replaced = match self.dir.symlink_metadata(target.rel()) {
+            Ok(m) if m.is_file() => m.len(),
+            _ => 0,
+        };
+        self.dir
+            .rename(from.rel(), &self.dir, target.rel())
+            .map_err(|e| Error::fs(e, &target.to_string()))?;
+        Ok((target, replaced))
+    }
+
+    /// Opens a regular file for reading. A FIFO or device is refused without
+    /// blocking on it.
+    pub fn open_read(&self, path: &VPath) -> Result<std::fs::File> {
+        let vp = path.to_string();
+        let mut opts = OpenOptions::new();
+        opts.read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+        let file = self
+            .dir
+            .open_with(path.rel(), &opts)
+            .map_err(|e| Error::fs(e, &vp))?;
+        let m = file.metadata().map_err(|e| Error::fs(e, &vp))?;
+        if m.is_dir() {
+            return Err(Error::IsADirectory(vp));
+        }
+        if !m.is_file() {
+            return Err(Error::NotAFile(vp));
+        }
+        Ok(file.into_std())
+    }
+
+    /// Size of the regular file at `path`, or 0 when there is none.
+    pub fn file_size(&self, path: &VPath) -> u64 {
+        match self.dir.symlink_metadata(path.rel()) {
+            Ok(m) if m.is_file() => m.len(),
+            _ => 0,
+        }
+    }
+
+    /// Bytes in regular files under the home. Iterative, so a deep tree
+    /// cannot overflow the stack; symlinks are not followed.
+    pub fn usage(&self) -> io::Result<u64> {
+        let mut total = 0u64;
+        let mut stack = vec![self.dir.try_clone()?];
+        while let Some(dir) = stack.pop() {
+            for item in dir.entries()? {
+                let item = item?;
+                let Ok(ft) = item.file_type() else { continue };
+                if ft.is_dir() {
+                    if let Ok(sub) = item.open_dir() {
+                        stack.push(sub);
+                    }
+                } else if ft.is_file() {
+                    if let Ok(m) = item.metadata() {
+                        total = total.saturating_add(m.len());
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(cwd: &str, arg: &str) -> Result<String> {
+        let cwd = VPath::resolve(&VPath::root(), cwd, 4096).unwrap();
+        VPath::resolve(&cwd, arg, 4096).map(|p| p.to_string())
+    }
+
+    #[test]
+    fn dot_dot_stops_at_the_root() {
+        assert_eq!(r("/", "../../etc/passwd").unwrap(), "/etc/passwd");
+        assert_eq!(r("/sub", "a/b/../../..").unwrap(), "/");
+        assert_eq!(r("/a/b", "..").unwrap(), "/a");
+        assert_eq!(r("/a", "/x//y/./z/").unwrap(), "/x/y/z");
+        assert_eq!(r("/a", ".").unwrap(), "/a");
+        assert_eq!(r("/", "/").unwrap(), "/");
+    }
+
+    #[test]
+    fn names_are_literal() {
+        assert_eq!(r("/", "%2e%2e/%2e%2e").unwrap(), "/%2e%2e/%2e%2e");
+        assert_eq!(r("/", "．．／x").unwrap(), "/．．／x");
+        assert_eq!(r("/", "‥/x").unwrap(), "/‥/x");
+        assert_eq!(r("/", "..%2f").unwrap(), "/..%2f");
+    }
+
+    #[test]
+    fn bad_paths_are_refused() {
+        for bad in ["", "..\\..\\etc", "a\\b", "a\0b", "a\nb", "\u{1b}[2J"] {
+            assert!(r("/", bad).is_err(), "{bad:?}");
+        }
+        assert!(r("/", &"a/".repeat(3000)).is_err());
+        assert!(r("/", &"n".repeat(256)).is_err());
+        assert!(r("/", &"n".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn rel_paths() {
+        assert_eq!(VPath::root().rel(), PathBuf::from("."));
+        assert_eq!(
+            VPath::resolve(&VPath::root(), "/a/b", 99).unwrap().rel(),
+            PathBuf::from("a/b")
+        );
+    }
+}

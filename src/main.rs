@@ -1,0 +1,64 @@
+//! The `ftpx` binary: parses the command line, sets up logging and hands
+//! each subcommand to the library. Errors end here as one line on standard
+//! error and a non-zero exit status.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use ftpx::cli::{Cli, Command};
+use ftpx::{admin, logging, shell};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ftpx: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve { listen, config } => runtime.block_on(admin::serve(&config.config, listen)),
+        Command::Connect(args) => {
+            logging::init_client();
+            return ExitCode::from(runtime.block_on(shell::run(args)));
+        }
+        Command::GenCert { dir, hosts, force } => admin::gen_cert(&dir, hosts, force),
+        Command::Useradd {
+            name,
+            quota,
+            password_stdin,
+            config,
+        } => admin::useradd(&config.config, &name, quota.as_deref(), password_stdin),
+        Command::Userdel {
+            name,
+            remove_home,
+            config,
+        } => admin::userdel(&config.config, &name, remove_home),
+        Command::Usermod {
+            name,
+            quota,
+            password_stdin,
+            password,
+            config,
+        } => admin::usermod(
+            &config.config,
+            &name,
+            quota.as_deref(),
+            password_stdin || password,
+            password_stdin,
+        ),
+        Command::Users { config } => admin::users(&config.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ftpx: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,802 @@
+//! The ftpx wire protocol: every request, reply and frame, and their limits.
+//!
+//! This module is the specification. It is pure: parsing and formatting only,
+//! no I/O, so it is tested line by line without sockets.
+//!
+//! # Transport
+//!
+//! One TLS 1.3 connection per session, ALPN protocol id `ftpx/1`, nothing in
+//! plaintext. Control requests, replies and file data all travel on it; there
+//! is no second data connection. `openssl s_client -alpn ftpx/1 -connect
+//! HOST:PORT -CAfile certs/ca.pem` is enough to talk to a server by hand.
+//!
+//! # Lines
+//!
+//! A request is one UTF-8 line ending in LF (a CR before the LF is dropped),
+//! at most `max_line` bytes (a setting, default 8192); control characters
+//! other than TAB are refused. Words are separated by spaces or tabs. A word
+//! that holds a space, a quote, a backslash or nothing at all is written in
+//! double quotes, inside which `\"` and `\\` stand for `"` and `\`; single
+//! quotes take everything literally up to the next `'`. The verb is not case
+//! sensitive. At most [`MAX_ARGS`] words follow the verb.
+//!
+//! The server speaks first: `220 ftpx VERSION ready`.
+//!
+//! A reply is `CODE TEXT` (a final line), or a run of `CODE-TEXT` lines ended
+//! by a final line with the same code (listings). The first digit says how it
+//! went: 1 = go ahead with a data transfer, 2 = done, 4 = failed, trying again
+//! later may work, 5 = failed for good. Codes:
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 150 | upload accepted; send a start frame, then chunks (see `PUT`) |
+//! | 151 | download follows as frames (see `GET`) |
+//! | 200 | done |
+//! | 211 | help text |
+//! | 213 | status information (listing entries, `STAT`, `QUOTA`, `HASH`) |
+//! | 220 | greeting |
+//! | 221 | goodbye, the server closes the connection |
+//! | 226 | transfer complete: `226 HASH SIZE` |
+//! | 230 | logged in |
+//! | 257 | a path: `257 "PATH"` (`PWD`, `CWD`, `MKD`) |
+//! | 421 | service not available (too many sessions, timeout, shutdown); closes |
+//! | 430 | login failed (the same for an unknown user and a wrong password) |
+//! | 450 | busy: the file is being transferred by another session |
+//! | 451 | local error on the server (storage); nothing was changed |
+//! | 452 | the server's disk is full; nothing was changed |
+//! | 453 | a chunk failed its hash check; nothing after the last good chunk was written |
+//! | 454 | the whole-file hash did not match; the target is untouched |
+//! | 500 | syntax error or unknown verb (closes if the line was too long) |
+//! | 501 | bad argument (invalid path, name or number) |
+//! | 503 | bad sequence (already logged in, frame out of order) |
+//! | 530 | not logged in |
+//! | 550 | no such file or directory, or wrong type |
+//! | 552 | quota exceeded |
+//! | 553 | name not allowed or already taken |
+//!
+//! # Requests
+//!
+//! Before login only `LOGIN`, `REGISTER`, `HELP`, `NOOP` and `QUIT` are
+//! accepted; everything else gets 530.
+//!
+//! - `LOGIN USER PASSWORD` → 230, or 430 after a fixed delay.
+//! - `REGISTER USER PASSWORD` → 230 (created and logged in) or 553.
+//! - `PWD` → `257 "/dir"`. `CWD [PATH]` → `257 "/new"` (no path: `/`).
+//! - `LIST [PATH]` → `213-TYPE SIZE MTIME NAME` per entry, then
+//!   `213 N entries`. TYPE is `d`, `f`, `l` or `o`; MTIME in Unix seconds;
+//!   NAME quoted as a word. At most `max_list_entries` entries; past that the
+//!   final line is `213 N entries (truncated)`.
+//! - `STAT PATH` → `213 TYPE SIZE MTIME NAME`.
+//! - `HASH PATH` → `213 HASH` (BLAKE3 of a regular file).
+//! - `MKD PATH` → 257. `RMD PATH`, `DELE PATH`, `RENAME FROM TO` → 200.
+//! - `QUOTA` → `213 USED LIMIT`.
+//! - `PUT PATH SIZE` → 150 with up to two resume candidates,
+//!   `150 ready [OFFSET HASH]...`: offsets the server holds a partial copy up to, and
+//!   the BLAKE3 of its bytes `[0, OFFSET)`. The client answers with a start
+//!   frame naming 0 or one candidate whose hash matches its own prefix, then
+//!   chunk frames from there, then an end frame. The server then replies 226,
+//!   453, 454 or another error. Refused at once (552) if the file won't fit.
+//! - `GET PATH [OFFSET HASH]...` (up to two candidates: what the client
+//!   already holds) → `151 SIZE OFFSET`, then chunk frames from OFFSET (the
+//!   highest candidate the server could prove, else 0) and an end frame.
+//! - `NOOP` → 200. `HELP` → 211. `QUIT` → 221 and close.
+//!
+//! # Frames
+//!
+//! After 150 (from the client) and 151 (from the server) file data flows as
+//! binary frames, each a fixed [`FRAME_HEADER_LEN`]-byte header and a payload:
+//!
+//! ```text
+//! kind: u8 | offset: u64 BE | len: u32 BE | hash: [u8; 32]
+//! ```
+//!
+//! - `S` start: OFFSET is where the chunks will begin; len 0; hash zero.
+//! - `C` chunk: OFFSET is the file offset of the payload, LEN its size (1 to
+//!   [`MAX_CHUNK`]), HASH its BLAKE3. Chunks are contiguous.
+//! - `E` end: OFFSET is the total size, len 0, HASH the whole file's BLAKE3.
+//! - `A` abort: the sender gives up; len 0. A reply line follows from the server.
+//!
+//! Hashes in text are 64 lowercase hex digits.
+
+use std::fmt::Write as _;
+
+/// ALPN id both ends insist on.
+pub const ALPN: &[u8] = b"ftpx/1";
+/// Words after the verb, at most.
+pub const MAX_ARGS: usize = 8;
+/// Size of a frame header in bytes.
+pub const FRAME_HEADER_LEN: usize = 1 + 8 + 4 + 32;
+/// Largest chunk payload any peer accepts (the configured chunk size is smaller).
+pub const MAX_CHUNK: u32 = 4 << 20;
+/// Resume candidates in one `PUT` reply or `GET` request.
+pub const MAX_CANDIDATES: usize = 2;
+
+/// Why a line could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("empty request")]
+    Empty,
+    #[error("unterminated quote")]
+    UnterminatedQuote,
+    #[error("control characters are not allowed")]
+    ControlCharacter,
+    #[error("too many arguments")]
+    TooManyArgs,
+    #[error("unknown command {0:?}")]
+    UnknownVerb(String),
+    #[error("{verb} takes {expected}")]
+    WrongArgs {
+        verb: &'static str,
+        expected: &'static str,
+    },
+    #[error("invalid number {0:?}")]
+    BadNumber(String),
+    #[error("invalid hash {0:?}")]
+    BadHash(String),
+}
+
+/// Splits a line into words and `;`-separated commands.
+///
+/// `allow_separators` is on for the client shell, where `a; b` is two
+/// commands; on the wire a bare `;` is an ordinary character.
+pub fn split_commands(line: &str, allow_separators: bool) -> Result<Vec<Vec<String>>, ParseError> {
+    let mut commands = vec![];
+    let mut words: Vec<String> = vec![];
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            ';' if allow_separators => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+                if !words.is_empty() {
+                    commands.push(std::mem::take(&mut words));
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        None => return Err(ParseError::UnterminatedQuote),
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            None => return Err(ParseError::UnterminatedQuote),
+                            Some(e @ ('"' | '\\')) => word.push(e),
+                            Some(other) => {
+                                word.push('\\');
+                                word.push(other);
+                            }
+                        },
+                        Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
+                        Some(c) => word.push(c),
+                    }
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        None => return Err(ParseError::UnterminatedQuote),
+                        Some('\'') => break,
+                        Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
+                        Some(c) => word.push(c),
+                    }
+                }
+            }
+            '\\' if allow_separators => {
+                // POSIX shell: a backslash outside quotes takes the next character literally.
+                in_word = true;
+                match chars.next() {
+                    Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
+                    Some(c) => word.push(c),
+                    None => word.push('\\'),
+                }
+            }
+            c if c.is_control() => return Err(ParseError::ControlCharacter),
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    if !words.is_empty() {
+        commands.push(words);
+    }
+    Ok(commands)
+}
+
+/// Writes `s` as one word that [`split_commands`] reads back unchanged.
+pub fn quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| matches!(c, ' ' | '\t' | '"' | '\'' | '\\' | ';') || c.is_control());
+    if plain {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            // Names with control characters can only exist if an admin made
+            // them; show them escaped, never raw, so they can't rewrite a terminal.
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A BLAKE3 digest as 64 lowercase hex digits.
+pub fn hex(hash: &blake3::Hash) -> String {
+    hash.to_hex().to_string()
+}
+
+/// Parses 64 hex digits.
+pub fn parse_hash(s: &str) -> Result<blake3::Hash, ParseError> {
+    if s.len() != 64 {
+        return Err(ParseError::BadHash(truncate(s)));
+    }
+    blake3::Hash::from_hex(s).map_err(|_| ParseError::BadHash(truncate(s)))
+}
+
+fn parse_u64(s: &str) -> Result<u64, ParseError> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseError::BadNumber(truncate(s)));
+    }
+    s.parse().map_err(|_| ParseError::BadNumber(truncate(s)))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(70).collect()
+}
+
+/// A point the receiver can resume from: it holds `offset` bytes whose BLAKE3 is `hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub offset: u64,
+    pub hash: blake3::Hash,
+}
+
+fn parse_candidates(words: &[String]) -> Result<Vec<Candidate>, ParseError> {
+    if words.len() % 2 != 0 || words.len() / 2 > MAX_CANDIDATES {
+        return Err(ParseError::WrongArgs {
+            verb: "resume candidates",
+            expected: "pairs of OFFSET HASH, at most two",
+        });
+    }
+    words
+        .chunks(2)
+        .map(|pair| {
+            Ok(Candidate {
+                offset: parse_u64(&pair[0])?,
+                hash: parse_hash(&pair[1])?,
+            })
+        })
+        .collect()
+}
+
+/// Formats candidates as ` OFFSET HASH` pairs.
+pub fn format_candidates(candidates: &[Candidate]) -> String {
+    let mut out = String::new();
+    for c in candidates {
+        let _ = write!(out, " {} {}", c.offset, hex(&c.hash));
+    }
+    out
+}
+
+/// One request from client to server.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Request {
+    Login {
+        user: String,
+        password: String,
+    },
+    Register {
+        user: String,
+        password: String,
+    },
+    Pwd,
+    Cwd(Option<String>),
+    List(Option<String>),
+    Stat(String),
+    Hash(String),
+    Mkd(String),
+    Rmd(String),
+    Dele(String),
+    Rename {
+        from: String,
+        to: String,
+    },
+    Quota,
+    Put {
+        path: String,
+        size: u64,
+    },
+    Get {
+        path: String,
+        candidates: Vec<Candidate>,
+    },
+    Noop,
+    Help,
+    Quit,
+}
+
+// Written by hand so that a password never reaches a log line.
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Login { user, .. } => write!(f, "LOGIN {user:?} ****"),
+            Request::Register { user, .. } => write!(f, "REGISTER {user:?} ****"),
+            other => f.write_str(&other.to_line()),
+        }
+    }
+}
+
+impl Request {
+    /// The verb, for logs.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::Login { .. } => "LOGIN",
+            Request::Register { .. } => "REGISTER",
+            Request::Pwd => "PWD",
+            Request::Cwd(_) => "CWD",
+            Request::List(_) => "LIST",
+            Request::Stat(_) => "STAT",
+            Request::Hash(_) => "HASH",
+            Request::Mkd(_) => "MKD",
+            Request::Rmd(_) => "RMD",
+            Request::Dele(_) => "DELE",
+            Request::Rename { .. } => "RENAME",
+            Request::Quota => "QUOTA",
+            Request::Put { .. } => "PUT",
+            Request::Get { .. } => "GET",
+            Request::Noop => "NOOP",
+            Request::Help => "HELP",
+            Request::Quit => "QUIT",
+        }
+    }
+
+    /// Parses one request line (without its line end).
+    pub fn parse(line: &str) -> Result<Request, ParseError> {
+        let mut commands = split_commands(line, false)?;
+        let words = match commands.len() {
+            0 => return Err(ParseError::Empty),
+            _ => commands.swap_remove(0),
+        };
+        if words.len() > MAX_ARGS + 1 {
+            return Err(ParseError::TooManyArgs);
+        }
+        let verb = words[0].to_ascii_uppercase();
+        let args = &words[1..];
+        let wrong =
+            |verb: &'static str, expected: &'static str| ParseError::WrongArgs { verb, expected };
+        let one = |verb: &'static str| match args {
+            [a] => Ok(a.clone()),
+            _ => Err(wrong(verb, "one argument")),
+        };
+        let optional = |verb: &'static str| match args {
+            [] => Ok(None),
+            [a] => Ok(Some(a.clone())),
+            _ => Err(wrong(verb, "at most one argument")),
+        };
+        let none = |verb: &'static str, req: Request| match args {
+            [] => Ok(req),
+            _ => Err(wrong(verb, "no arguments")),
+        };
+        match verb.as_str() {
+            "LOGIN" | "REGISTER" => {
+                let [user, password] = args else {
+                    return Err(wrong(
+                        if verb == "LOGIN" { "LOGIN" } else { "REGISTER" },
+                        "USER PASSWORD",
+                    ));
+                };
+                let (user, password) = (user.clone(), password.clone());
+                Ok(if verb == "LOGIN" {
+                    Request::Login { user, password }
+                } else {
+                    Request::Register { user, password }
+                })
+            }
+            "PWD" => none("PWD", Request::Pwd),
+            "CWD" => Ok(Request::Cwd(optional("CWD")?)),
+            "LIST" => Ok(Request::List(optional("LIST")?)),
+            "STAT" => Ok(Request::Stat(one("STAT")?)),
+            "HASH" => Ok(Request::Hash(one("HASH")?)),
+            "MKD" => Ok(Request::Mkd(one("MKD")?)),
+            "RMD" => Ok(Request::Rmd(one("RMD")?)),
+            "DELE" => Ok(Request::Dele(one("DELE")?)),
+            "RENAME" => match args {
+                [from, to] => Ok(Request::Rename {
+                    from: from.clone(),
+                    to: to.clone(),
+                }),
+                _ => Err(wrong("RENAME", "FROM TO")),
+            },
+            "QUOTA" => none("QUOTA", Request::Quota),
+            "PUT" => match args {
+                [path, size] => Ok(Request::Put {
+                    path: path.clone(),
+                    size: parse_u64(size)?,
+                }),
+                _ => Err(wrong("PUT", "PATH SIZE")),
+            },
+            "GET" => match args {
+                [path, rest @ ..] => Ok(Request::Get {
+                    path: path.clone(),
+                    candidates: parse_candidates(rest)?,
+                }),
+                _ => Err(wrong("GET", "PATH [OFFSET HASH]...")),
+            },
+            "NOOP" => none("NOOP", Request::Noop),
+            "HELP" => none("HELP", Request::Help),
+            "QUIT" => none("QUIT", Request::Quit),
+            _ => Err(ParseError::UnknownVerb(truncate(&words[0]))),
+        }
+    }
+
+    /// Formats the request as a line (without its line end).
+    pub fn to_line(&self) -> String {
+        let q = |s: &str| quote(s);
+        match self {
+            Request::Login { user, password } => format!("LOGIN {} {}", q(user), q(password)),
+            Request::Register { user, password } => format!("REGISTER {} {}", q(user), q(password)),
+            Request::Pwd => "PWD".into(),
+            Request::Cwd(None) => "CWD".into(),
+            Request::Cwd(Some(p)) => format!("CWD {}", q(p)),
+            Request::List(None) => "LIST".into(),
+            Request::List(Some(p)) => format!("LIST {}", q(p)),
+            Request::Stat(p) => format!("STAT {}", q(p)),
+            Request::Hash(p) => format!("HASH {}", q(p)),
+            Request::Mkd(p) => format!("MKD {}", q(p)),
+            Request::Rmd(p) => format!("RMD {}", q(p)),
+            Request::Dele(p) => format!("DELE {}", q(p)),
+            Request::Rename { from, to } => format!("RENAME {} {}", q(from), q(to)),
+            Request::Quota => "QUOTA".into(),
+            Request::Put { path, size } => format!("PUT {} {size}", q(path)),
+            Request::Get { path, candidates } => {
+                format!("GET {}{}", q(path), format_candidates(candidates))
+            }
+            Request::Noop => "NOOP".into(),
+            Request::Help => "HELP".into(),
+            Request::Quit => "QUIT".into(),
+        }
+    }
+}
+
+/// One reply line as read by the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyLine {
+    pub code: u16,
+    /// False for a `CODE-TEXT` continuation line.
+    pub last: bool,
+    pub text: String,
+}
+
+impl ReplyLine {
+    /// Parses `CODE TEXT` or `CODE-TEXT`.
+    pub fn parse(line: &str) -> Option<ReplyLine> {
+        let b = line.as_bytes();
+        if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) || b[0] == b'0' {
+            return None;
+        }
+        let code = line[..3].parse().ok()?;
+        let (last, text) = match b.get(3) {
+            None => (true, ""),
+            Some(b' ') => (true, &line[4..]),
+            Some(b'-') => (false, &line[4..]),
+            Some(_) => return None,
+        };
+        Some(ReplyLine {
+            code,
+            last,
+            text: text.to_string(),
+        })
+    }
+}
+
+/// The kind of a binary frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Start,
+    Chunk,
+    End,
+    Abort,
+}
+
+/// A frame header; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: FrameKind,
+    pub offset: u64,
+    pub len: u32,
+    pub hash: [u8; 32],
+}
+
+impl FrameHeader {
+    pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut out = [0u8; FRAME_HEADER_LEN];
+        out[0] = match self.kind {
+            FrameKind::Start => b'S',
+            FrameKind::Chunk => b'C',
+            FrameKind::End => b'E',
+            FrameKind::Abort => b'A',
+        };
+        out[1..9].copy_from_slice(&self.offset.to_be_bytes());
+        out[9..13].copy_from_slice(&self.len.to_be_bytes());
+        out[13..45].copy_from_slice(&self.hash);
+        out
+    }
+
+    /// Decodes and checks a header: an unknown kind, a payload on a frame
+    /// that has none, or a chunk over [`MAX_CHUNK`] is an error.
+    pub fn decode(b: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, String> {
+        let kind = match b[0] {
+            b'S' => FrameKind::Start,
+            b'C' => FrameKind::Chunk,
+            b'E' => FrameKind::End,
+            b'A' => FrameKind::Abort,
+            other => return Err(format!("unknown frame kind 0x{other:02x}")),
+        };
+        let offset = u64::from_be_bytes(b[1..9].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(b[9..13].try_into().expect("4 bytes"));
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&b[13..45]);
+        match kind {
+            FrameKind::Chunk if len == 0 || len > MAX_CHUNK => {
+                return Err(format!("chunk length {len} out of range"));
+            }
+            FrameKind::Chunk => {}
+            _ if len != 0 => return Err("frame carries a payload it may not have".into()),
+            _ => {}
+        }
+        Ok(FrameHeader {
+            kind,
+            offset,
+            len,
+            hash,
+        })
+    }
+
+    pub fn start(offset: u64) -> FrameHeader {
+        FrameHeader {
+            kind: FrameKind::Start,
+            offset,
+            len: 0,
+            hash: [0; 32],
+        }
+    }
+
+    pub fn end(size: u64, hash: blake3::Hash) -> FrameHeader {
+        FrameHeader {
+            kind: FrameKind::End,
+            offset: size,
+            len: 0,
+            hash: *hash.as_bytes(),
+        }
+    }
+
+    pub fn abort() -> FrameHeader {
+        FrameHeader {
+            kind: FrameKind::Abort,
+            offset: 0,
+            len: 0,
+            hash: [0; 32],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &str) -> Vec<Vec<String>> {
+        split_commands(line, true).unwrap()
+    }
+
+    #[test]
+    fn splits_like_a_shell() {
+        assert_eq!(words("put a b"), vec![vec!["put", "a", "b"]]);
+        assert_eq!(
+            words(r#"put "my file.txt" 'x y'"#),
+            vec![vec!["put", "my file.txt", "x y"]]
+        );
+        assert_eq!(
+            words(r#"cd "a;b"; pwd"#),
+            vec![vec!["cd", "a;b"], vec!["pwd"]]
+        );
+        assert_eq!(words(r"put my\ file"), vec![vec!["put", "my file"]]);
+        assert_eq!(words(";; ls ;"), vec![vec!["ls"]]);
+        assert_eq!(words(r#"x "" y"#), vec![vec!["x", "", "y"]]);
+        assert_eq!(
+            split_commands(r#"put "abc"#, true),
+            Err(ParseError::UnterminatedQuote)
+        );
+        assert_eq!(
+            split_commands("ls a\u{1b}[2J", true),
+            Err(ParseError::ControlCharacter)
+        );
+    }
+
+    #[test]
+    fn wire_does_not_split_on_semicolons() {
+        assert_eq!(
+            split_commands("DELE a;b", false).unwrap(),
+            vec![vec!["DELE", "a;b"]]
+        );
+    }
+
+    #[test]
+    fn quote_round_trips() {
+        for s in [
+            "plain",
+            "with space",
+            "",
+            "quo\"te",
+            "back\\slash",
+            "semi;colon",
+            "üñí cødé 文件",
+            "'",
+            "a\"b\\c d",
+        ] {
+            let line = format!("X {}", quote(s));
+            assert_eq!(split_commands(&line, false).unwrap()[0][1], s, "{line}");
+            assert_eq!(split_commands(&line, true).unwrap()[0][1], s, "{line}");
+        }
+        assert_eq!(quote("a\nb"), "\"a\\u{a}b\"");
+    }
+
+    #[test]
+    fn parses_requests() {
+        let ok = |l: &str| Request::parse(l).unwrap();
+        assert_eq!(ok("pwd"), Request::Pwd);
+        assert_eq!(ok("CWD"), Request::Cwd(None));
+        assert_eq!(ok("cwd \"a b\""), Request::Cwd(Some("a b".into())));
+        assert_eq!(
+            ok("PUT x 10"),
+            Request::Put {
+                path: "x".into(),
+                size: 10
+            }
+        );
+        let h = blake3::hash(b"x");
+        assert_eq!(
+            ok(&format!("GET f 5 {}", hex(&h))),
+            Request::Get {
+                path: "f".into(),
+                candidates: vec![Candidate { offset: 5, hash: h }]
+            }
+        );
+        for bad in [
+            "",
+            "   ",
+            "FOO",
+            "PWD x",
+            "DELE",
+            "DELE a b",
+            "PUT x",
+            "PUT x -1",
+            "PUT x 99999999999999999999999",
+            "PUT x 1e3",
+            "GET f 5",
+            "GET f 5 zz",
+            "LOGIN a",
+            "RENAME a",
+            "LIST a b c d e f g h i j",
+        ] {
+            assert!(Request::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let h = blake3::hash(b"y");
+        let all = [
+            Request::Login {
+                user: "u".into(),
+                password: "p w\"".into(),
+            },
+            Request::Register {
+                user: "u".into(),
+                password: "x".into(),
+            },
+            Request::Pwd,
+            Request::Cwd(None),
+            Request::Cwd(Some("/a b".into())),
+            Request::List(Some("ü".into())),
+            Request::Stat("s".into()),
+            Request::Hash("h".into()),
+            Request::Mkd("m".into()),
+            Request::Rmd("r".into()),
+            Request::Dele("d;x".into()),
+            Request::Rename {
+                from: "a".into(),
+                to: "b c".into(),
+            },
+            Request::Quota,
+            Request::Put {
+                path: "p".into(),
+                size: u64::MAX,
+            },
+            Request::Get {
+                path: "g".into(),
+                candidates: vec![
+                    Candidate { offset: 1, hash: h },
+                    Candidate { offset: 0, hash: h },
+                ],
+            },
+            Request::Noop,
+            Request::Help,
+            Request::Quit,
+        ];
+        for r in all {
+            assert_eq!(Request::parse(&r.to_line()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn debug_hides_passwords() {
+        let r = Request::Login {
+            user: "ann".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{r:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn reply_lines() {
+        assert_eq!(
+            ReplyLine::parse("230 welcome").unwrap(),
+            ReplyLine {
+                code: 230,
+                last: true,
+                text: "welcome".into()
+            }
+        );
+        assert_eq!(ReplyLine::parse("213-f 1").unwrap().last, false);
+        assert_eq!(ReplyLine::parse("200").unwrap().text, "");
+        for bad in ["", "20", "abc", "2000 x", "099 x", "20x y"] {
+            assert!(ReplyLine::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn frames() {
+        let h = FrameHeader {
+            kind: FrameKind::Chunk,
+            offset: 7,
+            len: 9,
+            hash: [3; 32],
+        };
+        assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
+        let mut bad = h.encode();
+        bad[0] = b'Z';
+        assert!(FrameHeader::decode(&bad).is_err());
+        let mut big = h;
+        big.len = MAX_CHUNK + 1;
+        assert!(FrameHeader::decode(&big.encode()).is_err());
+        big.len = 0;
+        assert!(FrameHeader::decode(&big.encode()).is_err());
+        let mut end = FrameHeader::end(5, blake3::hash(b""));
+        end.len = 3;
+        assert!(FrameHeader::decode(&end.encode()).is_err());
+    }
+}

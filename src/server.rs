@@ -1,0 +1,223 @@
+//! The server: accepts TCP connections, enforces the session limits, runs
+//! the TLS handshake under its deadline and hands each client to a
+//! [`session`](crate::session) task. On the stop signal it stops accepting,
+//! tells idle sessions, gives running transfers a grace period, and returns.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::jail::VPath;
+use crate::quota::Ledger;
+use crate::users::UserDb;
+
+/// What all sessions share.
+pub struct Server {
+    pub config: Config,
+    pub users: UserDb,
+    pub ledger: Ledger,
+    /// Bounds the password hashes computed at once (each takes 128 MiB at the default cost).
+    pub hash_permits: Semaphore,
+    /// Uploads under way, by user and target: one writer per file.
+    uploads: Mutex<HashSet<(String, VPath)>>,
+    sessions: Mutex<Sessions>,
+    /// A hash with the configured cost, checked for unknown users so that
+    /// they cost the same as a wrong password.
+    pub dummy_hash: String,
+}
+
+#[derive(Default)]
+struct Sessions {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Holds a session's place in the limits; gives it back when dropped.
+pub struct SessionSlot {
+    server: Arc<Server>,
+    ip: IpAddr,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let mut s = self
+            .server
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Marks an upload target busy; frees it when dropped.
+pub struct UploadLock {
+    server: Arc<Server>,
+    key: (String, VPath),
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        self.server
+            .uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl Server {
+    pub fn new(config: Config) -> Result<Server, String> {
+        let users = UserDb::new(&config.server.var_dir);
+        // A damaged user database stops the server at start, with the reason.
+        users.load()?;
+        let dummy_hash = crate::users::hash_password(
+            &crate::users::Password::new("ftpx-dummy"),
+            &config.accounts,
+        )?;
+        Ok(Server {
+            hash_permits: Semaphore::new(config.accounts.hash_concurrency),
+            users,
+            ledger: Ledger::default(),
+            uploads: Mutex::new(HashSet::new()),
+            sessions: Mutex::new(Sessions::default()),
+            dummy_hash,
+            config,
+        })
+    }
+
+    fn take_slot(self: &Arc<Self>, ip: IpAddr) -> Result<SessionSlot, &'static str> {
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if s.total >= self.config.limits.max_sessions {
+            return Err("too many sessions on this server");
+        }
+        let n = s.per_ip.entry(ip).or_default();
+        if *n >= self.config.limits.max_sessions_per_ip {
+            return Err("too many sessions from your address");
+        }
+        *n += 1;
+        s.total += 1;
+        Ok(SessionSlot {
+            server: self.clone(),
+            ip,
+        })
+    }
+
+    pub fn lock_upload(self: &Arc<Self>, user: &str, path: &VPath) -> Option<UploadLock> {
+        let key = (user.to_string(), path.clone());
+        if self
+            .uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone())
+        {
+            Some(UploadLock {
+                server: self.clone(),
+                key,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Where a user's unfinished uploads and their journals live.
+    pub fn partial_dir(&self, user: &str) -> PathBuf {
+        self.config.partial_dir().join(user)
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains sessions.
+pub async fn run(
+    listener: TcpListener,
+    server: Arc<Server>,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sessions = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let (server, acceptor, stop) = (server.clone(), acceptor.clone(), stop_rx.clone());
+                    sessions.spawn(async move { handle(tcp, peer, server, acceptor, stop).await });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    info!(sessions = sessions.len(), "shutting down");
+    let _ = stop_tx.send(true);
+    let grace = std::time::Duration::from_secs(server.config.limits.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            sessions = sessions.len(),
+            "grace period over, closing the remaining sessions"
+        );
+        sessions.shutdown().await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    acceptor: TlsAcceptor,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let slot = server.take_slot(peer.ip());
+    let handshake =
+        tokio::time::timeout(server.config.handshake_timeout(), acceptor.accept(tcp)).await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            info!(peer = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            info!(peer = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let mut conn = crate::connection::Connection::new(tls, server.config.io_timeout());
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(why) => {
+            info!(peer = %peer, reason = why, "session refused");
+            let _ = conn.reply(421, why).await;
+            conn.shutdown().await;
+            return;
+        }
+    };
+    crate::session::run(conn, peer, server, stop).await;
+    drop(slot);
+}

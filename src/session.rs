@@ -1,0 +1,762 @@
+//! One client on the server: greeting, login or registration, then a loop of
+//! request → handler → reply until the client quits, idles out, breaks the
+//! protocol or the server stops. Every error becomes a reply in one place,
+//! [`Session::run_loop`], by [`Error::reply_code`] and [`Error::ends_session`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use crate::jail::{Home, VPath};
+use crate::journal::{self, Journal, Record};
+use crate::protocol::{self, FrameKind, ParseError, Request};
+use crate::quota::Scan;
+use crate::server::Server;
+use crate::transfer::{self, Checkpoints, Stopped};
+use crate::users::{self, Password, User};
+
+struct LoggedIn {
+    name: String,
+    quota: u64,
+    home: Home,
+}
+
+pub struct Session<S> {
+    conn: Connection<S>,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    user: Option<LoggedIn>,
+    cwd: VPath,
+}
+
+/// Runs a session to its end.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: Connection<S>,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    stop: watch::Receiver<bool>,
+) {
+    info!(peer = %peer, "connected");
+    let mut session = Session {
+        conn,
+        peer,
+        server,
+        user: None,
+        cwd: VPath::root(),
+    };
+    let reason = session.run_loop(stop).await;
+    if let Some(user) = &session.user {
+        session.server.ledger.close_session(&user.name);
+    }
+    session.conn.shutdown().await;
+    info!(peer = %peer, user = session.user_name(), reason, "disconnected");
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn user_name(&self) -> &str {
+        self.user.as_ref().map_or("-", |u| u.name.as_str())
+    }
+
+    fn logged_in(&self) -> Result<&LoggedIn> {
+        self.user.as_ref().ok_or(Error::NotLoggedIn)
+    }
+
+    fn resolve(&self, arg: &str) -> Result<VPath> {
+        VPath::resolve(&self.cwd, arg, self.server.config.limits.max_path)
+    }
+
+    /// The request loop; returns why the session ended.
+    async fn run_loop(&mut self, mut stop: watch::Receiver<bool>) -> &'static str {
+        let version = env!("CARGO_PKG_VERSION");
+        if self
+            .conn
+            .reply(220, &format!("ftpx {version} ready"))
+            .await
+            .is_err()
+        {
+            return "greeting failed";
+        }
+        let login_deadline = Instant::now() + self.server.config.login_timeout();
+        loop {
+            let wait = match self.user {
+                Some(_) => self.server.config.idle_timeout(),
+                None => login_deadline.saturating_duration_since(Instant::now()),
+            };
+            let max_line = self.server.config.limits.max_line;
+            let line = tokio::select! {
+                line = tokio::time::timeout(wait, self.conn.read_line(max_line)) => line,
+                _ = stopped(&mut stop) => {
+                    let _ = self.conn.reply(421, "server shutting down").await;
+                    return "server shutting down";
+                }
+            };
+            let line = match line {
+                Err(_) => {
+                    let what = if self.user.is_some() {
+                        "idle timeout"
+                    } else {
+                        "login timeout"
+                    };
+                    let _ = self.conn.reply(421, &format!("{what}, closing")).await;
+                    return what;
+                }
+                Ok(Ok(Some(line))) => line,
+                Ok(Ok(None)) => return "client closed the connection",
+                Ok(Err(e)) => {
+                    let _ = self.conn.reply(e.reply_code(), &e.to_string()).await;
+                    warn!(peer = %self.peer, user = self.user_name(), error = %e, "bad request line");
+                    return "bad request line";
+                }
+            };
+            let request = match Request::parse(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    let code = match e {
+                        ParseError::UnknownVerb(_)
+                        | ParseError::Empty
+                        | ParseError::UnterminatedQuote => 500,
+                        _ => 501,
+                    };
+                    info!(peer = %self.peer, user = self.user_name(), error = %e, "malformed request");
+                    if self.conn.reply(code, &e.to_string()).await.is_err() {
+                        return "connection lost";
+                    }
+                    continue;
+                }
+            };
+            if request == Request::Quit {
+                let _ = self.conn.reply(221, "goodbye").await;
+                return "quit";
+            }
+            let verb = request.verb();
+            let started = Instant::now();
+            let outcome = self.handle(request).await;
+            match outcome {
+                Ok(()) => {}
+                Err(e) => {
+                    let code = e.reply_code();
+                    if !matches!(
+                        e,
+                        Error::LoginFailed | Error::BadChunk(_) | Error::HashMismatch
+                    ) {
+                        // Logins and transfers log their own line with more detail.
+                        info!(peer = %self.peer, user = self.user_name(), request = verb, code, error = %e,
+                              ms = started.elapsed().as_millis() as u64, "request failed");
+                    }
+                    let sent = self.conn.reply(code, &e.to_string()).await;
+                    if e.ends_session() || sent.is_err() {
+                        return "error ends session";
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> Result<()> {
+        let max_list = self.server.config.limits.max_list_entries;
+        match request {
+            Request::Login { user, password } => {
+                self.login(user, Password::new(password), false).await
+            }
+            Request::Register { user, password } => {
+                self.login(user, Password::new(password), true).await
+            }
+            Request::Noop => self.conn.reply(200, "ok").await,
+            Request::Help => self.help().await,
+            Request::Quit => unreachable!("handled by the loop"),
+            _ if self.user.is_none() => Err(Error::NotLoggedIn),
+            Request::Pwd => {
+                self.conn
+                    .reply(257, &protocol::quote(&self.cwd.to_string()))
+                    .await
+            }
+            Request::Cwd(arg) => {
+                let path = match arg {
+                    Some(a) => self.resolve(&a)?,
+                    None => VPath::root(),
+                };
+                let home = self.logged_in()?.home.clone();
+                let p = path.clone();
+                blocking(move || home.check_dir(&p)).await?;
+                self.log_ok("CWD", &path, 0);
+                self.cwd = path;
+                self.conn
+                    .reply(257, &protocol::quote(&self.cwd.to_string()))
+                    .await
+            }
+            Request::List(arg) => {
+                let path = match arg {
+                    Some(a) => self.resolve(&a)?,
+                    None => self.cwd.clone(),
+                };
+                let home = self.logged_in()?.home.clone();
+                let p = path.clone();
+                let (entries, truncated) = blocking(move || home.list(&p, max_list)).await?;
+                for e in &entries {
+                    self.conn
+                        .write_line(&format!("213-{}", e.to_line()))
+                        .await?;
+                }
+                let more = if truncated { " (truncated)" } else { "" };
+                self.log_ok("LIST", &path, entries.len() as u64);
+                self.conn
+                    .reply(213, &format!("{} entries{more}", entries.len()))
+                    .await
+            }
+            Request::Stat(arg) => {
+                let path = self.resolve(&arg)?;
+                let home = self.logged_in()?.home.clone();
+                let entry = blocking(move || home.stat(&path)).await?;
+                self.conn.reply(213, &entry.to_line()).await
+            }
+            Request::Hash(arg) => {
+                let path = self.resolve(&arg)?;
+                let home = self.logged_in()?.home.clone();
+                let p = path.clone();
+                let hash = blocking(move || {
+                    let file = home.open_read(&p)?;
+                    let mut h = blake3::Hasher::new();
+                    h.update_reader(&file)
+                        .map_err(|e| Error::fs(e, &p.to_string()))?;
+                    Ok(h.finalize())
+                })
+                .await?;
+                self.log_ok("HASH", &path, 0);
+                self.conn.reply(213, &protocol::hex(&hash)).await
+            }
+            Request::Mkd(arg) => {
+                let path = self.resolve(&arg)?;
+                let home = self.logged_in()?.home.clone();
+                let p = path.clone();
+                blocking(move || home.mkdir(&p)).await?;
+                self.log_ok("MKD", &path, 0);
+                self.conn
+                    .reply(257, &protocol::quote(&path.to_string()))
+                    .await
+            }
+            Request::Rmd(arg) => {
+                let path = self.resolve(&arg)?;
+                // Removing the working directory (or one above it) would leave the session nowhere.
+                if !path.is_root() && format!("{}/", self.cwd).starts_with(&format!("{path}/")) {
+                    return Err(Error::BadArgument(format!(
+                        "{path}: is the working directory"
+                    )));
+                }
+                let home = self.logged_in()?.home.clone();
+                let p = path.clone();
+                blocking(move || home.rmdir(&p)).await?;
+                self.log_ok("RMD", &path, 0);
+                self.conn.reply(200, "directory removed").await
+            }
+            Request::Dele(arg) => {
+                let path = self.resolve(&arg)?;
+                let user = self.logged_in()?;
+                let (home, name) = (user.home.clone(), user.name.clone());
+                let _busy = self
+                    .server
+                    .lock_upload(&name, &path)
+                    .ok_or_else(|| Error::Busy(path.to_string()))?;
+                let p = path.clone();
+                let freed = blocking(move || home.remove_file(&p)).await?;
+                self.server.ledger.freed(&name, freed);
+                self.log_ok("DELE", &path, freed);
+                self.conn.reply(200, "file removed").await
+            }
+            Request::Rename { from, to } => {
+                let (from, to) = (self.resolve(&from)?, self.resolve(&to)?);
+                let user = self.logged_in()?;
+                let (home, name) = (user.home.clone(), user.name.clone());
+                let _busy = self
+                    .server
+                    .lock_upload(&name, &from)
+                    .ok_or_else(|| Error::Busy(from.to_string()))?;
+                let f = from.clone();
+                let (target, replaced) = blocking(move || home.rename(&f, &to)).await?;
+                self.server.ledger.freed(&name, replaced);
+                info!(peer = %self.peer, user = %name, request = "RENAME", from = %from, to = %target, result = "ok");
+                self.conn
+                    .reply(
+                        200,
+                        &format!("renamed to {}", protocol::quote(&target.to_string())),
+                    )
+                    .await
+            }
+            Request::Quota => {
+                let user = self.logged_in()?;
+                let used = self.server.ledger.used(&user.name);
+                let quota = user.quota;
+                self.conn.reply(213, &format!("{used} {quota}")).await
+            }
+            Request::Put { path, size } => {
+                let path = self.resolve(&path)?;
+                self.put(path, size).await
+            }
+            Request::Get { path, candidates } => {
+                let path = self.resolve(&path)?;
+                self.get(path, candidates).await
+            }
+        }
+    }
+
+    fn log_ok(&self, request: &'static str, path: &VPath, bytes: u64) {
+        info!(peer = %self.peer, user = self.user_name(), request, path = %path, bytes, result = "ok");
+    }
+
+    async fn help(&mut self) -> Result<()> {
+        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PUT GET NOOP HELP QUIT";
+        self.conn.write_line(&format!("211-{verbs}")).await?;
+        self.conn
+            .reply(211, "see the protocol documentation in src/protocol.rs")
+            .await
+    }
+
+    async fn login(&mut self, name: String, password: Password, register: bool) -> Result<()> {
+        if self.user.is_some() {
+            return Err(Error::BadSequence("already logged in".into()));
+        }
+        let server = self.server.clone();
+        let accounts = &server.config.accounts;
+        let started = Instant::now();
+        let user = if register {
+            if !accounts.registration {
+                return Err(Error::NameRefused(
+                    "registration is switched off on this server".into(),
+                ));
+            }
+            users::check_name(&name).map_err(Error::NameRefused)?;
+            users::check_password(&password, accounts).map_err(Error::BadArgument)?;
+            let quota = rand::random_range(
+                accounts.registered_quota_min.0..=accounts.registered_quota_max.0,
+            );
+            let permit = server
+                .hash_permits
+                .acquire()
+                .await
+                .map_err(|_| Error::Unavailable("shutting down".into()))?;
+            let (db, settings) = (server.users.clone(), accounts.clone());
+            let user = blocking(move || {
+                let hash = users::hash_password(&password, &settings)
+                    .map_err(|e| Error::Storage(std::io::Error::other(e)))?;
+                let user = User {
+                    name,
+                    quota,
+                    hash,
+                    created: users::now_secs(),
+                };
+                db.add(user.clone()).map_err(|e| {
+                    if e.contains("already exists") {
+                        Error::NameRefused(format!("the name {:?} is taken", user.name))
+                    } else {
+                        Error::Storage(std::io::Error::other(e))
+                    }
+                })?;
+                Ok(user)
+            })
+            .await;
+            drop(permit);
+            let user =
+                user.inspect_err(|e| info!(peer = %self.peer, error = %e, "registration refused"))?;
+            info!(peer = %self.peer, user = %user.name, quota = user.quota, "registered");
+            user
+        } else {
+            match self.check_login(&name, password).await {
+                Some(user) => user,
+                None => {
+                    // Every failure, whatever its cause, is answered after the same delay.
+                    let delay = Duration::from_millis(accounts.login_failure_delay_ms);
+                    tokio::time::sleep_until((started + delay).into()).await;
+                    info!(peer = %self.peer, user = ?name, result = "failed", "login");
+                    return Err(Error::LoginFailed);
+                }
+            }
+        };
+        let home_path = server.users.home(&user.name);
+        let name = user.name.clone();
+        let partial_dir = server.partial_dir(&name);
+        let ttl = Duration::from_secs(server.config.transfer.partial_ttl_hours * 3600);
+        let home = blocking(move || {
+            if !home_path.exists() {
+                std::fs::create_dir_all(&home_path).map_err(Error::Storage)?;
+            }
+            Home::open(&home_path).map_err(Error::Storage)
+        })
+        .await
+        .inspect_err(|e| warn!(user = %name, error = %e, "cannot open home"))?;
+        let scan_home = home.clone();
+        let ledger_server = server.clone();
+        let ledger_name = name.clone();
+        blocking(move || {
+            ledger_server
+                .ledger
+                .open_session(&ledger_name, || scan(&scan_home, &partial_dir, ttl))
+                .map_err(Error::Storage)
+        })
+        .await?;
+        info!(peer = %self.peer, user = %name, result = "ok", ms = started.elapsed().as_millis() as u64, "login");
+        self.user = Some(LoggedIn {
+            name,
+            quota: user.quota,
+            home,
+        });
+        self.cwd = VPath::root();
+        self.conn.reply(230, "logged in").await
+    }
+
+    /// The account if `password` is right; None for any failure.
+    async fn check_login(&self, name: &str, password: Password) -> Option<User> {
+        let accounts = &self.server.config.accounts;
+        let length_ok =
+            (1..=accounts.password_max_len).contains(&password.as_str().chars().count());
+        let db = self.server.users.clone();
+        let found = if users::check_name(name).is_ok() {
+            let name = name.to_string();
+            match tokio::task::spawn_blocking(move || db.find(&name)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot read the user database");
+                    None
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        if !length_ok {
+            return None;
+        }
+        // Unknown users are checked against a dummy hash of the same cost.
+        let stored = found
+            .as_ref()
+            .map_or(self.server.dummy_hash.clone(), |u| u.hash.clone());
+        let max_log_n = accounts.scrypt_max_log_n;
+        let _permit = self.server.hash_permits.acquire().await.ok()?;
+        let verdict = tokio::task::spawn_blocking(move || {
+            users::verify_password(&password, &stored, max_log_n)
+        })
+        .await;
+        match verdict {
+            Ok(Ok(true)) => found,
+            Ok(Ok(false)) => None,
+            Ok(Err(e)) => {
+                warn!(user = ?name, error = %e, "stored password hash refused");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn put(&mut self, path: VPath, size: u64) -> Result<()> {
+        let user = self.logged_in()?;
+        let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
+        if path.is_root() {
+            return Err(Error::IsADirectory("/".into()));
+        }
+        let lock = self
+            .server
+            .lock_upload(&name, &path)
+            .ok_or_else(|| Error::Busy(path.to_string()))?;
+        let started = Instant::now();
+        let staging = self.server.partial_dir(&name);
+        let key = journal::key(&[&path.to_string()]);
+        let part_path = staging.join(format!("{key}.part"));
+        let journal_path = staging.join(format!("{key}.journal"));
+
+        // Check the target, reserve its space, and find what can be resumed.
+        let (p, h) = (path.clone(), home.clone());
+        let (jp, pp) = (journal_path.clone(), part_path.clone());
+        let (replaced, offers) = blocking(move || {
+            h.check_dir(&p.parent())?;
+            if let Ok(m) = h.dir().metadata(p.rel()) {
+                if m.is_dir() {
+                    return Err(Error::IsADirectory(p.to_string()));
+                }
+            }
+            let replaced = h.file_size(&p);
+            let offers = match Journal::load(&jp) {
+                Ok(Some(r))
+                    if r.target == p.to_string() && r.size == size && r.kind == "upload" =>
+                {
+                    match std::fs::File::open(&pp) {
+                        Ok(f) => {
+                            let len = f.metadata().map(|m| m.len()).unwrap_or(0).min(size);
+                            transfer::offer(&f, &[len, r.verified.min(len)]).unwrap_or_default()
+                        }
+                        Err(_) => vec![],
+                    }
+                }
+                Ok(_) => vec![],
+                Err(e) => {
+                    warn!(error = %e, "discarding a damaged upload journal");
+                    vec![]
+                }
+            };
+            Ok((replaced, offers))
+        })
+        .await?;
+        let charge = size.saturating_sub(replaced);
+        self.server.ledger.reserve(&name, &path, charge, quota).inspect_err(|e| {
+            info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, error = %e, "upload refused");
+        })?;
+
+        self.conn
+            .reply(
+                150,
+                &format!("ready{}", protocol::format_candidates(&offers)),
+            )
+            .await?;
+        let start = self.conn.read_frame_header().await?;
+        let resume_at = start.offset;
+        if start.kind != FrameKind::Start
+            || (resume_at != 0 && !offers.iter().any(|c| c.offset == resume_at))
+        {
+            return Err(Error::Protocol(
+                "expected a start frame at 0 or at an offered offset".into(),
+            ));
+        }
+
+        // Open the partial file at the agreed offset and journal the attempt.
+        let record = Record {
+            version: journal::VERSION,
+            kind: "upload".into(),
+            source: String::new(),
+            target: path.to_string(),
+            size,
+            mtime: 0,
+            inode: 0,
+            verified: 0,
+            updated: 0,
+        };
+        let pp = part_path.clone();
+        let jp = journal_path.clone();
+        let opened = blocking(move || {
+            std::fs::create_dir_all(pp.parent().unwrap_or(std::path::Path::new(".")))
+                .map_err(Error::Storage)?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&pp)
+                .map_err(Error::Storage)?;
+            file.set_len(resume_at).map_err(Error::Storage)?;
+            let hasher = transfer::prefix_hashers(&file, &[resume_at])
+                .map_err(Error::Storage)?
+                .remove(0);
+            file.sync_data().map_err(Error::Storage)?;
+            let mut journal = Journal::new(jp, record);
+            journal.save(resume_at).map_err(Error::Storage)?;
+            Ok((Arc::new(file), hasher, journal))
+        })
+        .await;
+        let (file, hasher, journal) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                // The client is already sending: the session can't stay in step.
+                self.server.ledger.release(&name, &path);
+                return Err(Error::Unavailable(format!("cannot store the upload: {e}")));
+            }
+        };
+        let mut journal = Some(journal);
+        let t = &self.server.config.transfer;
+        let checkpoints = Checkpoints {
+            bytes: t.checkpoint_bytes.0.max(1),
+            interval: Duration::from_secs(t.checkpoint_secs),
+        };
+        let received = transfer::receive(
+            &mut self.conn,
+            file.clone(),
+            resume_at,
+            size,
+            hasher,
+            &mut journal,
+            checkpoints,
+            &ProgressBar::hidden(),
+        )
+        .await;
+        let log = |result: &str, hash: &str, verified: u64, error: &str| {
+            info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, resumed_from = resume_at,
+                  bytes = verified.saturating_sub(resume_at), hash, ms = started.elapsed().as_millis() as u64,
+                  result, error, "upload");
+        };
+        match received {
+            Ok(hash) => {
+                let (h, p, pp) = (home.clone(), path.clone(), part_path.clone());
+                let staging_dir = staging.clone();
+                let placed = blocking(move || {
+                    file.sync_all().map_err(Error::Storage)?;
+                    let staging = cap_std::fs::Dir::open_ambient_dir(
+                        &staging_dir,
+                        cap_std::ambient_authority(),
+                    )
+                    .map_err(Error::Storage)?;
+                    let replaced = h.file_size(&p);
+                    let name = pp.file_name().unwrap_or_default();
+                    staging
+                        .rename(name, h.dir(), p.rel())
+                        .map_err(|e| Error::fs(e, &p.to_string()))?;
+                    if let Ok(parent) = h.dir().open_dir(p.parent().rel()) {
+                        let _ = parent.into_std_file().sync_all();
+                    }
+                    Ok(replaced)
+                })
+                .await;
+                if let Some(j) = &journal {
+                    j.remove();
+                }
+                match placed {
+                    Ok(replaced) => {
+                        self.server.ledger.commit(&name, &path, size, replaced);
+                        log("ok", &protocol::hex(&hash), size, "");
+                        drop(lock);
+                        self.conn
+                            .reply(226, &format!("{} {size}", protocol::hex(&hash)))
+                            .await
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&part_path);
+                        self.server.ledger.release(&name, &path);
+                        log("failed", "", size, &e.to_string());
+                        Err(e)
+                    }
+                }
+            }
+            Err(Stopped { error, verified }) => {
+                if matches!(error, Error::HashMismatch) {
+                    // Every chunk matched but the whole did not: nothing here is worth resuming.
+                    let _ = std::fs::remove_file(&part_path);
+                    if let Some(j) = &journal {
+                        j.remove();
+                    }
+                    self.server.ledger.release(&name, &path);
+                } else {
+                    // Keep what was verified for a later resume.
+                    let _ = blocking(move || {
+                        file.sync_data().map_err(Error::Storage)?;
+                        if let Some(mut j) = journal {
+                            j.save(verified).map_err(Error::Storage)?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                }
+                log("failed", "", verified, &error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    async fn get(&mut self, path: VPath, candidates: Vec<protocol::Candidate>) -> Result<()> {
+        let home = self.logged_in()?.home.clone();
+        let name = self.user_name().to_string();
+        let started = Instant::now();
+        let p = path.clone();
+        let (file, size, offset, hasher) = blocking(move || {
+            let file = home.open_read(&p)?;
+            let size = file.metadata().map_err(Error::Storage)?.len();
+            let (offset, hasher) =
+                transfer::choose(&file, size, &candidates).map_err(Error::Storage)?;
+            Ok((Arc::new(file), size, offset, hasher))
+        })
+        .await?;
+        self.conn.reply(151, &format!("{size} {offset}")).await?;
+        let chunk = usize::try_from(self.server.config.transfer.chunk_size.0).unwrap_or(1 << 18);
+        let sent = transfer::send(
+            &mut self.conn,
+            file,
+            offset,
+            size,
+            hasher,
+            chunk,
+            &ProgressBar::hidden(),
+        )
+        .await;
+        let ms = started.elapsed().as_millis() as u64;
+        match sent {
+            Ok(hash) => {
+                info!(peer = %self.peer, user = %name, request = "GET", path = %path, size, resumed_from = offset,
+                      bytes = size - offset, hash = %protocol::hex(&hash), ms, result = "ok", "download");
+                Ok(())
+            }
+            Err(e) => {
+                info!(peer = %self.peer, user = %name, request = "GET", path = %path, size, resumed_from = offset,
+                      ms, result = "failed", error = %e, "download");
+                // After frames started, only a closed session keeps both ends in step.
+                Err(Error::Unavailable(format!("download failed: {e}")))
+            }
+        }
+    }
+}
+
+/// What a user stores, for the quota ledger: the home's bytes and a
+/// reservation for each unfinished upload. Uploads untouched for `ttl` are
+/// deleted on the way.
+fn scan(home: &Home, partial_dir: &std::path::Path, ttl: Duration) -> std::io::Result<Scan> {
+    let stored = home.usage()?;
+    let mut reserved = vec![];
+    let now = users::now_secs();
+    let entries = match std::fs::read_dir(partial_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan { stored, reserved }),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "journal") {
+            continue;
+        }
+        let part = path.with_extension("part");
+        let record = match Journal::load(&path) {
+            Ok(Some(r)) if now.saturating_sub(r.updated) < ttl.as_secs() => r,
+            other => {
+                if let Err(e) = other {
+                    warn!(error = %e, "removing a damaged upload journal");
+                } else {
+                    info!(journal = %path.display(), "removing an expired partial upload");
+                }
+                let _ = std::fs::remove_file(&part);
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+        };
+        if let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX) {
+            let charge = record.size.saturating_sub(home.file_size(&target));
+            reserved.push((target, charge));
+        }
+    }
+    // Partial files with no journal are leftovers of a crash before the first save.
+    if let Ok(entries) = std::fs::read_dir(partial_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "part")
+                && !path.with_extension("journal").exists()
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(Scan { stored, reserved })
+}
+
+/// Runs filesystem work on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::Storage(std::io::Error::other(e))))
+}
+
+/// Resolves once the server is stopping.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            // The server is gone without a word: treat as stopping.
+            return;
+        }
+    }
+}

@@ -1,0 +1,855 @@
+//! `ftpx connect`: the user's side. Reads commands from the interactive
+//! line editor, `-c` or `-b`, runs each on a [`Client`], prints results to
+//! standard output and errors to standard error, draws progress bars, and
+//! reconnects and resumes when a transfer's connection drops.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tracing::info;
+
+use crate::cli::ConnectArgs;
+use crate::client::{Client, ClientError, Transferred, state_dir};
+use crate::config::human_bytes;
+use crate::jail::VPath;
+use crate::protocol::{self, Request};
+
+/// Exit statuses of `ftpx connect`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// A command failed.
+    pub const FAILED: u8 = 1;
+    /// Bad usage (also clap's status for bad flags).
+    pub const USAGE: u8 = 2;
+    /// No session: the connection or the TLS handshake failed.
+    pub const CONNECT: u8 = 3;
+    /// Login or registration refused.
+    pub const LOGIN: u8 = 4;
+    /// Stopped by Ctrl-C.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+const HELP: &str = "\
+commands (remote paths are relative to the remote directory; / is your home):
+  pwd                      print the remote directory
+  cd [PATH]                change the remote directory (no PATH: /)
+  ls [PATH]                list a directory: type, size, modification time, name
+  mkdir PATH, rmdir PATH   make or remove (an empty) directory
+  rm PATH                  remove a file
+  mv FROM TO               rename or move
+  put [-r] LOCAL [REMOTE]  upload a file (-r: a directory tree)
+  get [-r] REMOTE [LOCAL]  download a file (-r: a directory tree)
+  quota                    bytes used and the limit
+  lcd [DIR], lpwd          change or print the local directory
+  help, exit";
+
+/// Where to connect and as whom.
+struct Target {
+    user: String,
+    host: String,
+    port: u16,
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    let (user, rest) = match s.rsplit_once('@') {
+        Some((u, r)) => (u.to_string(), r),
+        None => (std::env::var("USER").unwrap_or_default(), s),
+    };
+    if user.is_empty() {
+        return Err("no user name: write USER@HOST".into());
+    }
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, after) = r.split_once(']').ok_or("unclosed [ in the address")?;
+        match after.strip_prefix(':') {
+            Some(p) => (h.to_string(), p),
+            None if after.is_empty() => (h.to_string(), ""),
+            None => return Err(format!("bad address {s:?}")),
+        }
+    } else if rest.matches(':').count() == 1 {
+        let (h, p) = rest.split_once(':').unwrap_or((rest, ""));
+        (h.to_string(), p)
+    } else {
+        (rest.to_string(), "")
+    };
+    let port = if port.is_empty() {
+        crate::config::DEFAULT_PORT
+    } else {
+        port.parse().map_err(|_| format!("bad port {port:?}"))?
+    };
+    if host.is_empty() {
+        return Err("no host name".into());
+    }
+    Ok(Target { user, host, port })
+}
+
+/// Reads the password: `FTPX_PASSWORD`, else one line of stdin with
+/// `--password-stdin`, else a prompt that does not echo.
+fn read_password(args: &ConnectArgs, confirm: bool) -> Result<String, String> {
+    if let Ok(p) = std::env::var("FTPX_PASSWORD") {
+        return Ok(p);
+    }
+    if args.password_stdin {
+        return read_stdin_line();
+    }
+    let p = rpassword::prompt_password("password: ")
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    if confirm && rpassword::prompt_password("password again: ").map_err(|e| e.to_string())? != p {
+        return Err("the passwords differ".into());
+    }
+    Ok(p)
+}
+
+/// One line of standard input without its line end.
+pub fn read_stdin_line() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    if line.is_empty() {
+        return Err("no password on standard input".into());
+    }
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// The session, remembered well enough to reconnect after a drop.
+struct Remote {
+    target: Target,
+    password: String,
+    ca: PathBuf,
+    io_timeout: Duration,
+    retries: u32,
+    client: Option<Client>,
+    /// Remote directory to return to after a reconnect.
+    cwd: String,
+}
+
+impl Remote {
+    async fn open(&mut self, register: bool) -> Result<&mut Client, ClientError> {
+        if self.client.is_none() {
+            let mut c = Client::connect(
+                &self.target.host,
+                self.target.port,
+                &self.ca,
+                self.io_timeout,
+            )
+            .await?;
+            c.login(&self.target.user, &self.password, register).await?;
+            info!(user = %self.target.user, register, "logged in");
+            if self.cwd != "/" {
+                c.cd(Some(&self.cwd)).await?;
+            }
+            self.client = Some(c);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, ClientError> {
+        self.open(false).await
+    }
+
+    /// Runs one transfer, reconnecting and resuming up to `retries` times
+    /// when the connection drops or a chunk arrives damaged.
+    async fn transfer(
+        &mut self,
+        op: &Transfer,
+        bar: &ProgressBar,
+    ) -> Result<Transferred, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let result = match self.client().await {
+                Ok(c) => match op {
+                    Transfer::Put(local, remote) => c.put(local, remote, bar).await,
+                    Transfer::Get(remote, local) => c.get(remote, local, bar).await,
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_retriable() && attempt < self.retries => {
+                    attempt += 1;
+                    if !matches!(e, ClientError::Server { code: 453, .. }) {
+                        self.client = None;
+                    }
+                    let wait = Duration::from_millis(500 * (1 << attempt.min(5)));
+                    bar.suspend(|| {
+                        eprintln!(
+                            "{e}; retrying in {:.1} s ({attempt}/{})",
+                            wait.as_secs_f32(),
+                            self.retries
+                        )
+                    });
+                    info!(error = %e, attempt, "transfer interrupted; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+enum Transfer {
+    Put(PathBuf, VPath),
+    Get(VPath, PathBuf),
+}
+
+/// Runs `ftpx connect`; returns the exit status.
+pub async fn run(args: ConnectArgs) -> u8 {
+    let target = match parse_target(&args.target) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ftpx: {e}");
+            return exit::USAGE;
+        }
+    };
+    let password = match read_password(&args, args.register) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ftpx: {e}");
+            return exit::USAGE;
+        }
+    };
+    let mut remote = Remote {
+        target,
+        password,
+        ca: args.ca.clone(),
+        io_timeout: Duration::from_secs(args.timeout.max(1)),
+        retries: args.retries,
+        client: None,
+        cwd: "/".into(),
+    };
+    if let Err(e) = remote.open(args.register).await {
+        eprintln!("ftpx: {e}");
+        info!(error = %e, "session not opened");
+        return match e {
+            ClientError::Server { code: 430, .. } => {
+                eprintln!("ftpx: login failed: unknown user or wrong password");
+                exit::LOGIN
+            }
+            ClientError::Server {
+                code: 553 | 501, ..
+            } => exit::LOGIN,
+            _ => exit::CONNECT,
+        };
+    }
+    let status = if let Some(commands) = &args.commands {
+        run_script(&mut remote, std::iter::once(commands.clone()), true).await
+    } else if let Some(file) = &args.batch {
+        match std::fs::read_to_string(file) {
+            Ok(text) => run_script(&mut remote, text.lines().map(str::to_string), false).await,
+            Err(e) => {
+                eprintln!("ftpx: cannot read {}: {e}", file.display());
+                exit::USAGE
+            }
+        }
+    } else {
+        interactive(&mut remote).await
+    };
+    if let Some(c) = remote.client.take() {
+        c.quit().await;
+    }
+    status
+}
+
+/// Runs commands until the first failure.
+async fn run_script(
+    remote: &mut Remote,
+    lines: impl Iterator<Item = String>,
+    semicolons: bool,
+) -> u8 {
+    for line in lines {
+        let commands = match protocol::split_commands(&line, semicolons || line.contains(';')) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ftpx: {line:?}: {e}");
+                return exit::FAILED;
+            }
+        };
+        for words in commands {
+            let outcome = tokio::select! {
+                r = execute(remote, &words) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("ftpx: interrupted; run the same command again to resume");
+                    return exit::INTERRUPTED;
+                }
+            };
+            match outcome {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Exit) => return exit::OK,
+                Err(e) => {
+                    eprintln!("ftpx: {}: {e}", words.join(" "));
+                    return exit::FAILED;
+                }
+            }
+        }
+    }
+    exit::OK
+}
+
+async fn interactive(remote: &mut Remote) -> u8 {
+    let mut editor = match rustyline::DefaultEditor::new() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ftpx: cannot start the line editor: {e}");
+            return exit::FAILED;
+        }
+    };
+    let history = state_dir().join("history");
+    let _ = editor.load_history(&history);
+    let mut status = exit::OK;
+    loop {
+        let prompt = format!("ftpx:{}> ", remote.cwd);
+        let line = match tokio::task::block_in_place(|| editor.readline(&prompt)) {
+            Ok(l) => l,
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => {
+                eprintln!("ftpx: {e}");
+                status = exit::FAILED;
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line.as_str());
+        let commands = match protocol::split_commands(&line, true) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ftpx: {e}");
+                continue;
+            }
+        };
+        for words in commands {
+            let outcome = tokio::select! {
+                r = execute(remote, &words) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    // The session is out of step mid-transfer: reconnect on the next command.
+                    remote.client = None;
+                    eprintln!("interrupted; run the same command again to resume");
+                    break;
+                }
+            };
+            match outcome {
+                Ok(Flow::Continue) => status = exit::OK,
+                Ok(Flow::Exit) => {
+                    let _ = std::fs::create_dir_all(state_dir());
+                    let _ = editor.save_history(&history);
+                    return exit::OK;
+                }
+                Err(e) => {
+                    eprintln!("ftpx: {e}");
+                    status = exit::FAILED;
+                    break;
+                }
+            }
+        }
+    }
+    let _ = std::fs::create_dir_all(state_dir());
+    let _ = editor.save_history(&history);
+    status
+}
+
+enum Flow {
+    Continue,
+    Exit,
+}
+
+fn usage(text: &str) -> ClientError {
+    ClientError::Local(format!("usage: {text}"))
+}
+
+/// Runs one shell command.
+async fn execute(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientError> {
+    let (cmd, args) = words.split_first().ok_or_else(|| usage("empty command"))?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    info!(command = %cmd, args = ?args, "command");
+    match (cmd.as_str(), args.as_slice()) {
+        ("help" | "?", _) => println!("{HELP}"),
+        ("exit" | "quit" | "bye", []) => return Ok(Flow::Exit),
+        ("lpwd", []) => println!(
+            "{}",
+            std::env::current_dir()
+                .map_err(|e| ClientError::Local(e.to_string()))?
+                .display()
+        ),
+        ("lcd", dir) => {
+            let dir = dir.first().map_or_else(
+                || std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+                |d| d.to_string(),
+            );
+            std::env::set_current_dir(&dir)
+                .map_err(|e| ClientError::Local(format!("{dir}: {e}")))?;
+        }
+        ("pwd", []) => {
+            let reply = remote.client().await?.request(&Request::Pwd).await?;
+            println!("{}", crate::client::unquote(&reply.text)?);
+        }
+        ("cd", [] | [_]) => {
+            let dir = remote.client().await?.cd(args.first().copied()).await?;
+            remote.cwd = dir;
+        }
+        ("ls" | "dir", [] | [_]) => {
+            let reply = remote
+                .client()
+                .await?
+                .request(&Request::List(args.first().map(|s| s.to_string())))
+                .await?;
+            for line in &reply.lines {
+                println!("{}", format_entry(line)?);
+            }
+            if reply.text.contains("truncated") {
+                eprintln!("ftpx: listing truncated by the server ({})", reply.text);
+            }
+        }
+        ("mkdir", [p]) => simple(remote, Request::Mkd(p.to_string())).await?,
+        ("rmdir", [p]) => simple(remote, Request::Rmd(p.to_string())).await?,
+        ("rm" | "delete", [p]) => simple(remote, Request::Dele(p.to_string())).await?,
+        ("mv" | "rename", [from, to]) => {
+            simple(
+                remote,
+                Request::Rename {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                },
+            )
+            .await?
+        }
+        ("quota", []) => {
+            let reply = remote.client().await?.request(&Request::Quota).await?;
+            let nums: Vec<u64> = reply
+                .text
+                .split(' ')
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            let [used, limit] = nums[..] else {
+                return Err(ClientError::Protocol(format!(
+                    "bad quota reply {:?}",
+                    reply.text
+                )));
+            };
+            println!(
+                "used {used} ({}) of {limit} ({})",
+                human_bytes(used),
+                human_bytes(limit)
+            );
+        }
+        ("put", ["-r", local, rest @ ..]) if rest.len() <= 1 => {
+            put_tree(remote, Path::new(local), rest.first().copied()).await?
+        }
+        ("put", [local, rest @ ..]) if rest.len() <= 1 && *local != "-r" => {
+            let local = Path::new(local);
+            let name = local
+                .file_name()
+                .ok_or_else(|| ClientError::Local(format!("{}: not a file", local.display())))?
+                .to_string_lossy()
+                .into_owned();
+            let client = remote.client().await?;
+            let mut dest = client.remote_path(rest.first().copied().unwrap_or(&name))?;
+            if !rest.is_empty() && remote_is_dir(client, &dest).await {
+                dest = dest.join(&name);
+            }
+            let bar = file_bar(None, &name);
+            let t = remote
+                .transfer(&Transfer::Put(local.to_path_buf(), dest.clone()), &bar)
+                .await;
+            bar.finish_and_clear();
+            report(&t?, &dest.to_string());
+        }
+        ("get", ["-r", src, rest @ ..]) if rest.len() <= 1 => {
+            get_tree(remote, src, rest.first().copied()).await?
+        }
+        ("get", [src, rest @ ..]) if rest.len() <= 1 && *src != "-r" => {
+            let source = remote.client().await?.remote_path(src)?;
+            let name = source
+                .file_name()
+                .ok_or_else(|| ClientError::Local("get needs a file, not /".into()))?
+                .to_string();
+            let mut local = PathBuf::from(rest.first().copied().unwrap_or(&name));
+            if local.is_dir() {
+                local = local.join(&name);
+            }
+            let bar = file_bar(None, &name);
+            let t = remote
+                .transfer(&Transfer::Get(source, local.clone()), &bar)
+                .await;
+            bar.finish_and_clear();
+            report(&t?, &local.display().to_string());
+        }
+        (c, _) if KNOWN.contains(&c) => return Err(usage(usage_of(c))),
+        (c, _) => {
+            return Err(ClientError::Local(format!(
+                "unknown command {c:?}; try help"
+            )));
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+const KNOWN: &[&str] = &[
+    "pwd", "cd", "ls", "dir", "mkdir", "rmdir", "rm", "delete", "mv", "rename", "quota", "put",
+    "get", "exit", "quit", "bye", "lpwd",
+];
+
+fn usage_of(cmd: &str) -> &'static str {
+    match cmd {
+        "pwd" => "pwd",
+        "cd" => "cd [PATH]",
+        "ls" | "dir" => "ls [PATH]",
+        "mkdir" => "mkdir PATH",
+        "rmdir" => "rmdir PATH",
+        "rm" | "delete" => "rm PATH",
+        "mv" | "rename" => "mv FROM TO",
+        "put" => "put [-r] LOCAL [REMOTE]",
+        "get" => "get [-r] REMOTE [LOCAL]",
+        _ => "see help",
+    }
+}
+
+async fn simple(remote: &mut Remote, request: Request) -> Result<(), ClientError> {
+    remote.client().await?.request(&request).await.map(|_| ())
+}
+
+fn report(t: &Transferred, name: &str) {
+    if t.resumed_at > 0 {
+        println!("resumed at {} bytes", t.resumed_at);
+    }
+    println!("{}  {name}", protocol::hex(&t.hash));
+}
+
+async fn remote_is_dir(client: &mut Client, path: &VPath) -> bool {
+    client
+        .request(&Request::Stat(path.to_string()))
+        .await
+        .is_ok_and(|reply| reply.text.starts_with('d'))
+}
+
+/// `f 12 1700000000 "a b"` → `f         12  2023-11-14 22:13  a b`.
+fn format_entry(line: &str) -> Result<String, ClientError> {
+    let (kind, size, mtime, name) = parse_entry(line)?;
+    let slash = if kind == 'd' { "/" } else { "" };
+    Ok(format!(
+        "{kind} {size:>12}  {}  {name}{slash}",
+        format_time(mtime)
+    ))
+}
+
+fn parse_entry(line: &str) -> Result<(char, u64, i64, String), ClientError> {
+    let bad = || ClientError::Protocol(format!("bad listing line {line:?}"));
+    let words = protocol::split_commands(line, false).map_err(|_| bad())?;
+    let words = words.into_iter().next().ok_or_else(bad)?;
+    let [kind, size, mtime, name] = &words[..] else {
+        return Err(bad());
+    };
+    let kind = kind
+        .chars()
+        .next()
+        .filter(|_| kind.len() == 1)
+        .ok_or_else(bad)?;
+    Ok((
+        kind,
+        size.parse().map_err(|_| bad())?,
+        mtime.parse().map_err(|_| bad())?,
+        name.clone(),
+    ))
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM` (UTC).
+fn format_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+fn draw() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+fn file_bar(multi: Option<&MultiProgress>, name: &str) -> ProgressBar {
+    if !draw() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{msg:24!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(name.to_string());
+    match multi {
+        Some(m) => m.add(bar),
+        None => bar,
+    }
+}
+
+fn total_bar(multi: &MultiProgress, total: u64) -> ProgressBar {
+    if !draw() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("total {pos}/{len} files [{bar:30}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    multi.add(bar)
+}
+
+/// A name from a remote listing is used locally only if it is one plain
+/// path component: a hostile server can't make the client write elsewhere.
+fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.chars().any(char::is_control)
+}
+
+fn local_hash(path: &Path) -> Option<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path).ok()?).ok()?;
+    Some(h.finalize())
+}
+
+/// Whether the remote file `path` has `size` bytes and BLAKE3 `hash`.
+async fn remote_matches(
+    client: &mut Client,
+    path: &VPath,
+    size: u64,
+    hash: impl FnOnce() -> Option<blake3::Hash>,
+) -> bool {
+    let Ok(stat) = client.request(&Request::Stat(path.to_string())).await else {
+        return false;
+    };
+    let Ok((kind, remote_size, _, _)) = parse_entry(&stat.text) else {
+        return false;
+    };
+    if kind != 'f' || remote_size != size {
+        return false;
+    }
+    let Ok(reply) = client.request(&Request::Hash(path.to_string())).await else {
+        return false;
+    };
+    hash().is_some_and(|h| protocol::hex(&h) == reply.text)
+}
+
+async fn put_tree(
+    remote: &mut Remote,
+    local: &Path,
+    dest: Option<&str>,
+) -> Result<(), ClientError> {
+    let meta = std::fs::metadata(local)
+        .map_err(|e| ClientError::Local(format!("{}: {e}", local.display())))?;
+    if !meta.is_dir() {
+        return Err(ClientError::Local(format!(
+            "{}: not a directory",
+            local.display()
+        )));
+    }
+    let base = std::path::absolute(local).map_err(|e| ClientError::Local(e.to_string()))?;
+    let name = base
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let root = remote
+        .client()
+        .await?
+        .remote_path(dest.unwrap_or(if name.is_empty() { "." } else { &name }))?;
+
+    // Walk the local tree first: directories to make, files to send.
+    let mut dirs = vec![root.clone()];
+    let mut files = vec![];
+    let mut stack = vec![(base.clone(), root.clone())];
+    while let Some((dir, rdir)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| ClientError::Local(format!("{}: {e}", dir.display())))?
+            .flatten()
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let Ok(ft) = entry.file_type() else { continue };
+            if ft.is_dir() {
+                dirs.push(rdir.join(&name));
+                stack.push((path, rdir.join(&name)));
+            } else if let Ok(m) = std::fs::metadata(&path)
+                .ok()
+                .filter(|m| m.is_file())
+                .ok_or(())
+            {
+                files.push((path, rdir.join(&name), m.len()));
+            } else {
+                eprintln!("ftpx: skipping {}: not a regular file", path.display());
+            }
+        }
+    }
+    for d in &dirs {
+        match remote
+            .client()
+            .await?
+            .request(&Request::Mkd(d.to_string()))
+            .await
+        {
+            Ok(_) | Err(ClientError::Server { code: 553, .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let multi = MultiProgress::new();
+    let total = total_bar(&multi, files.len() as u64);
+    let (mut sent, mut skipped) = (0, 0);
+    for (path, rpath, size) in files {
+        let p = path.clone();
+        if remote_matches(remote.client().await?, &rpath, size, || local_hash(&p)).await {
+            skipped += 1;
+            total.inc(1);
+            continue;
+        }
+        let bar = file_bar(Some(&multi), &rpath.to_string());
+        let t = remote
+            .transfer(&Transfer::Put(path, rpath.clone()), &bar)
+            .await;
+        bar.finish_and_clear();
+        let t = t?;
+        multi.suspend(|| report(&t, &rpath.to_string()));
+        sent += 1;
+        total.inc(1);
+    }
+    total.finish_and_clear();
+    println!("{sent} files sent, {skipped} already complete");
+    Ok(())
+}
+
+async fn get_tree(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<(), ClientError> {
+    let root = remote.client().await?.remote_path(src)?;
+    let name = root.file_name().unwrap_or("home").to_string();
+    let local_root = PathBuf::from(dest.unwrap_or(&name));
+
+    // Walk the remote tree first.
+    let mut dirs = vec![local_root.clone()];
+    let mut files = vec![];
+    let mut stack = vec![(root.clone(), local_root.clone())];
+    while let Some((rdir, ldir)) = stack.pop() {
+        let reply = remote
+            .client()
+            .await?
+            .request(&Request::List(Some(rdir.to_string())))
+            .await?;
+        if reply.text.contains("truncated") {
+            return Err(ClientError::Local(format!(
+                "{rdir}: listing truncated by the server; copy it in parts"
+            )));
+        }
+        for line in &reply.lines {
+            let (kind, size, _, name) = parse_entry(line)?;
+            if !safe_name(&name) {
+                eprintln!("ftpx: skipping {name:?} in {rdir}: not a usable file name");
+                continue;
+            }
+            match kind {
+                'd' => {
+                    dirs.push(ldir.join(&name));
+                    stack.push((rdir.join(&name), ldir.join(&name)));
+                }
+                'f' => files.push((rdir.join(&name), ldir.join(&name), size)),
+                _ => eprintln!("ftpx: skipping {}: not a regular file", rdir.join(&name)),
+            }
+        }
+    }
+    for d in &dirs {
+        std::fs::create_dir_all(d)
+            .map_err(|e| ClientError::Local(format!("{}: {e}", d.display())))?;
+    }
+    let multi = MultiProgress::new();
+    let total = total_bar(&multi, files.len() as u64);
+    let (mut got, mut skipped) = (0, 0);
+    for (rpath, lpath, size) in files {
+        let local_size = std::fs::metadata(&lpath).map(|m| m.len()).ok();
+        let lp = lpath.clone();
+        if local_size == Some(size)
+            && remote_matches(remote.client().await?, &rpath, size, || local_hash(&lp)).await
+        {
+            skipped += 1;
+            total.inc(1);
+            continue;
+        }
+        let bar = file_bar(Some(&multi), &rpath.to_string());
+        let t = remote
+            .transfer(&Transfer::Get(rpath, lpath.clone()), &bar)
+            .await;
+        bar.finish_and_clear();
+        let t = t?;
+        multi.suspend(|| report(&t, &lpath.display().to_string()));
+        got += 1;
+        total.inc(1);
+    }
+    total.finish_and_clear();
+    println!("{got} files received, {skipped} already complete");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = parse_target("ann@example.org:99").unwrap();
+        assert_eq!(
+            (t.user.as_str(), t.host.as_str(), t.port),
+            ("ann", "example.org", 99)
+        );
+        let t = parse_target("ann@[::1]:7").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 7));
+        let t = parse_target("bo@::1").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port),
+            ("::1", crate::config::DEFAULT_PORT)
+        );
+        assert!(parse_target("ann@").is_err());
+        assert!(parse_target("ann@h:x").is_err());
+    }
+
+    #[test]
+    fn times_and_entries() {
+        assert_eq!(format_time(0), "1970-01-01 00:00");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00");
+        let e = format_entry("d 0 1700000000 \"a b\"").unwrap();
+        assert!(e.starts_with('d') && e.ends_with("a b/"), "{e}");
+        assert!(format_entry("x y").is_err());
+    }
+
+    #[test]
+    fn hostile_names() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "/etc/passwd",
+            "a/b",
+            "a\\b",
+            "a\nb",
+            "\u{1b}[2J",
+        ] {
+            assert!(!safe_name(bad), "{bad:?}");
+        }
+        assert!(safe_name("ok name.txt"));
+    }
+}
