@@ -217,6 +217,17 @@ impl Client {
         Ok(client)
     }
 
+    /// Keeps this client's journals in `dir` instead of the state directory.
+    pub fn with_journal_dir(mut self, dir: PathBuf) -> Client {
+        self.journal_dir = dir;
+        self
+    }
+
+    /// The raw connection, for tests that must speak the protocol by hand.
+    pub fn connection(&mut self) -> &mut Connection<TlsStream<TcpStream>> {
+        &mut self.conn
+    }
+
     pub fn cwd(&self) -> &VPath {
         &self.cwd
     }

@@ -1,0 +1,10 @@
+//! End-to-end tests, linked into one binary: real TLS on loopback, real
+//! files in temp directories, and the real `ftpx` binary where the behaviour
+//! is end to end.
+
+mod common;
+mod core;
+mod jail;
+mod wire;
+mod transfer;
+mod cli;
