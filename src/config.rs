@@ -14,22 +14,12 @@ pub const DEFAULT_PORT: u16 = 2121;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct Config {
     pub server: ServerSection,
     pub accounts: AccountsSection,
     pub limits: LimitsSection,
     pub transfer: TransferSection,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerSection::default(),
-            accounts: AccountsSection::default(),
-            limits: LimitsSection::default(),
-            transfer: TransferSection::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

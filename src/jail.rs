@@ -307,10 +307,10 @@ impl Home {
             .symlink_metadata(from.rel())
             .map_err(|e| Error::fs(e, &from.to_string()))?;
         let mut target = to.clone();
-        if let Ok(m) = self.dir.metadata(to.rel()) {
-            if m.is_dir() {
-                target = to.join(from.file_name().unwrap_or_default());
-            }
+        if let Ok(m) = self.dir.metadata(to.rel())
+            && m.is_dir()
+        {
+            target = to.join(from.file_name().unwrap_or_default());
         }
         if target.is_root() || target == *from {
             return Err(Error::BadArgument(format!(
@@ -374,10 +374,10 @@ impl Home {
                     if let Ok(sub) = item.open_dir() {
                         stack.push(sub);
                     }
-                } else if ft.is_file() {
-                    if let Ok(m) = item.metadata() {
-                        total = total.saturating_add(m.len());
-                    }
+                } else if ft.is_file()
+                    && let Ok(m) = item.metadata()
+                {
+                    total = total.saturating_add(m.len());
                 }
             }
         }

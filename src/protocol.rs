@@ -276,7 +276,7 @@ pub struct Candidate {
 }
 
 fn parse_candidates(words: &[String]) -> Result<Vec<Candidate>, ParseError> {
-    if words.len() % 2 != 0 || words.len() / 2 > MAX_CANDIDATES {
+    if !words.len().is_multiple_of(2) || words.len() / 2 > MAX_CANDIDATES {
         return Err(ParseError::WrongArgs {
             verb: "resume candidates",
             expected: "pairs of OFFSET HASH, at most two",
@@ -771,7 +771,7 @@ mod tests {
                 text: "welcome".into()
             }
         );
-        assert_eq!(ReplyLine::parse("213-f 1").unwrap().last, false);
+        assert!(!ReplyLine::parse("213-f 1").unwrap().last);
         assert_eq!(ReplyLine::parse("200").unwrap().text, "");
         for bad in ["", "20", "abc", "2000 x", "099 x", "20x y"] {
             assert!(ReplyLine::parse(bad).is_none(), "{bad}");

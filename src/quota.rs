@@ -66,11 +66,11 @@ impl Ledger {
         let fresh = if first { Some(scan()?) } else { None };
         let mut accounts = self.lock();
         let account = accounts.entry(user.to_string()).or_default();
-        if let Some(scan) = fresh {
-            if account.sessions == 0 {
-                account.stored = scan.stored;
-                account.reserved = scan.reserved.into_iter().collect();
-            }
+        if let Some(scan) = fresh
+            && account.sessions == 0
+        {
+            account.stored = scan.stored;
+            account.reserved = scan.reserved.into_iter().collect();
         }
         account.sessions += 1;
         Ok(())

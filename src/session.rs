@@ -473,10 +473,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let (jp, pp) = (journal_path.clone(), part_path.clone());
         let (replaced, offers) = blocking(move || {
             h.check_dir(&p.parent())?;
-            if let Ok(m) = h.dir().metadata(p.rel()) {
-                if m.is_dir() {
-                    return Err(Error::IsADirectory(p.to_string()));
-                }
+            if let Ok(m) = h.dir().metadata(p.rel())
+                && m.is_dir()
+            {
+                return Err(Error::IsADirectory(p.to_string()));
             }
             let replaced = h.file_size(&p);
             let offers = match Journal::load(&jp) {

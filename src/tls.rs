@@ -40,13 +40,11 @@ pub fn gen_cert(dir: &Path, hosts: &[String], force: bool) -> Result<Vec<PathBuf
         return Err("at least one --host is needed".into());
     }
     let files = [CA_FILE, CA_KEY_FILE, CERT_FILE, KEY_FILE].map(|f| dir.join(f));
-    if !force {
-        if let Some(existing) = files.iter().find(|p| p.exists()) {
-            return Err(format!(
-                "{} exists; use --force to replace it",
-                existing.display()
-            ));
-        }
+    if !force && let Some(existing) = files.iter().find(|p| p.exists()) {
+        return Err(format!(
+            "{} exists; use --force to replace it",
+            existing.display()
+        ));
     }
     let err = |e: rcgen::Error| format!("cannot make certificate: {e}");
 

@@ -1,1 +1,367 @@
-//! (being written)
+//! The real binary, used the way the README and the CLI contract describe.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::common::*;
+
+#[test]
+fn gen_cert_writes_keys_for_the_owner_only_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(ftpx(dir.path()).args(["gen-cert"]));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    for (name, mode) in [
+        ("ca.pem", 0o644),
+        ("ca.key", 0o600),
+        ("server.pem", 0o644),
+        ("server.key", 0o600),
+    ] {
+        let m = std::fs::metadata(dir.path().join("certs").join(name)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, mode, "{name}");
+    }
+    let again = run(ftpx(dir.path()).args(["gen-cert"]));
+    assert_ne!(again.status, 0);
+    assert!(again.stderr.contains("--force"), "{}", again.stderr);
+    let forced = run(ftpx(dir.path()).args([
+        "gen-cert",
+        "--dir",
+        "other",
+        "--host",
+        "files.example",
+        "--host",
+        "10.1.2.3",
+    ]));
+    assert_eq!(forced.status, 0, "{}", forced.stderr);
+    assert!(forced.stdout.contains("files.example, 10.1.2.3"));
+}
+
+#[test]
+fn serve_makes_certificates_registers_and_walks_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    assert!(server.ca().exists(), "serve made no certificate");
+
+    // Register from the client, then use the shell.
+    let reg = run(ftpx(dir.path())
+        .args([
+            "connect",
+            &format!("newbie@127.0.0.1:{}", server.port),
+            "--register",
+            "-c",
+            "pwd",
+        ])
+        .env("FTPX_PASSWORD", PASSWORD));
+    assert_eq!(reg.status, 0, "{}", reg.stderr);
+    assert_eq!(reg.stdout.trim(), "/");
+    assert!(dir.path().join("var/homes/newbie").is_dir());
+
+    std::fs::write(dir.path().join("hello.txt"), b"hello\n").unwrap();
+    let out = connect_c(
+        dir.path(),
+        &server.ca(),
+        server.port,
+        "newbie",
+        "mkdir \"my docs\"; cd \"my docs\"; pwd; put hello.txt; ls; quota; cd ..; ls",
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "/my docs");
+    assert_eq!(lines[1], format!("{}  /my docs/hello.txt", hex(b"hello\n")));
+    assert!(
+        lines[2].starts_with('f') && lines[2].ends_with(" hello.txt"),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[2].contains(" 6 "), "{}", lines[2]);
+    assert!(lines[3].starts_with("used 6 (6 B) of "), "{}", lines[3]);
+    assert!(
+        lines[4].starts_with('d') && lines[4].ends_with(" my docs/"),
+        "{}",
+        lines[4]
+    );
+
+    // The registered quota is drawn from the shipped range.
+    let users = run(ftpx(dir.path()).args(["users"]));
+    assert_eq!(users.status, 0);
+    let quota_line = users
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("newbie"))
+        .unwrap()
+        .to_string();
+    let mib: f64 = quota_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((10.0..=20.0).contains(&mib), "{quota_line}");
+
+    // The server logged the events with user and peer, and no password.
+    assert_eq!(server.terminate(), 0, "SIGTERM must exit 0");
+    let log = std::fs::read_to_string(dir.path().join("var/log/ftpx.log")).unwrap();
+    assert!(
+        log.contains("registered") && log.contains("user=newbie"),
+        "{log}"
+    );
+    assert!(log.contains("peer=127.0.0.1:"), "{log}");
+    assert!(
+        log.contains("request=\"PUT\"") || log.contains("request=PUT"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(PASSWORD),
+        "the password reached the server log"
+    );
+    let client_log = std::fs::read_to_string(dir.path().join("state/ftpx.log")).unwrap();
+    assert!(client_log.contains("upload complete"), "{client_log}");
+    assert!(
+        !client_log.contains(PASSWORD),
+        "the password reached the client log"
+    );
+}
+
+#[test]
+fn useradd_while_the_server_runs_takes_effect_at_the_next_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    let before = connect_c(dir.path(), &server.ca(), server.port, "bob", "pwd");
+    assert_eq!(before.status, exit::LOGIN, "{}", before.stderr);
+    server.useradd("bob", "1MiB");
+    let after = connect_c(dir.path(), &server.ca(), server.port, "bob", "quota");
+    assert_eq!(after.status, 0, "{}", after.stderr);
+    assert!(
+        after.stdout.contains("of 1048576 (1.0 MiB)"),
+        "{}",
+        after.stdout
+    );
+
+    // usermod and userdel too, without a restart.
+    let m = run(ftpx(dir.path()).args(["usermod", "bob", "--quota", "2MiB"]));
+    assert_eq!(m.status, 0, "{}", m.stderr);
+    let after = connect_c(dir.path(), &server.ca(), server.port, "bob", "quota");
+    assert!(after.stdout.contains("of 2097152"), "{}", after.stdout);
+    let d = run(ftpx(dir.path()).args(["userdel", "bob", "--remove-home"]));
+    assert_eq!(d.status, 0, "{}", d.stderr);
+    assert!(!dir.path().join("var/homes/bob").exists());
+    let gone = connect_c(dir.path(), &server.ca(), server.port, "bob", "pwd");
+    assert_eq!(gone.status, exit::LOGIN);
+}
+
+/// Exit statuses as documented in the README.
+mod exit {
+    pub const FAILED: i32 = 1;
+    pub const CONNECT: i32 = 3;
+    pub const LOGIN: i32 = 4;
+}
+
+#[test]
+fn batch_modes_stop_at_the_first_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("cat", "1MiB");
+
+    let out = connect_c(
+        dir.path(),
+        &server.ca(),
+        server.port,
+        "cat",
+        "mkdir a; rm nothing-here; mkdir b",
+    );
+    assert_eq!(out.status, exit::FAILED);
+    assert!(
+        out.stderr
+            .contains("nothing-here: no such file or directory"),
+        "{}",
+        out.stderr
+    );
+    assert!(dir.path().join("var/homes/cat/a").is_dir());
+    assert!(
+        !dir.path().join("var/homes/cat/b").exists(),
+        "a command after the failure ran"
+    );
+
+    // A quoted ; is part of the argument.
+    let out = connect_c(
+        dir.path(),
+        &server.ca(),
+        server.port,
+        "cat",
+        "mkdir \"x;y\"; ls",
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(dir.path().join("var/homes/cat/x;y").is_dir());
+
+    std::fs::write(
+        dir.path().join("script"),
+        "mkdir c\n\n  cd c  \npwd\nrmdir /no\nmkdir d\n",
+    )
+    .unwrap();
+    let out = run(ftpx(dir.path())
+        .args([
+            "connect",
+            &format!("cat@127.0.0.1:{}", server.port),
+            "-b",
+            "script",
+        ])
+        .env("FTPX_PASSWORD", PASSWORD));
+    assert_eq!(out.status, exit::FAILED);
+    assert_eq!(out.stdout.trim(), "/c");
+    assert!(!dir.path().join("var/homes/cat/c/d").exists());
+
+    let ok = connect_c(
+        dir.path(),
+        &server.ca(),
+        server.port,
+        "cat",
+        "pwd; help; exit; mkdir never",
+    );
+    assert_eq!(ok.status, 0, "{}", ok.stderr);
+    assert!(
+        !dir.path().join("var/homes/cat/never").exists(),
+        "exit did not stop the script"
+    );
+
+    // Unknown commands and bad usage fail too.
+    assert_eq!(
+        connect_c(dir.path(), &server.ca(), server.port, "cat", "frobnicate").status,
+        exit::FAILED
+    );
+    assert_eq!(
+        connect_c(dir.path(), &server.ca(), server.port, "cat", "mv onlyone").status,
+        exit::FAILED
+    );
+}
+
+#[test]
+fn login_failures_look_the_same_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("dan", "1MiB");
+    let unknown = connect_c(dir.path(), &server.ca(), server.port, "nobody-here", "pwd");
+    let wrong = run(ftpx(dir.path())
+        .args([
+            "connect",
+            &format!("dan@127.0.0.1:{}", server.port),
+            "-c",
+            "pwd",
+        ])
+        .env("FTPX_PASSWORD", "not the password"));
+    assert_eq!(unknown.status, exit::LOGIN);
+    assert_eq!(wrong.status, exit::LOGIN);
+    assert_eq!(unknown.stderr, wrong.stderr);
+    assert!(unknown.stdout.is_empty());
+
+    // The password can come from standard input too.
+    let stdin = run(ftpx(dir.path())
+        .args([
+            "connect",
+            &format!("dan@127.0.0.1:{}", server.port),
+            "--password-stdin",
+            "-c",
+            "pwd",
+        ])
+        .stdin(write_stdin(&format!("{PASSWORD}\n"))));
+    assert_eq!(stdin.status, 0, "{}", stdin.stderr);
+}
+
+#[test]
+fn the_client_refuses_servers_it_cannot_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("eve", "1MiB");
+
+    // A CA that did not sign the server's certificate.
+    let other = tempfile::tempdir().unwrap();
+    assert_eq!(run(ftpx(other.path()).args(["gen-cert"])).status, 0);
+    let out = connect_c(
+        dir.path(),
+        &other.path().join("certs/ca.pem"),
+        server.port,
+        "eve",
+        "pwd",
+    );
+    assert_eq!(out.status, exit::CONNECT);
+    assert!(out.stderr.contains("TLS handshake"), "{}", out.stderr);
+
+    // The right CA but a certificate for another host name.
+    let elsewhere = tempfile::tempdir().unwrap();
+    assert_eq!(
+        run(ftpx(elsewhere.path()).args(["gen-cert", "--host", "files.example"])).status,
+        0
+    );
+    let named = BinServer::start(elsewhere.path(), 0);
+    named.useradd("eve", "1MiB");
+    let out = connect_c(elsewhere.path(), &named.ca(), named.port, "eve", "pwd");
+    assert_eq!(out.status, exit::CONNECT, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not valid for name") || out.stderr.contains("NotValidForName"),
+        "{}",
+        out.stderr
+    );
+
+    // No server at all.
+    let port = server.port;
+    server.kill9();
+    let out = connect_c(
+        dir.path(),
+        &dir.path().join("certs/ca.pem"),
+        port,
+        "eve",
+        "pwd",
+    );
+    assert_eq!(out.status, exit::CONNECT, "{}", out.stderr);
+    assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
+}
+
+#[test]
+fn a_damaged_user_database_stops_the_server_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("var")).unwrap();
+    std::fs::write(
+        dir.path().join("var/users.toml"),
+        "[[user]]\nname = \"x\"\n",
+    )
+    .unwrap();
+    let out = run(ftpx(dir.path()).args(["serve", "--listen", "127.0.0.1:0"]));
+    assert_ne!(out.status, 0);
+    assert!(out.stderr.contains("damaged"), "{}", out.stderr);
+    let users = run(ftpx(dir.path()).args(["users"]));
+    assert_ne!(users.status, 0);
+}
+
+#[test]
+fn useradd_checks_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let add =
+        |args: &[&str], stdin: &str| run(ftpx(dir.path()).args(args).stdin(write_stdin(stdin)));
+    assert_ne!(
+        add(&["useradd", "../x", "--password-stdin"], "longenough\n").status,
+        0
+    );
+    assert_ne!(
+        add(&["useradd", "fay", "--password-stdin"], "short\n").status,
+        0
+    );
+    assert_ne!(
+        add(
+            &["useradd", "fay", "--quota", "lots", "--password-stdin"],
+            "longenough\n"
+        )
+        .status,
+        0
+    );
+    let ok = add(
+        &["useradd", "fay", "--quota", "500k", "--password-stdin"],
+        "longenough\n",
+    );
+    assert_eq!(ok.status, 0, "{}", ok.stderr);
+    assert!(ok.stdout.contains("quota 512000 bytes"), "{}", ok.stdout);
+    let dup = add(&["useradd", "fay", "--password-stdin"], "longenough\n");
+    assert_ne!(dup.status, 0);
+    assert!(dup.stderr.contains("already exists"));
+    // Without a terminal and without --password-stdin there is no way to ask.
+    assert_ne!(add(&["useradd", "gus"], "").status, 0);
+    let db = std::fs::read_to_string(dir.path().join("var/users.toml")).unwrap();
+    assert!(db.contains("$scrypt$ln="), "{db}");
+    assert!(!db.contains("longenough"));
+}

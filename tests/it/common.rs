@@ -91,7 +91,8 @@ impl TestServer {
 
     /// Adds a user with `PASSWORD` and `quota` bytes.
     pub fn add_user(&self, name: &str, quota: u64) {
-        let hash = ftpx::users::hash_password(&Password::new(PASSWORD), &self.config.accounts).unwrap();
+        let hash =
+            ftpx::users::hash_password(&Password::new(PASSWORD), &self.config.accounts).unwrap();
         self.users()
             .add(User {
                 name: name.into(),
@@ -108,11 +109,19 @@ impl TestServer {
 
     /// A connected client that has not logged in.
     pub async fn connect(&self) -> Client {
-        let state = self.dir.path().join(format!("client-state-{}", rand::random::<u32>()));
-        Client::connect("127.0.0.1", self.addr.port(), &self.ca, Duration::from_secs(20))
-            .await
-            .unwrap()
-            .with_journal_dir(state)
+        let state = self
+            .dir
+            .path()
+            .join(format!("client-state-{}", rand::random::<u32>()));
+        Client::connect(
+            "127.0.0.1",
+            self.addr.port(),
+            &self.ca,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap()
+        .with_journal_dir(state)
     }
 
     /// A client logged in as `user` with `PASSWORD`.
@@ -195,7 +204,9 @@ impl BinServer {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let port = line
             .trim()
             .strip_prefix("listening on 127.0.0.1:")
@@ -279,7 +290,10 @@ impl Raw {
             .connect(ftpx::tls::server_name("localhost").unwrap(), tcp)
             .await
             .unwrap();
-        let mut raw = Raw { stream, buf: vec![] };
+        let mut raw = Raw {
+            stream,
+            buf: vec![],
+        };
         assert!(raw.line().await.unwrap().starts_with("220 "));
         raw
     }
@@ -357,7 +371,12 @@ impl Canaries {
 
     pub fn assert_intact(&self) {
         for (p, content) in &self.files {
-            assert_eq!(&std::fs::read(p).unwrap_or_default(), content, "canary {} changed", p.display());
+            assert_eq!(
+                &std::fs::read(p).unwrap_or_default(),
+                content,
+                "canary {} changed",
+                p.display()
+            );
         }
     }
 
