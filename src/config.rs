@@ -20,6 +20,7 @@ pub struct Config {
     pub accounts: AccountsSection,
     pub limits: LimitsSection,
     pub transfer: TransferSection,
+    pub defender: DefenderSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +156,39 @@ impl Default for TransferSection {
             checkpoint_bytes: Size(64 << 20),
             checkpoint_secs: 2,
             partial_ttl_hours: 24 * 7,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefenderSection {
+    /// Failures of one account from one source before that pair is banned.
+    pub pair_max_failures: u32,
+    /// Different accounts failing from one source before the source is banned.
+    pub source_max_accounts: usize,
+    /// Failures of one account from all sources before its failures are slowed further.
+    pub account_slow_after: u32,
+    /// Failures older than this are forgotten.
+    pub window_secs: u64,
+    /// How long a ban lasts.
+    pub ban_secs: u64,
+    /// Longest delay before a failed login is answered.
+    pub max_delay_ms: u64,
+    /// Registrations one source may make per hour.
+    pub registrations_per_hour: u32,
+}
+
+impl Default for DefenderSection {
+    fn default() -> Self {
+        DefenderSection {
+            pair_max_failures: 10,
+            source_max_accounts: 20,
+            account_slow_after: 50,
+            window_secs: 900,
+            ban_secs: 900,
+            max_delay_ms: 10_000,
+            registrations_per_hour: 20,
         }
     }
 }
@@ -345,7 +379,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(format!("{parsed:?}"), format!("{d:?}"));
         assert!(
-            uncommented.matches(" = ").count() >= 30,
+            uncommented.matches(" = ").count() >= 38,
             "a key is missing from etc/ftpx.toml"
         );
     }

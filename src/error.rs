@@ -41,6 +41,8 @@ pub enum Error {
     QuotaExceeded { needed: u64, available: u64 },
     #[error("server storage is full")]
     StorageFull,
+    #[error("{0}")]
+    Throttled(String),
     #[error("{0}: busy, another session is transferring it")]
     Busy(String),
     #[error("chunk at offset {0} failed its hash check")]
@@ -76,7 +78,7 @@ impl Error {
             | Error::NotEmpty(_)
             | Error::PermissionDenied(_) => 550,
             Error::QuotaExceeded { .. } => 552,
-            Error::Busy(_) => 450,
+            Error::Busy(_) | Error::Throttled(_) => 450,
             Error::StorageFull => 452,
             Error::BadChunk(_) => 453,
             Error::HashMismatch => 454,

@@ -24,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod defender;
 pub mod error;
 pub mod jail;
 pub mod journal;

@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::defender::Defender;
 use crate::jail::VPath;
 use crate::quota::Ledger;
 use crate::users::UserDb;
@@ -24,6 +25,7 @@ pub struct Server {
     pub config: Config,
     pub users: UserDb,
     pub ledger: Ledger,
+    pub defender: Defender,
     /// Bounds the password hashes computed at once (each takes 128 MiB at the default cost).
     pub hash_permits: Semaphore,
     /// Uploads under way, by user and target: one writer per file.
@@ -92,6 +94,7 @@ impl Server {
             hash_permits: Semaphore::new(config.accounts.hash_concurrency),
             users,
             ledger: Ledger::default(),
+            defender: Defender::new(config.defender.clone()),
             uploads: Mutex::new(HashSet::new()),
             sessions: Mutex::new(Sessions::default()),
             dummy_hash,

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::connection::Connection;
+use crate::defender::Verdict;
 use crate::error::{Error, Result};
 use crate::jail::{Home, VPath};
 use crate::journal::{self, Journal, Record};
@@ -332,6 +333,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             users::check_name(&name).map_err(Error::NameRefused)?;
             users::check_password(&password, accounts).map_err(Error::BadArgument)?;
+            if !server.defender.register(self.peer.ip()) {
+                return Err(Error::Throttled(
+                    "too many registrations from your address; try again later".into(),
+                ));
+            }
             let quota = rand::random_range(
                 accounts.registered_quota_min.0..=accounts.registered_quota_max.0,
             );
@@ -366,13 +372,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             info!(peer = %self.peer, user = %user.name, quota = user.quota, "registered");
             user
         } else {
+            let base = Duration::from_millis(accounts.login_failure_delay_ms);
+            let ip = self.peer.ip();
+            if server.defender.check(ip, &name) == Verdict::Banned {
+                // Refused without hashing, answered like any other failure.
+                tokio::time::sleep_until((started + base).into()).await;
+                info!(peer = %self.peer, user = ?name, result = "banned", "login");
+                return Err(Error::LoginFailed);
+            }
             match self.check_login(&name, password).await {
-                Some(user) => user,
+                Some(user) => {
+                    server.defender.succeeded(ip, &name);
+                    user
+                }
                 None => {
-                    // Every failure, whatever its cause, is answered after the same delay.
-                    let delay = Duration::from_millis(accounts.login_failure_delay_ms);
+                    // Every failure, whatever its cause, is answered after the same delay,
+                    // growing with repeated failures.
+                    let delay = server.defender.failed(ip, &name, base);
                     tokio::time::sleep_until((started + delay).into()).await;
-                    info!(peer = %self.peer, user = ?name, result = "failed", "login");
+                    info!(peer = %self.peer, user = ?name, result = "failed", delay_ms = delay.as_millis() as u64, "login");
                     return Err(Error::LoginFailed);
                 }
             }

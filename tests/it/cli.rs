@@ -365,3 +365,40 @@ fn useradd_checks_its_input() {
     assert!(db.contains("$scrypt$ln="), "{db}");
     assert!(!db.contains("longenough"));
 }
+
+#[test]
+fn bans_are_logged_for_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    let config = format!("{}[defender]\npair_max_failures = 2\n", test_config_toml());
+    std::fs::write(dir.path().join("etc/ftpx.toml"), config).unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("gil", "1MiB");
+    for _ in 0..3 {
+        let out = run(ftpx(dir.path())
+            .args([
+                "connect",
+                &format!("gil@127.0.0.1:{}", server.port),
+                "-c",
+                "pwd",
+            ])
+            .env("FTPX_PASSWORD", "not the password"));
+        assert_eq!(out.status, exit::LOGIN);
+    }
+    assert_eq!(
+        connect_c(dir.path(), &server.ca(), server.port, "gil", "pwd").status,
+        exit::LOGIN
+    );
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("var/log/ftpx.log")).unwrap();
+    let ban = log
+        .lines()
+        .find(|l| l.contains("banned: too many failed logins"))
+        .expect("no ban line");
+    assert!(
+        ban.contains("WARN") && ban.contains("source=127.0.0.1") && ban.contains("user=\"gil\""),
+        "{ban}"
+    );
+    assert!(log.contains("result=\"banned\""), "{log}");
+    assert!(!log.contains("not the password"));
+}

@@ -140,10 +140,6 @@ impl TestServer {
             t.await.unwrap();
         }
     }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.config.server.log_file).unwrap_or_default()
-    }
 }
 
 /// The `ftpx` binary, run in `dir` with its client state under `dir/state`.
