@@ -2,9 +2,10 @@
 //! files in temp directories, and the real `ftpx` binary where the behaviour
 //! is end to end.
 
+mod cli;
 mod common;
 mod core;
 mod jail;
-mod wire;
 mod transfer;
-mod cli;
+mod wire;
+mod props;
