@@ -150,6 +150,9 @@ pub struct Client {
     cwd: VPath,
     journal_dir: PathBuf,
     pub options: TransferOptions,
+    /// Set while file data is in flight; still set after a failure there,
+    /// when the two ends may be out of step and the session is unusable.
+    in_data: bool,
 }
 
 impl Client {
@@ -205,6 +208,7 @@ impl Client {
             cwd: VPath::root(),
             journal_dir: state_dir().join("journal"),
             options: TransferOptions::default(),
+            in_data: false,
         };
         let greeting = client.read_reply().await?;
         if greeting.code != 220 {
@@ -226,6 +230,11 @@ impl Client {
     /// The raw connection, for tests that must speak the protocol by hand.
     pub fn connection(&mut self) -> &mut Connection<TlsStream<TcpStream>> {
         &mut self.conn
+    }
+
+    /// Whether the session is in step and can take another request.
+    pub fn is_usable(&self) -> bool {
+        !self.in_data
     }
 
     pub fn cwd(&self) -> &VPath {
@@ -372,6 +381,7 @@ impl Client {
                 reply.code
             )));
         }
+        self.in_data = true;
         let offers = parse_offers(&reply.text)?;
         let file = Arc::new(file);
         let (offset, hasher) = if same_source && !offers.is_empty() {
@@ -575,6 +585,7 @@ impl Client {
         .await;
         match received {
             Ok(hash) => {
+                self.in_data = false;
                 let done = (|| -> std::io::Result<()> {
                     file.sync_all()?;
                     std::fs::rename(&partial, &target_abs)?;
@@ -604,9 +615,14 @@ impl Client {
                     }
                 }
                 info!(remote = %source, local = %target.display(), verified, error = %error, "download stopped");
+                if matches!(error, Error::BadChunk(_) | Error::HashMismatch) {
+                    // The stream was read to its end frame: still in step.
+                    self.in_data = false;
+                }
                 if matches!(error, Error::Unavailable(_)) {
                     // The server gave up mid-file (its read failed); its reply says why.
                     let reply = self.read_reply().await?;
+                    self.in_data = false;
                     return Err(ClientError::Server {
                         code: reply.code,
                         text: reply.text,

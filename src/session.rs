@@ -529,7 +529,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 &format!("ready{}", protocol::format_candidates(&offers)),
             )
             .await?;
-        let start = self.conn.read_frame_header().await?;
+        let start = match self.conn.read_frame_header().await {
+            Ok(start) => start,
+            Err(e) => {
+                if offers.is_empty() {
+                    // No partial file exists for this path: nothing to keep space for.
+                    self.server.ledger.release(&name, &path);
+                }
+                return Err(e);
+            }
+        };
         let resume_at = start.offset;
         if start.kind != FrameKind::Start
             || (resume_at != 0 && !offers.iter().any(|c| c.offset == resume_at))

@@ -16,6 +16,19 @@ use crate::config::human_bytes;
 use crate::jail::VPath;
 use crate::protocol::{self, Request};
 
+/// Prints a result line on standard output. A closed pipe (`| head`) is
+/// not an error: the run ends quietly with success.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// Exit statuses of `ftpx connect`.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -127,6 +140,9 @@ struct Remote {
 
 impl Remote {
     async fn open(&mut self, register: bool) -> Result<&mut Client, ClientError> {
+        if self.client.as_ref().is_some_and(|c| !c.is_usable()) {
+            self.client = None;
+        }
         if self.client.is_none() {
             let mut c = Client::connect(
                 &self.target.host,
@@ -168,7 +184,7 @@ impl Remote {
             match result {
                 Err(e) if e.is_retriable() && attempt < self.retries => {
                     attempt += 1;
-                    if !matches!(e, ClientError::Server { code: 453, .. }) {
+                    if !matches!(e, ClientError::Server { .. }) {
                         self.client = None;
                     }
                     let wait = Duration::from_millis(500 * (1 << attempt.min(5)));
@@ -359,15 +375,26 @@ fn usage(text: &str) -> ClientError {
     ClientError::Local(format!("usage: {text}"))
 }
 
-/// Runs one shell command.
+/// Runs one shell command. After any failure other than an error reply the
+/// session's state is unknown, so the next command reconnects.
 async fn execute(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientError> {
+    let result = execute_one(remote, words).await;
+    if let Err(e) = &result {
+        if matches!(e, ClientError::Connection(_) | ClientError::Protocol(_)) {
+            remote.client = None;
+        }
+    }
+    result
+}
+
+async fn execute_one(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientError> {
     let (cmd, args) = words.split_first().ok_or_else(|| usage("empty command"))?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     info!(command = %cmd, args = ?args, "command");
     match (cmd.as_str(), args.as_slice()) {
-        ("help" | "?", _) => println!("{HELP}"),
+        ("help" | "?", _) => out!("{HELP}"),
         ("exit" | "quit" | "bye", []) => return Ok(Flow::Exit),
-        ("lpwd", []) => println!(
+        ("lpwd", []) => out!(
             "{}",
             std::env::current_dir()
                 .map_err(|e| ClientError::Local(e.to_string()))?
@@ -383,7 +410,7 @@ async fn execute(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientEr
         }
         ("pwd", []) => {
             let reply = remote.client().await?.request(&Request::Pwd).await?;
-            println!("{}", crate::client::unquote(&reply.text)?);
+            out!("{}", crate::client::unquote(&reply.text)?);
         }
         ("cd", [] | [_]) => {
             let dir = remote.client().await?.cd(args.first().copied()).await?;
@@ -396,7 +423,7 @@ async fn execute(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientEr
                 .request(&Request::List(args.first().map(|s| s.to_string())))
                 .await?;
             for line in &reply.lines {
-                println!("{}", format_entry(line)?);
+                out!("{}", format_entry(line)?);
             }
             if reply.text.contains("truncated") {
                 eprintln!("ftpx: listing truncated by the server ({})", reply.text);
@@ -428,7 +455,7 @@ async fn execute(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientEr
                     reply.text
                 )));
             };
-            println!(
+            out!(
                 "used {used} ({}) of {limit} ({})",
                 human_bytes(used),
                 human_bytes(limit)
@@ -512,9 +539,9 @@ async fn simple(remote: &mut Remote, request: Request) -> Result<(), ClientError
 
 fn report(t: &Transferred, name: &str) {
     if t.resumed_at > 0 {
-        println!("resumed at {} bytes", t.resumed_at);
+        out!("resumed at {} bytes", t.resumed_at);
     }
-    println!("{}  {name}", protocol::hex(&t.hash));
+    out!("{}  {name}", protocol::hex(&t.hash));
 }
 
 async fn remote_is_dir(client: &mut Client, path: &VPath) -> bool {
@@ -731,7 +758,7 @@ async fn put_tree(
         total.inc(1);
     }
     total.finish_and_clear();
-    println!("{sent} files sent, {skipped} already complete");
+    out!("{sent} files sent, {skipped} already complete");
     Ok(())
 }
 
@@ -799,7 +826,7 @@ async fn get_tree(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<
         total.inc(1);
     }
     total.finish_and_clear();
-    println!("{got} files received, {skipped} already complete");
+    out!("{got} files received, {skipped} already complete");
     Ok(())
 }
 
