@@ -379,10 +379,8 @@ fn usage(text: &str) -> ClientError {
 /// session's state is unknown, so the next command reconnects.
 async fn execute(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientError> {
     let result = execute_one(remote, words).await;
-    if let Err(e) = &result {
-        if matches!(e, ClientError::Connection(_) | ClientError::Protocol(_)) {
-            remote.client = None;
-        }
+    if let Err(ClientError::Connection(_) | ClientError::Protocol(_)) = &result {
+        remote.client = None;
     }
     result
 }
