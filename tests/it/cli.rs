@@ -402,3 +402,105 @@ fn bans_are_logged_for_the_operator() {
     assert!(log.contains("result=\"banned\""), "{log}");
     assert!(!log.contains("not the password"));
 }
+
+#[test]
+fn ctrl_c_stops_a_transfer_and_the_same_command_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("hal", "1GiB");
+    let content = data(96 << 20, 7);
+    std::fs::write(dir.path().join("big.bin"), &content).unwrap();
+    let mut child = ftpx(dir.path())
+        .args([
+            "connect",
+            &format!("hal@127.0.0.1:{}", server.port),
+            "-c",
+            "put big.bin",
+        ])
+        .env("FTPX_PASSWORD", PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the server holds part of the file, then interrupt.
+    let partial_dir = dir.path().join("var/partial/hal");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let grown = std::fs::read_dir(&partial_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.path().extension().is_some_and(|x| x == "part")
+                    && e.metadata().is_ok_and(|m| m.len() > 4 << 20)
+            });
+        if grown {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    if out.status.code() == Some(0) {
+        // The whole file went through before the signal landed: nothing to resume.
+        return;
+    }
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert!(
+        !dir.path().join("var/homes/hal/big.bin").exists(),
+        "a half file is visible"
+    );
+
+    let again = connect_c(dir.path(), &server.ca(), server.port, "hal", "put big.bin");
+    assert_eq!(again.status, 0, "{}", again.stderr);
+    let resumed: u64 = again
+        .stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("resumed at ")?
+                .strip_suffix(" bytes")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no resume: {}", again.stdout));
+    assert!(resumed > 0);
+    assert!(again.stdout.contains(&hex(&content)));
+    assert_eq!(
+        std::fs::read(dir.path().join("var/homes/hal/big.bin")).unwrap(),
+        content
+    );
+}
+
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("ida", "1MiB");
+    let mut child = ftpx(dir.path())
+        .args([
+            "connect",
+            &format!("ida@127.0.0.1:{}", server.port),
+            "-c",
+            "pwd; pwd; pwd",
+        ])
+        .env("FTPX_PASSWORD", PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
