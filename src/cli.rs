@@ -96,6 +96,11 @@ pub struct ConnectArgs {
     /// CA certificate the server's certificate must chain to.
     #[arg(long, value_name = "FILE", default_value = "certs/ca.pem")]
     pub ca: PathBuf,
+    /// Trust on first use instead of a CA: pin the server's certificate at the
+    /// first contact (in known_hosts in the client state directory) and refuse
+    /// it if it ever changes.
+    #[arg(long, conflicts_with = "ca")]
+    pub tofu: bool,
     /// Create the account first, then log in.
     #[arg(long)]
     pub register: bool,

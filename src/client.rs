@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::jail::VPath;
 use crate::journal::{self, Journal, Record};
 use crate::protocol::{self, Candidate, FrameHeader, ReplyLine, Request};
+use crate::tls::Trust;
 use crate::transfer::{self, Checkpoints, Stopped};
 
 /// Longest reply line the client accepts.
@@ -164,16 +165,36 @@ impl Client {
         ca_file: &Path,
         io_timeout: Duration,
     ) -> Result<Client> {
-        let tls = crate::tls::client_config(ca_file).map_err(ClientError::Setup)?;
+        Client::connect_with(host, port, &Trust::Ca(ca_file.to_path_buf()), io_timeout).await
+    }
+
+    /// Like [`Client::connect`], trusting the server as `trust` says.
+    pub async fn connect_with(
+        host: &str,
+        port: u16,
+        trust: &Trust,
+        io_timeout: Duration,
+    ) -> Result<Client> {
         let name = crate::tls::server_name(host).map_err(ClientError::Setup)?;
-        let addr = format!(
-            "{}:{port}",
-            if host.contains(':') && !host.starts_with('[') {
-                format!("[{host}]")
-            } else {
-                host.to_string()
+        let addr = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let (tls, pin) = match trust {
+            Trust::Ca(ca_file) => (
+                crate::tls::client_config(ca_file).map_err(ClientError::Setup)?,
+                None,
+            ),
+            Trust::Pinned(known_hosts) => {
+                let (config, verifier) = crate::tls::pinned_client_config(known_hosts, &addr)
+                    .map_err(ClientError::Setup)?;
+                let first = crate::tls::pinned_fingerprint(known_hosts, &addr)
+                    .map_err(ClientError::Setup)?
+                    .is_none();
+                (config, first.then_some((verifier, known_hosts)))
             }
-        );
+        };
         let tcp = tokio::time::timeout(io_timeout, TcpStream::connect(&addr))
             .await
             .map_err(|_| ClientError::Connect {
@@ -202,6 +223,22 @@ impl Client {
             return Err(ClientError::Protocol(
                 "server did not agree to the ftpx protocol (ALPN)".into(),
             ));
+        }
+        if let Some((verifier, known_hosts)) = pin {
+            // First contact, and the server proved it holds the key: pin it.
+            let presented = verifier
+                .presented
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(fp) = presented {
+                crate::tls::pin(known_hosts, &addr, &fp).map_err(ClientError::Setup)?;
+                eprintln!(
+                    "ftpx: first contact with {addr}; pinned its certificate {fp} in {}",
+                    known_hosts.display()
+                );
+                info!(server = %addr, fingerprint = %fp, "pinned server certificate");
+            }
         }
         let mut client = Client {
             conn: Connection::new(stream, io_timeout),

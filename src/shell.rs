@@ -15,6 +15,7 @@ use crate::client::{Client, ClientError, Transferred, state_dir};
 use crate::config::human_bytes;
 use crate::jail::VPath;
 use crate::protocol::{self, Request};
+use crate::tls::Trust;
 
 /// Prints a result line on standard output. A closed pipe (`| head`) is
 /// not an error: the run ends quietly with success.
@@ -130,7 +131,7 @@ pub fn read_stdin_line() -> Result<String, String> {
 struct Remote {
     target: Target,
     password: String,
-    ca: PathBuf,
+    trust: Trust,
     io_timeout: Duration,
     retries: u32,
     client: Option<Client>,
@@ -144,10 +145,10 @@ impl Remote {
             self.client = None;
         }
         if self.client.is_none() {
-            let mut c = Client::connect(
+            let mut c = Client::connect_with(
                 &self.target.host,
                 self.target.port,
-                &self.ca,
+                &self.trust,
                 self.io_timeout,
             )
             .await?;
@@ -228,7 +229,11 @@ pub async fn run(args: ConnectArgs) -> u8 {
     let mut remote = Remote {
         target,
         password,
-        ca: args.ca.clone(),
+        trust: if args.tofu {
+            Trust::Pinned(state_dir().join("known_hosts"))
+        } else {
+            Trust::Ca(args.ca.clone())
+        },
         io_timeout: Duration::from_secs(args.timeout.max(1)),
         retries: args.retries,
         client: None,

@@ -153,6 +153,150 @@ pub fn client_config(ca_file: &Path) -> Result<rustls::ClientConfig, String> {
     Ok(config)
 }
 
+/// How the client decides to trust a server.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The certificate must chain to the CA in this file and match the host name.
+    Ca(PathBuf),
+    /// Trust on first use: the certificate's fingerprint is pinned in this
+    /// known-hosts file at the first contact, and must not change after.
+    Pinned(PathBuf),
+}
+
+/// A certificate's fingerprint: `blake3:` and the BLAKE3 of its DER bytes.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    format!("blake3:{}", blake3::hash(cert.as_ref()).to_hex())
+}
+
+/// The fingerprint pinned for `host_port` in a known-hosts file
+/// (lines of `HOST:PORT FINGERPRINT`; `#` starts a comment).
+pub fn pinned_fingerprint(known_hosts: &Path, host_port: &str) -> Result<Option<String>, String> {
+    let text = match fs::read_to_string(known_hosts) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", known_hosts.display())),
+    };
+    Ok(text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some(h), Some(fp)) if h == host_port && !h.starts_with('#') => Some(fp.to_string()),
+            _ => None,
+        }
+    }))
+}
+
+/// Adds a pin to a known-hosts file.
+pub fn pin(known_hosts: &Path, host_port: &str, fingerprint: &str) -> Result<(), String> {
+    if let Some(dir) = known_hosts.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(known_hosts)
+        .map_err(|e| format!("cannot write {}: {e}", known_hosts.display()))?;
+    writeln!(f, "{host_port} {fingerprint}")
+        .map_err(|e| format!("cannot write {}: {e}", known_hosts.display()))
+}
+
+/// Checks the server's certificate against a pin instead of a CA. The
+/// handshake signature is still verified, so only the holder of the pinned
+/// certificate's key can pass.
+#[derive(Debug)]
+pub struct PinVerifier {
+    pinned: Option<String>,
+    host_port: String,
+    known_hosts: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The fingerprint the server presented, for the caller to pin after the handshake.
+    pub presented: std::sync::Mutex<Option<String>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let fp = fingerprint(end_entity);
+        if let Some(pinned) = &self.pinned {
+            if *pinned != fp {
+                return Err(rustls::Error::General(format!(
+                    "THE SERVER'S CERTIFICATE FOR {} HAS CHANGED: pinned {pinned}, presented {fp}. \
+                     Someone may be intercepting the connection. If the change is expected, \
+                     remove the line for {} from {}",
+                    self.host_port,
+                    self.host_port,
+                    self.known_hosts.display()
+                )));
+            }
+        }
+        *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config that trusts by pin (see [`Trust::Pinned`]).
+pub fn pinned_client_config(
+    known_hosts: &Path,
+    host_port: &str,
+) -> Result<(rustls::ClientConfig, Arc<PinVerifier>), String> {
+    let provider = provider();
+    let verifier = Arc::new(PinVerifier {
+        pinned: pinned_fingerprint(known_hosts, host_port)?,
+        host_port: host_port.to_string(),
+        known_hosts: known_hosts.to_path_buf(),
+        provider: provider.clone(),
+        presented: std::sync::Mutex::new(None),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok((config, verifier))
+}
+
 /// The name the client checks the server's certificate against.
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');

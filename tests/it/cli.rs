@@ -504,3 +504,50 @@ fn a_closed_stdout_is_not_an_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+#[test]
+fn trust_on_first_use_pins_the_certificate_and_refuses_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("jo", "1MiB");
+    let tofu = |dir: &std::path::Path, port: u16| {
+        run(ftpx(dir)
+            .args([
+                "connect",
+                &format!("jo@127.0.0.1:{port}"),
+                "--tofu",
+                "-c",
+                "pwd",
+            ])
+            .env("FTPX_PASSWORD", PASSWORD))
+    };
+    // A client with no CA file at all.
+    let client = tempfile::tempdir().unwrap();
+    let first = tofu(client.path(), server.port);
+    assert_eq!(first.status, 0, "{}", first.stderr);
+    assert!(first.stderr.contains("first contact"), "{}", first.stderr);
+    let known = std::fs::read_to_string(client.path().join("state/known_hosts")).unwrap();
+    assert!(
+        known.starts_with(&format!("127.0.0.1:{} blake3:", server.port)),
+        "{known}"
+    );
+    let second = tofu(client.path(), server.port);
+    assert_eq!(second.status, 0, "{}", second.stderr);
+    assert!(!second.stderr.contains("first contact"));
+
+    // The server gets a new certificate: the client refuses, loudly.
+    let port = server.port;
+    server.kill9();
+    assert_eq!(
+        run(ftpx(dir.path()).args(["gen-cert", "--force"])).status,
+        0
+    );
+    let server = BinServer::start(dir.path(), port);
+    let changed = tofu(client.path(), server.port);
+    assert_eq!(changed.status, exit::CONNECT);
+    assert!(changed.stderr.contains("HAS CHANGED"), "{}", changed.stderr);
+    assert_eq!(
+        std::fs::read_to_string(client.path().join("state/known_hosts")).unwrap(),
+        known
+    );
+}
