@@ -223,8 +223,8 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         let fp = fingerprint(end_entity);
-        if let Some(pinned) = &self.pinned {
-            if *pinned != fp {
+        if let Some(pinned) = &self.pinned
+            && *pinned != fp {
                 return Err(rustls::Error::General(format!(
                     "THE SERVER'S CERTIFICATE FOR {} HAS CHANGED: pinned {pinned}, presented {fp}. \
                      Someone may be intercepting the connection. If the change is expected, \
@@ -234,7 +234,6 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
                     self.known_hosts.display()
                 )));
             }
-        }
         *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
