@@ -254,7 +254,15 @@ impl Client {
                 text: greeting.text,
             });
         }
-        info!(server = %addr, "connected");
+        let cipher = client
+            .conn
+            .get_ref()
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default();
+        info!(server = %addr, cipher = cipher.as_str(), "connected");
         Ok(client)
     }
 
@@ -451,6 +459,7 @@ impl Client {
         )
         .await?;
         let reply = self.read_reply().await?;
+        self.in_data = false;
         match reply.code {
             226 => {
                 let theirs = reply.text.split(' ').next().unwrap_or_default();
@@ -556,6 +565,7 @@ impl Client {
                 )));
             }
         };
+        self.in_data = true;
         if offset > size {
             return Err(ClientError::Protocol(
                 "server resumes past the end of the file".into(),

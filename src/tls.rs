@@ -224,16 +224,17 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         let fp = fingerprint(end_entity);
         if let Some(pinned) = &self.pinned
-            && *pinned != fp {
-                return Err(rustls::Error::General(format!(
-                    "THE SERVER'S CERTIFICATE FOR {} HAS CHANGED: pinned {pinned}, presented {fp}. \
+            && *pinned != fp
+        {
+            return Err(rustls::Error::General(format!(
+                "THE SERVER'S CERTIFICATE FOR {} HAS CHANGED: pinned {pinned}, presented {fp}. \
                      Someone may be intercepting the connection. If the change is expected, \
                      remove the line for {} from {}",
-                    self.host_port,
-                    self.host_port,
-                    self.known_hosts.display()
-                )));
-            }
+                self.host_port,
+                self.host_port,
+                self.known_hosts.display()
+            )));
+        }
         *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
