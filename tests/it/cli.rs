@@ -551,3 +551,32 @@ fn trust_on_first_use_pins_the_certificate_and_refuses_a_change() {
         known
     );
 }
+
+#[test]
+fn one_session_carries_many_transfers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("kim", "10MiB");
+    std::fs::write(dir.path().join("a"), data(300_000, 1)).unwrap();
+    std::fs::write(dir.path().join("b"), b"").unwrap();
+    let out = connect_c(
+        dir.path(),
+        &server.ca(),
+        server.port,
+        "kim",
+        "put a; put b; get a a2; get b b2; ls",
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(
+        std::fs::read(dir.path().join("a2")).unwrap(),
+        data(300_000, 1)
+    );
+    assert_eq!(std::fs::read(dir.path().join("b2")).unwrap(), b"");
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("var/log/ftpx.log")).unwrap();
+    let logins = log
+        .lines()
+        .filter(|l| l.contains(" login ") && l.contains("result=\"ok\""))
+        .count();
+    assert_eq!(logins, 1, "{log}");
+}
