@@ -151,6 +151,7 @@ pub struct Client {
     cwd: VPath,
     journal_dir: PathBuf,
     pub options: TransferOptions,
+    io_timeout: Duration,
     /// Set while file data is in flight; still set after a failure there,
     /// when the two ends may be out of step and the session is unusable.
     in_data: bool,
@@ -246,6 +247,7 @@ impl Client {
             journal_dir: state_dir().join("journal"),
             options: TransferOptions::default(),
             in_data: false,
+            io_timeout,
         };
         let greeting = client.read_reply().await?;
         if greeting.code != 220 {
@@ -290,10 +292,11 @@ impl Client {
     pub async fn read_reply(&mut self) -> Result<Reply> {
         let mut lines = vec![];
         loop {
-            let line =
-                self.conn.read_line(MAX_REPLY_LINE).await?.ok_or_else(|| {
-                    ClientError::Connection("server closed the connection".into())
-                })?;
+            // A server that goes silent mid-reply counts as a lost connection.
+            let line = tokio::time::timeout(self.io_timeout, self.conn.read_line(MAX_REPLY_LINE))
+                .await
+                .map_err(|_| ClientError::Connection("no reply from the server".into()))??
+                .ok_or_else(|| ClientError::Connection("server closed the connection".into()))?;
             let reply = ReplyLine::parse(&line)
                 .ok_or_else(|| ClientError::Protocol(format!("bad reply line {line:?}")))?;
             if reply.last {

@@ -211,6 +211,11 @@ async fn handle(
             return;
         }
     };
+    if tls.get_ref().1.alpn_protocol() != Some(crate::protocol::ALPN) {
+        // A client of another protocol (or none named): never answer it (ALPACA).
+        info!(peer = %peer, "TLS client did not ask for the ftpx protocol (ALPN); closing");
+        return;
+    }
     let mut conn = crate::connection::Connection::new(tls, server.config.io_timeout());
     let slot = match slot {
         Ok(slot) => slot,

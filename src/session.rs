@@ -111,9 +111,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(Ok(Some(line))) => line,
                 Ok(Ok(None)) => return "client closed the connection",
                 Ok(Err(e)) => {
-                    let _ = self.conn.reply(e.reply_code(), &e.to_string()).await;
-                    warn!(peer = %self.peer, user = self.user_name(), error = %e, "bad request line");
-                    return "bad request line";
+                    let sent = self.conn.reply(e.reply_code(), &e.to_string()).await;
+                    info!(peer = %self.peer, user = self.user_name(), error = %e, "bad request line");
+                    if e.ends_session() || sent.is_err() {
+                        return "bad request line";
+                    }
+                    continue;
                 }
             };
             let request = match Request::parse(&line) {
@@ -529,8 +532,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 &format!("ready{}", protocol::format_candidates(&offers)),
             )
             .await?;
-        let start = match self.conn.read_frame_header().await {
-            Ok(start) => start,
+        let start = self.conn.read_frame_header().await.and_then(|start| {
+            let offered = start.offset == 0 || offers.iter().any(|c| c.offset == start.offset);
+            if start.kind == FrameKind::Start && offered {
+                Ok(start)
+            } else {
+                Err(Error::Protocol(
+                    "expected a start frame at 0 or at an offered offset".into(),
+                ))
+            }
+        });
+        let resume_at = match start {
+            Ok(start) => start.offset,
             Err(e) => {
                 if offers.is_empty() {
                     // No partial file exists for this path: nothing to keep space for.
@@ -539,14 +552,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Err(e);
             }
         };
-        let resume_at = start.offset;
-        if start.kind != FrameKind::Start
-            || (resume_at != 0 && !offers.iter().any(|c| c.offset == resume_at))
-        {
-            return Err(Error::Protocol(
-                "expected a start frame at 0 or at an offered offset".into(),
-            ));
-        }
 
         // Open the partial file at the agreed offset and journal the attempt.
         let record = Record {

@@ -410,7 +410,7 @@ fn ctrl_c_stops_a_transfer_and_the_same_command_resumes_it() {
     server.useradd("hal", "1GiB");
     let content = data(96 << 20, 7);
     std::fs::write(dir.path().join("big.bin"), &content).unwrap();
-    let mut child = ftpx(dir.path())
+    let child = ftpx(dir.path())
         .args([
             "connect",
             &format!("hal@127.0.0.1:{}", server.port),
