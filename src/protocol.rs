@@ -60,7 +60,9 @@
 //! accepted; everything else gets 530.
 //!
 //! - `LOGIN USER PASSWORD` → 230, or 430 after a fixed delay.
-//! - `REGISTER USER PASSWORD` → 230 (created and logged in) or 553.
+//! - `REGISTER USER PASSWORD` → 230 (created and logged in), 553 (name not
+//!   allowed or taken, or registration off), 501 (password too short or long)
+//!   or 450 (too many registrations from this address).
 //! - `PWD` → `257 "/dir"`. `CWD [PATH]` → `257 "/new"` (no path: `/`).
 //! - `LIST [PATH]` → `213-TYPE SIZE MTIME NAME` per entry, then
 //!   `213 N entries`. TYPE is `d`, `f`, `l` or `o`; MTIME in Unix seconds;
