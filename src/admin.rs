@@ -188,9 +188,19 @@ pub fn users(config_path: &Path) -> Result<(), String> {
     let db = UserDb::new(&config.server.var_dir);
     println!("{:<32} {:>14} {:>14}", "USER", "QUOTA", "USED");
     for u in db.load()? {
+        // The same count as the server's quota: files plus unfinished uploads.
         let used = crate::jail::Home::open(&db.home(&u.name))
-            .and_then(|h| h.usage())
-            .map_or_else(|_| "-".to_string(), human_bytes);
+            .and_then(|h| crate::quota::scan(&h, &config.partial_dir().join(&u.name), None))
+            .map_or_else(
+                |_| "-".to_string(),
+                |s| {
+                    human_bytes(
+                        s.reserved
+                            .iter()
+                            .fold(s.stored, |a, (_, r)| a.saturating_add(*r)),
+                    )
+                },
+            );
         println!("{:<32} {:>14} {:>14}", u.name, human_bytes(u.quota), used);
     }
     Ok(())

@@ -66,7 +66,9 @@ impl ClientError {
     pub fn is_retriable(&self) -> bool {
         match self {
             ClientError::Connection(_) | ClientError::Connect { .. } => true,
-            ClientError::Server { code, .. } => matches!(code, 421 | 453),
+            // 450: the server still holds the file for a session it has not
+            // yet noticed is dead; it lets go within its I/O timeout.
+            ClientError::Server { code, .. } => matches!(code, 421 | 450 | 453),
             _ => false,
         }
     }
@@ -152,6 +154,8 @@ pub struct Client {
     journal_dir: PathBuf,
     pub options: TransferOptions,
     io_timeout: Duration,
+    /// Set when the server said it closes the session (421).
+    closed: bool,
     /// Set while file data is in flight; still set after a failure there,
     /// when the two ends may be out of step and the session is unusable.
     in_data: bool,
@@ -248,6 +252,7 @@ impl Client {
             options: TransferOptions::default(),
             in_data: false,
             io_timeout,
+            closed: false,
         };
         let greeting = client.read_reply().await?;
         if greeting.code != 220 {
@@ -281,7 +286,7 @@ impl Client {
 
     /// Whether the session is in step and can take another request.
     pub fn is_usable(&self) -> bool {
-        !self.in_data
+        !self.in_data && !self.closed
     }
 
     pub fn cwd(&self) -> &VPath {
@@ -300,6 +305,7 @@ impl Client {
             let reply = ReplyLine::parse(&line)
                 .ok_or_else(|| ClientError::Protocol(format!("bad reply line {line:?}")))?;
             if reply.last {
+                self.closed |= reply.code == 421;
                 return Ok(Reply {
                     code: reply.code,
                     text: reply.text,

@@ -15,8 +15,14 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use std::path::Path;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
 use crate::error::{Error, Result};
-use crate::jail::VPath;
+use crate::jail::{Home, VPath};
+use crate::journal::Journal;
 
 #[derive(Debug, Default)]
 struct Account {
@@ -127,6 +133,58 @@ impl Ledger {
             a.stored = a.stored.saturating_sub(bytes);
         }
     }
+}
+
+/// What a user stores: the home's bytes and a reservation for each
+/// unfinished upload in `partial_dir`. With `ttl`, uploads untouched for
+/// that long, damaged journals and partial files without one are deleted on
+/// the way; without, nothing is changed.
+pub fn scan(home: &Home, partial_dir: &Path, ttl: Option<Duration>) -> std::io::Result<Scan> {
+    let stored = home.usage()?;
+    let mut reserved = vec![];
+    let now = crate::users::now_secs();
+    let entries = match std::fs::read_dir(partial_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan { stored, reserved }),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "journal") {
+            continue;
+        }
+        let part = path.with_extension("part");
+        let record = match Journal::load(&path) {
+            Ok(Some(r)) if ttl.is_none_or(|ttl| now.saturating_sub(r.updated) < ttl.as_secs()) => r,
+            _ if ttl.is_none() => continue,
+            other => {
+                if let Err(e) = other {
+                    warn!(error = %e, "removing a damaged upload journal");
+                } else {
+                    info!(journal = %path.display(), "removing an expired partial upload");
+                }
+                let _ = std::fs::remove_file(&part);
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+        };
+        if let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX) {
+            let charge = record.size.saturating_sub(home.file_size(&target));
+            reserved.push((target, charge));
+        }
+    }
+    // Partial files with no journal are leftovers of a crash before the first save.
+    if let (Some(_), Ok(entries)) = (ttl, std::fs::read_dir(partial_dir)) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "part")
+                && !path.with_extension("journal").exists()
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(Scan { stored, reserved })
 }
 
 #[cfg(test)]

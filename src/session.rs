@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::jail::{Home, VPath};
 use crate::journal::{self, Journal, Record};
 use crate::protocol::{self, FrameKind, ParseError, Request};
-use crate::quota::Scan;
+use crate::quota;
 use crate::server::Server;
 use crate::transfer::{self, Checkpoints, Stopped};
 use crate::users::{self, Password, User};
@@ -416,7 +416,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         blocking(move || {
             ledger_server
                 .ledger
-                .open_session(&ledger_name, || scan(&scan_home, &partial_dir, ttl))
+                .open_session(&ledger_name, || {
+                    quota::scan(&scan_home, &partial_dir, Some(ttl))
+                })
                 .map_err(Error::Storage)
         })
         .await?;
@@ -724,56 +726,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
     }
-}
-
-/// What a user stores, for the quota ledger: the home's bytes and a
-/// reservation for each unfinished upload. Uploads untouched for `ttl` are
-/// deleted on the way.
-fn scan(home: &Home, partial_dir: &std::path::Path, ttl: Duration) -> std::io::Result<Scan> {
-    let stored = home.usage()?;
-    let mut reserved = vec![];
-    let now = users::now_secs();
-    let entries = match std::fs::read_dir(partial_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan { stored, reserved }),
-        Err(e) => return Err(e),
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "journal") {
-            continue;
-        }
-        let part = path.with_extension("part");
-        let record = match Journal::load(&path) {
-            Ok(Some(r)) if now.saturating_sub(r.updated) < ttl.as_secs() => r,
-            other => {
-                if let Err(e) = other {
-                    warn!(error = %e, "removing a damaged upload journal");
-                } else {
-                    info!(journal = %path.display(), "removing an expired partial upload");
-                }
-                let _ = std::fs::remove_file(&part);
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-        };
-        if let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX) {
-            let charge = record.size.saturating_sub(home.file_size(&target));
-            reserved.push((target, charge));
-        }
-    }
-    // Partial files with no journal are leftovers of a crash before the first save.
-    if let Ok(entries) = std::fs::read_dir(partial_dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "part")
-                && !path.with_extension("journal").exists()
-            {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-    }
-    Ok(Scan { stored, reserved })
 }
 
 /// Runs filesystem work on the blocking pool.

@@ -6,6 +6,6 @@ mod cli;
 mod common;
 mod core;
 mod jail;
+mod props;
 mod transfer;
 mod wire;
-mod props;

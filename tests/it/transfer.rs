@@ -1,1 +1,2070 @@
-//! (being written)
+//! Transfers end to end: round trips at chunk boundaries, the integrity
+//! checks of the wire protocol spoken by hand, quota, resume after a killed
+//! client or server and after a cut or silent connection, damaged resume
+//! state on either side, directory trees, and what other sessions see while
+//! an upload is under way.
+//!
+//! Interruptions are placed with [`Proxy`], a TCP relay between client and
+//! server that can stop forwarding after a given number of bytes, cut its
+//! connections, or go off the network, so that nothing depends on how fast
+//! the machine moves data.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use ftpx::client::{Client, ClientError, Reply};
+use ftpx::connection::Connection;
+use ftpx::jail::VPath;
+use ftpx::journal::Journal;
+use ftpx::protocol::{FrameHeader, FrameKind, Request};
+use indicatif::ProgressBar;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::common::*;
+
+/// The default chunk size of client and server.
+const CHUNK: usize = 256 << 10;
+const MIB: usize = 1 << 20;
+/// Chunk size used when the protocol is spoken by hand.
+const PIECE: usize = 64 << 10;
+
+// ---------------------------------------------------------------------------
+// Data, files and waiting
+
+/// `len` bytes, different in every MiB, made fast: one pseudo-random MiB
+/// repeated, each copy stamped with its block number.
+fn big_data(len: usize, seed: u8) -> Vec<u8> {
+    let block = data(MIB, seed);
+    let mut out = Vec::with_capacity(len + MIB);
+    let mut i = 0u64;
+    while out.len() < len {
+        let start = out.len();
+        out.extend_from_slice(&block);
+        out[start..start + 8].copy_from_slice(&i.to_le_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+fn vp(path: &str) -> VPath {
+    VPath::resolve(&VPath::root(), path, 4096).unwrap()
+}
+
+fn len_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// The entries of `dir`, sorted; none if it does not exist.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(_) => vec![],
+    };
+    out.sort();
+    out
+}
+
+/// Where the server stages an upload to `remote`: its partial file and journal.
+fn staged(staging: &Path, remote: &str) -> (PathBuf, PathBuf) {
+    let key = ftpx::journal::key(&[remote]);
+    (
+        staging.join(format!("{key}.part")),
+        staging.join(format!("{key}.journal")),
+    )
+}
+
+fn staging_of(s: &TestServer) -> PathBuf {
+    s.server.partial_dir("ann")
+}
+
+/// Every file and directory under `root`: directories as None, files with their bytes.
+fn snapshot(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if path.is_dir() {
+                out.insert(rel, None);
+                stack.push(path);
+            } else {
+                out.insert(rel, Some(std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+    b[0] ^= 0x5a;
+    std::os::unix::fs::FileExt::write_all_at(&f, &b, at).unwrap();
+}
+
+/// Polls `ready` until it holds; fails after a generous guard.
+async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until no session of `ann` is uploading to `remote` any more.
+async fn wait_upload_free(s: &TestServer, remote: &str) {
+    let path = vp(remote);
+    wait_for("the server to let go of the upload", || {
+        s.server.lock_upload("ann", &path).is_some()
+    })
+    .await;
+}
+
+/// The N of a `resumed at N bytes` line.
+fn resumed_at(stdout: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        l.strip_prefix("resumed at ")?
+            .strip_suffix(" bytes")?
+            .parse()
+            .ok()
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Sessions and the protocol by hand
+
+/// A session as `ann` with `PASSWORD` to `port` (a server's or a proxy's),
+/// keeping its resume journals in `journals`.
+async fn login_at(port: u16, ca: &Path, journals: &Path) -> Client {
+    let mut c = Client::connect("127.0.0.1", port, ca, Duration::from_secs(20))
+        .await
+        .unwrap()
+        .with_journal_dir(journals.to_path_buf());
+    c.login("ann", PASSWORD, false).await.unwrap();
+    c
+}
+
+fn code(r: &Result<Reply, ClientError>) -> u16 {
+    match r {
+        Ok(reply) => reply.code,
+        Err(ClientError::Server { code, .. }) => *code,
+        Err(_) => 0,
+    }
+}
+
+async fn quota(c: &mut Client) -> (u64, u64) {
+    let r = c.request(&Request::Quota).await.unwrap();
+    let n: Vec<u64> = r.text.split(' ').map(|w| w.parse().unwrap()).collect();
+    (n[0], n[1])
+}
+
+/// `(type, size, name)` of each entry of a remote directory.
+async fn list(c: &mut Client, dir: &str) -> Vec<(String, u64, String)> {
+    let r = c.request(&Request::List(Some(dir.into()))).await.unwrap();
+    r.lines
+        .iter()
+        .map(|l| {
+            let w = ftpx::protocol::split_commands(l, false).unwrap().remove(0);
+            (w[0].clone(), w[1].parse().unwrap(), w[3].clone())
+        })
+        .collect()
+}
+
+async fn put_request(c: &mut Client, path: &str, size: u64) -> Result<Reply, ClientError> {
+    c.request(&Request::Put {
+        path: path.into(),
+        size,
+    })
+    .await
+}
+
+/// The `OFFSET HASH` offers of a `150 ready ...` reply.
+fn offers(text: &str) -> Vec<(u64, String)> {
+    let words: Vec<&str> = text.split(' ').collect();
+    assert_eq!(words[0], "ready", "{text}");
+    words[1..]
+        .chunks(2)
+        .map(|p| (p[0].parse().unwrap(), p[1].to_string()))
+        .collect()
+}
+
+fn chunk_header(offset: usize, payload: &[u8]) -> FrameHeader {
+    FrameHeader {
+        kind: FrameKind::Chunk,
+        offset: offset as u64,
+        len: payload.len() as u32,
+        hash: *blake3::hash(payload).as_bytes(),
+    }
+}
+
+/// Queues one frame and sends it; false if the connection is gone.
+async fn frame(c: &mut Client, header: FrameHeader, payload: &[u8]) -> bool {
+    let conn = c.connection();
+    conn.write_frame(&header, payload).await.is_ok() && conn.flush().await.is_ok()
+}
+
+/// Sends `bytes[from..to]` as correct chunks of `PIECE` bytes.
+async fn send_chunks(c: &mut Client, bytes: &[u8], from: usize, to: usize) {
+    let conn = c.connection();
+    let mut at = from;
+    while at < to {
+        let end = (at + PIECE).min(to);
+        conn.write_frame(&chunk_header(at, &bytes[at..end]), &bytes[at..end])
+            .await
+            .unwrap();
+        at = end;
+    }
+    conn.flush().await.unwrap();
+}
+
+/// Sends the end frame and reads the server's verdict.
+async fn end(c: &mut Client, size: usize, hash: blake3::Hash) -> Result<Reply, ClientError> {
+    if !frame(c, FrameHeader::end(size as u64, hash), &[]).await {
+        return Err(ClientError::Connection(
+            "closed before the end frame".into(),
+        ));
+    }
+    c.read_reply().await
+}
+
+/// Asserts that the server ended the session: a 500 reply (unless the close
+/// overtook it), then nothing more is answered.
+async fn assert_cut_off(c: &mut Client, case: &str) {
+    match c.read_reply().await {
+        Ok(r) => assert_eq!(r.code, 500, "{case}: {} {}", r.code, r.text),
+        Err(ClientError::Connection(_)) => {}
+        Err(e) => panic!("{case}: {e}"),
+    }
+    assert!(
+        c.request(&Request::Noop).await.is_err(),
+        "{case}: the session went on"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The real client in the background
+
+/// `ftpx connect` running in the background, its output in temp files.
+struct Shell {
+    child: Child,
+    stdout: File,
+    stderr: File,
+}
+
+impl Shell {
+    fn spawn(dir: &Path, ca: &Path, port: u16, commands: &str, extra: &[&str]) -> Shell {
+        let (stdout, stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+        let child = ftpx(dir)
+            .args(["connect", &format!("ann@127.0.0.1:{port}"), "--ca"])
+            .arg(ca)
+            .args(["-c", commands])
+            .args(extra)
+            .env("FTPX_PASSWORD", PASSWORD)
+            .stdout(stdout.try_clone().unwrap())
+            .stderr(stderr.try_clone().unwrap())
+            .spawn()
+            .unwrap();
+        Shell {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits for the exit, at most `limit`, and returns what it printed.
+    async fn finish(&mut self, limit: Duration) -> Output {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!(
+                    "ftpx connect still running after {limit:?}; stdout {:?}, stderr {:?}",
+                    read_all(&mut self.stdout),
+                    read_all(&mut self.stderr)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Output {
+            status: status.code().unwrap_or(-1),
+            stdout: read_all(&mut self.stdout),
+            stderr: read_all(&mut self.stderr),
+        }
+    }
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_all(f: &mut File) -> String {
+    let mut s = String::new();
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.read_to_string(&mut s).unwrap();
+    s
+}
+
+/// `ftpx connect ann@127.0.0.1:PORT -c COMMANDS EXTRA...`, run to its end.
+async fn connect_with(dir: &Path, ca: &Path, port: u16, commands: &str, extra: &[&str]) -> Output {
+    Shell::spawn(dir, ca, port, commands, extra)
+        .finish(Duration::from_secs(120))
+        .await
+}
+
+fn assert_hash_line(out: &Output, bytes: &[u8], name: &str) {
+    let line = format!("{}  {name}", hex(bytes));
+    assert!(
+        out.stdout.lines().any(|l| l == line),
+        "no line {line:?} in {:?}",
+        out.stdout
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A relay that interrupts transfers where a test wants
+
+const UP: usize = 0;
+const DOWN: usize = 1;
+
+/// What a [`Proxy`] and its connections share.
+struct Relay {
+    target: SocketAddr,
+    /// Bytes each connection forwards towards the server (`UP`) or the
+    /// client (`DOWN`) before it waits; `u64::MAX` for no limit.
+    hold: [AtomicU64; 2],
+    /// One-shot: the next connection to pass this many bytes in that
+    /// direction is dropped there, both sides at once.
+    cut_after: [AtomicU64; 2],
+    /// One-shot: the next connection to pass this many bytes in that
+    /// direction goes silent: it forwards nothing more either way, but both
+    /// of its sockets stay open, as with a peer that vanished off the network.
+    stall_after: [AtomicU64; 2],
+    /// Bumped to drop every open connection.
+    epoch: AtomicU64,
+}
+
+/// A TCP relay on 127.0.0.1 in front of a server.
+struct Proxy {
+    relay: Arc<Relay>,
+    port: u16,
+    listening: watch::Sender<bool>,
+}
+
+enum Ended {
+    Closed,
+    Cut,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let relay = Arc::new(Relay {
+            target,
+            hold: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+            cut_after: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+            stall_after: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+            epoch: AtomicU64::new(0),
+        });
+        let (listening, mut want) = watch::channel(true);
+        let r = relay.clone();
+        tokio::spawn(async move {
+            let mut listener = Some(listener);
+            loop {
+                if !*want.borrow_and_update() {
+                    listener = None;
+                } else if listener.is_none() {
+                    listener = Some(rebind(addr).await);
+                }
+                if let Some(l) = &listener {
+                    tokio::select! {
+                        accepted = l.accept() => {
+                            if let Ok((tcp, _)) = accepted {
+                                tokio::spawn(relay_pair(tcp, r.clone()));
+                            }
+                        }
+                        changed = want.changed() => if changed.is_err() { return },
+                    }
+                } else if want.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Proxy {
+            relay,
+            port: addr.port(),
+            listening,
+        }
+    }
+
+    fn hold(&self, up: u64, down: u64) {
+        self.relay.hold[UP].store(up, SeqCst);
+        self.relay.hold[DOWN].store(down, SeqCst);
+    }
+
+    /// Every connection stops forwarding where it is.
+    fn freeze(&self) {
+        self.hold(0, 0);
+    }
+
+    fn open(&self) {
+        self.hold(u64::MAX, u64::MAX);
+    }
+
+    /// Drops every open connection.
+    fn cut(&self) {
+        self.relay.epoch.fetch_add(1, SeqCst);
+    }
+
+    fn cut_after(&self, dir: usize, bytes: u64) {
+        self.relay.cut_after[dir].store(bytes, SeqCst);
+    }
+
+    fn stall_after(&self, dir: usize, bytes: u64) {
+        self.relay.stall_after[dir].store(bytes, SeqCst);
+    }
+
+    /// Stops listening: connecting is refused, as with a server that is down.
+    fn offline(&self) {
+        self.listening.send_replace(false);
+    }
+
+    fn online(&self) {
+        self.listening.send_replace(true);
+    }
+}
+
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    for _ in 0..500 {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("cannot listen on {addr} again");
+}
+
+async fn relay_pair(client: TcpStream, relay: Arc<Relay>) {
+    let epoch = relay.epoch.load(SeqCst);
+    let Ok(server) = TcpStream::connect(relay.target).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let stalled = Arc::new(AtomicBool::new(false));
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let up = pump(cr, sw, relay.clone(), UP, stalled.clone());
+    let down = pump(sr, cw, relay.clone(), DOWN, stalled);
+    tokio::pin!(up, down);
+    let (mut up_open, mut down_open) = (true, true);
+    while up_open || down_open {
+        tokio::select! {
+            e = &mut up, if up_open => match e {
+                Ended::Cut => return,
+                Ended::Closed => up_open = false,
+            },
+            e = &mut down, if down_open => match e {
+                Ended::Cut => return,
+                Ended::Closed => down_open = false,
+            },
+            () = tokio::time::sleep(Duration::from_millis(5)) => {
+                if relay.epoch.load(SeqCst) != epoch {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Takes `limit` back to "none" if it is still `seen`; true if this call did.
+fn fire(limit: &AtomicU64, seen: u64) -> bool {
+    limit
+        .compare_exchange(seen, u64::MAX, SeqCst, SeqCst)
+        .is_ok()
+}
+
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    relay: Arc<Relay>,
+    dir: usize,
+    stalled: Arc<AtomicBool>,
+) -> Ended {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut done = 0u64;
+    loop {
+        let allowed = relay.hold[dir].load(SeqCst);
+        if stalled.load(SeqCst) || done >= allowed {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        let want = usize::try_from(allowed - done)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = match from.read(&mut buf[..want]).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return Ended::Closed;
+            }
+            Ok(n) => n as u64,
+        };
+        if stalled.load(SeqCst) {
+            // Went silent while this read was under way: the bytes are lost.
+            continue;
+        }
+        let (cut, stall) = (
+            relay.cut_after[dir].load(SeqCst),
+            relay.stall_after[dir].load(SeqCst),
+        );
+        let mut forward = n;
+        let mut ended = None;
+        if done + n >= cut && fire(&relay.cut_after[dir], cut) {
+            forward = cut.saturating_sub(done).min(n);
+            ended = Some(Ended::Cut);
+        } else if done + n >= stall && fire(&relay.stall_after[dir], stall) {
+            forward = stall.saturating_sub(done).min(n);
+            stalled.store(true, SeqCst);
+        }
+        if to.write_all(&buf[..forward as usize]).await.is_err() {
+            return Ended::Closed;
+        }
+        done += forward;
+        if let Some(e) = ended {
+            return e;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Round trips
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trips_at_chunk_boundaries_keep_every_byte() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let journals = work.path().join("journal");
+    let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
+    let bar = ProgressBar::hidden();
+    let sizes = [
+        0,
+        1,
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        3 * CHUNK + 7,
+        6 * MIB + 3,
+    ];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let bytes = big_data(size, i as u8);
+        let src = work.path().join(format!("src-{size}"));
+        std::fs::write(&src, &bytes).unwrap();
+        let remote = vp(&format!("/f-{size}"));
+
+        let up = c.put(&src, &remote, &bar).await.unwrap();
+        assert_eq!(up.hash, blake3::hash(&bytes), "upload of {size} bytes");
+        assert_eq!((up.size, up.resumed_at), (size as u64, 0));
+        let stored = std::fs::read(s.home("ann").join(format!("f-{size}"))).unwrap();
+        assert!(stored == bytes, "the server stored other bytes ({size})");
+        let h = c.request(&Request::Hash(remote.to_string())).await.unwrap();
+        assert_eq!(h.text, hex(&bytes));
+
+        let dst = work.path().join(format!("dst-{size}"));
+        let down = c.get(&remote, &dst, &bar).await.unwrap();
+        assert_eq!(down.hash, blake3::hash(&bytes), "download of {size} bytes");
+        assert_eq!((down.size, down.resumed_at), (size as u64, 0));
+        assert!(
+            std::fs::read(&dst).unwrap() == bytes,
+            "downloaded other bytes ({size})"
+        );
+        assert!(!work.path().join(format!(".dst-{size}.ftpx-part")).exists());
+    }
+    // A download replaces an older local file of the same name.
+    let dst = work.path().join("dst-1");
+    std::fs::write(&dst, b"older and longer").unwrap();
+    c.get(&vp("/f-1"), &dst, &bar).await.unwrap();
+    assert_eq!(std::fs::read(&dst).unwrap(), big_data(1, 1));
+
+    // Neither end keeps resume state for finished transfers.
+    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    assert_eq!(entries(&journals), Vec::<PathBuf>::new());
+    c.quit().await;
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The wire protocol by hand
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupted_chunk_is_refused_and_only_the_verified_prefix_is_kept() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let mut c = s.login("ann").await;
+    let bytes = big_data(4 * PIECE + 100, 7);
+    let size = bytes.len();
+
+    let r = put_request(&mut c, "/f", size as u64).await.unwrap();
+    assert_eq!((r.code, r.text.as_str()), (150, "ready"));
+    assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
+    send_chunks(&mut c, &bytes, 0, PIECE).await;
+    // The second chunk's payload is not what its hash says.
+    let mut bad = bytes[PIECE..2 * PIECE].to_vec();
+    bad[100] ^= 1;
+    let header = chunk_header(PIECE, &bytes[PIECE..2 * PIECE]);
+    assert!(frame(&mut c, header, &bad).await);
+    send_chunks(&mut c, &bytes, 2 * PIECE, size).await;
+    let r = end(&mut c, size, blake3::hash(&bytes)).await;
+    assert_eq!(code(&r), 453, "{r:?}");
+
+    // Nothing under the target name; the partial holds the good chunk only.
+    assert!(!s.home("ann").join("f").exists());
+    assert_eq!(code(&c.request(&Request::Stat("/f".into())).await), 550);
+    let (part, _) = staged(&staging_of(&s), "/f");
+    assert!(
+        std::fs::read(&part).unwrap() == bytes[..PIECE],
+        "the partial upload holds more than the verified prefix"
+    );
+
+    // The session goes on, and the next upload may resume from the verified prefix.
+    let r = put_request(&mut c, "/f", size as u64).await.unwrap();
+    assert_eq!(r.code, 150);
+    let offered = offers(&r.text);
+    assert!(
+        offered.contains(&(PIECE as u64, hex(&bytes[..PIECE]))),
+        "{}",
+        r.text
+    );
+    assert!(
+        offered.iter().all(|(at, _)| *at <= PIECE as u64),
+        "offered bytes that never verified: {}",
+        r.text
+    );
+    assert!(frame(&mut c, FrameHeader::start(PIECE as u64), &[]).await);
+    send_chunks(&mut c, &bytes, PIECE, size).await;
+    let r = end(&mut c, size, blake3::hash(&bytes)).await.unwrap();
+    assert_eq!((r.code, r.text), (226, format!("{} {size}", hex(&bytes))));
+    assert!(std::fs::read(s.home("ann").join("f")).unwrap() == bytes);
+    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_file_hash_is_refused_and_the_old_file_stays() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let bar = ProgressBar::hidden();
+    let old = data(1000, 1);
+    std::fs::write(work.path().join("old"), &old).unwrap();
+    c.put(&work.path().join("old"), &vp("/f"), &bar)
+        .await
+        .unwrap();
+    let before = quota(&mut c).await;
+
+    let new = big_data(3 * PIECE + 5, 2);
+    let r = put_request(&mut c, "/f", new.len() as u64).await.unwrap();
+    assert_eq!(r.code, 150);
+    assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
+    send_chunks(&mut c, &new, 0, new.len()).await;
+    let r = end(&mut c, new.len(), blake3::hash(b"some other file")).await;
+    assert_eq!(code(&r), 454, "{r:?}");
+
+    assert!(std::fs::read(s.home("ann").join("f")).unwrap() == old);
+    assert_eq!(
+        c.request(&Request::Hash("/f".into())).await.unwrap().text,
+        hex(&old)
+    );
+    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    assert_eq!(quota(&mut c).await, before);
+
+    // The session goes on, and a correct upload replaces the file.
+    std::fs::write(work.path().join("new"), &new).unwrap();
+    let t = c
+        .put(&work.path().join("new"), &vp("/f"), &bar)
+        .await
+        .unwrap();
+    assert_eq!(t.hash, blake3::hash(&new));
+    assert!(std::fs::read(s.home("ann").join("f")).unwrap() == new);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_or_fewer_bytes_than_declared_end_the_session() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let bytes = data(4000, 3);
+    let declared = 1000;
+    for case in [
+        "a chunk past the declared size",
+        "one chunk longer than the whole file",
+        "an end frame after fewer bytes",
+        "an end frame at the declared size after fewer bytes",
+    ] {
+        let mut c = s.login("ann").await;
+        let r = put_request(&mut c, "/f", declared as u64).await.unwrap();
+        assert_eq!(r.code, 150, "{case}");
+        assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
+        match case {
+            "a chunk past the declared size" => {
+                let h = chunk_header(0, &bytes[..declared]);
+                frame(&mut c, h, &bytes[..declared]).await;
+                let h = chunk_header(declared, &bytes[declared..declared + 10]);
+                frame(&mut c, h, &bytes[declared..declared + 10]).await;
+            }
+            "one chunk longer than the whole file" => {
+                frame(&mut c, chunk_header(0, &bytes), &bytes).await;
+            }
+            "an end frame after fewer bytes" => {
+                frame(&mut c, chunk_header(0, &bytes[..500]), &bytes[..500]).await;
+                let e = FrameHeader::end(500, blake3::hash(&bytes[..500]));
+                frame(&mut c, e, &[]).await;
+            }
+            _ => {
+                frame(&mut c, chunk_header(0, &bytes[..500]), &bytes[..500]).await;
+                let e = FrameHeader::end(declared as u64, blake3::hash(&bytes[..declared]));
+                frame(&mut c, e, &[]).await;
+            }
+        }
+        assert_cut_off(&mut c, case).await;
+        assert!(!s.home("ann").join("f").exists(), "{case}");
+        wait_upload_free(&s, "/f").await;
+        let (part, _) = staged(&staging_of(&s), "/f");
+        let kept = std::fs::read(&part).unwrap_or_default();
+        assert!(
+            kept.len() <= declared && bytes.starts_with(&kept),
+            "{case}: kept {} bytes that are not a prefix",
+            kept.len()
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_out_of_place_are_protocol_errors() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let bytes = big_data(4 * PIECE, 4);
+    let size = bytes.len();
+    for case in [
+        "a gap",
+        "a repeated chunk",
+        "a chunk far past the end",
+        "an offset that overflows",
+        "an empty chunk",
+        "a start frame at an offset never offered",
+        "a chunk before the start frame",
+    ] {
+        let mut c = s.login("ann").await;
+        let r = put_request(&mut c, "/f", size as u64).await.unwrap();
+        assert_eq!(r.code, 150, "{case}");
+        let p = &bytes[..PIECE];
+        if !case.contains("start frame") {
+            assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
+        }
+        match case {
+            "a gap" => {
+                let q = &bytes[PIECE..2 * PIECE];
+                frame(&mut c, chunk_header(PIECE, q), q).await;
+            }
+            "a repeated chunk" => {
+                frame(&mut c, chunk_header(0, p), p).await;
+                frame(&mut c, chunk_header(0, p), p).await;
+            }
+            "a chunk far past the end" => {
+                frame(&mut c, chunk_header(1 << 40, &p[..1]), &p[..1]).await;
+            }
+            "an offset that overflows" => {
+                let mut h = chunk_header(0, p);
+                h.offset = u64::MAX - 10;
+                frame(&mut c, h, p).await;
+            }
+            "an empty chunk" => {
+                frame(&mut c, chunk_header(0, &[]), &[]).await;
+            }
+            "a start frame at an offset never offered" => {
+                frame(&mut c, FrameHeader::start(PIECE as u64), &[]).await;
+            }
+            _ => {
+                frame(&mut c, chunk_header(0, p), p).await;
+            }
+        }
+        assert_cut_off(&mut c, case).await;
+        assert!(!s.home("ann").join("f").exists(), "{case}");
+        wait_upload_free(&s, "/f").await;
+        let (part, _) = staged(&staging_of(&s), "/f");
+        let kept = std::fs::read(&part).unwrap_or_default();
+        assert!(
+            kept.len() <= PIECE && bytes.starts_with(&kept),
+            "{case}: kept {} bytes that are not a verified prefix",
+            kept.len()
+        );
+    }
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Quota
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_over_the_remaining_quota_is_refused_before_its_first_byte() {
+    let s = TestServer::start().await;
+    s.add_user("ann", MIB as u64);
+    let work = tempfile::tempdir().unwrap();
+    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let bar = ProgressBar::hidden();
+    let put = |name: &str, len: usize, seed: u8| {
+        let p = work.path().join(name);
+        std::fs::write(&p, data(len, seed)).unwrap();
+        p
+    };
+    c.put(&put("a", MIB - 1024, 1), &vp("/a"), &bar)
+        .await
+        .unwrap();
+    assert_eq!(quota(&mut c).await, ((MIB - 1024) as u64, MIB as u64));
+
+    // Refused at the request itself: the reply to PUT is 552, not 150.
+    let r = put_request(&mut c, "/b", MIB as u64).await;
+    assert_eq!(code(&r), 552, "{r:?}");
+    // The same through the client library.
+    match c.put(&put("b", MIB, 2), &vp("/b"), &bar).await {
+        Err(ClientError::Server { code: 552, .. }) => {}
+        other => panic!("expected 552, got {other:?}"),
+    }
+    assert!(!s.home("ann").join("b").exists());
+    assert_eq!(
+        entries(&staging_of(&s)),
+        Vec::<PathBuf>::new(),
+        "a refused upload left something behind"
+    );
+    assert_eq!(quota(&mut c).await, ((MIB - 1024) as u64, MIB as u64));
+
+    // Usage may reach the limit exactly, and not one byte further.
+    c.put(&put("c", 1024, 3), &vp("/c"), &bar).await.unwrap();
+    assert_eq!(quota(&mut c).await, (MIB as u64, MIB as u64));
+    assert_eq!(code(&put_request(&mut c, "/d", 1).await), 552);
+    // An empty file still fits.
+    let t = c.put(&put("e", 0, 4), &vp("/e"), &bar).await.unwrap();
+    assert_eq!(t.hash, blake3::hash(b""));
+    assert_eq!(quota(&mut c).await, (MIB as u64, MIB as u64));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_of_one_user_cannot_together_pass_the_quota() {
+    let s = TestServer::start().await;
+    s.add_user("ann", MIB as u64);
+    let mut a = s.login("ann").await;
+    let mut b = s.login("ann").await;
+    let x = data(600 << 10, 1);
+
+    // Both uploads are asked for before either sends data: only one fits.
+    assert_eq!(code(&put_request(&mut a, "/x", x.len() as u64).await), 150);
+    assert_eq!(code(&put_request(&mut b, "/y", x.len() as u64).await), 552);
+    assert!(frame(&mut a, FrameHeader::start(0), &[]).await);
+    send_chunks(&mut a, &x, 0, x.len()).await;
+    assert_eq!(code(&end(&mut a, x.len(), blake3::hash(&x)).await), 226);
+    assert_eq!(quota(&mut b).await, (x.len() as u64, MIB as u64));
+    assert_eq!(code(&b.request(&Request::Dele("/x".into())).await), 200);
+
+    // Eight sessions ask at once for 400 KiB each: exactly two fit in 1 MiB.
+    let y = data(400 << 10, 2);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let mut c = s.login("ann").await;
+        let len = y.len() as u64;
+        set.spawn(async move {
+            let r = put_request(&mut c, &format!("/y{i}"), len).await;
+            (c, code(&r))
+        });
+    }
+    let mut winners = vec![];
+    let mut refused = 0;
+    while let Some(joined) = set.join_next().await {
+        let (c, code) = joined.unwrap();
+        match code {
+            150 => winners.push(c),
+            552 => refused += 1,
+            other => panic!("unexpected reply {other}"),
+        }
+    }
+    assert_eq!((winners.len(), refused), (2, 6));
+    for mut c in winners {
+        assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
+        send_chunks(&mut c, &y, 0, y.len()).await;
+        assert_eq!(code(&end(&mut c, y.len(), blake3::hash(&y)).await), 226);
+    }
+    assert_eq!(quota(&mut b).await, (2 * y.len() as u64, MIB as u64));
+    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overwrite_is_charged_only_the_difference() {
+    let s = TestServer::start().await;
+    s.add_user("ann", MIB as u64);
+    let work = tempfile::tempdir().unwrap();
+    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let bar = ProgressBar::hidden();
+    let file = |len: usize, seed: u8| {
+        let p = work.path().join(format!("local-{seed}"));
+        let bytes = data(len, seed);
+        std::fs::write(&p, &bytes).unwrap();
+        (p, bytes)
+    };
+    let (p, _) = file(600_000, 1);
+    c.put(&p, &vp("/f"), &bar).await.unwrap();
+    // Old and new together would not fit; the difference does.
+    let (p, kept) = file(700_000, 2);
+    c.put(&p, &vp("/f"), &bar).await.unwrap();
+    assert_eq!(quota(&mut c).await, (700_000, MIB as u64));
+    let (p, _) = file(300_000, 3);
+    c.put(&p, &vp("/g"), &bar).await.unwrap();
+    assert_eq!(quota(&mut c).await, (1_000_000, MIB as u64));
+
+    // A replacement whose growth does not fit is refused; the old file stays.
+    let (p, _) = file(760_000, 4);
+    match c.put(&p, &vp("/f"), &bar).await {
+        Err(ClientError::Server { code: 552, .. }) => {}
+        other => panic!("expected 552, got {other:?}"),
+    }
+    assert!(std::fs::read(s.home("ann").join("f")).unwrap() == kept);
+    assert_eq!(quota(&mut c).await, (1_000_000, MIB as u64));
+
+    // Growth up to the limit exactly, then shrinking.
+    let (p, _) = file(700_000 + MIB - 1_000_000, 5);
+    c.put(&p, &vp("/f"), &bar).await.unwrap();
+    assert_eq!(quota(&mut c).await, (MIB as u64, MIB as u64));
+    let (p, _) = file(100, 6);
+    c.put(&p, &vp("/f"), &bar).await.unwrap();
+    assert_eq!(quota(&mut c).await, (300_100, MIB as u64));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rm_frees_quota_at_once() {
+    let s = TestServer::start().await;
+    s.add_user("ann", MIB as u64);
+    let work = tempfile::tempdir().unwrap();
+    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let bar = ProgressBar::hidden();
+    std::fs::write(work.path().join("a"), data(MIB, 1)).unwrap();
+    c.put(&work.path().join("a"), &vp("/a"), &bar)
+        .await
+        .unwrap();
+    assert_eq!(quota(&mut c).await, (MIB as u64, MIB as u64));
+    assert_eq!(code(&put_request(&mut c, "/b", 1).await), 552);
+
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "rm a; quota");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("used 0 (0 B) of 1048576"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(quota(&mut c).await, (0, MIB as u64));
+    c.put(&work.path().join("a"), &vp("/b"), &bar)
+        .await
+        .unwrap();
+    assert_eq!(quota(&mut c).await, (MIB as u64, MIB as u64));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_that_never_starts_holds_no_quota() {
+    let s = TestServer::start().await;
+    s.add_user("ann", MIB as u64);
+    // This session stays open, so the ledger is never rebuilt from disk in between.
+    let mut watcher = s.login("ann").await;
+    let mut held = vec![];
+    let mut before = 0;
+    for (i, case) in [
+        "a start frame at an offset never offered",
+        "an abort frame instead of a start frame",
+        "a disconnect right after 150",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/x{i}");
+        let mut c = s.login("ann").await;
+        assert_eq!(code(&put_request(&mut c, &path, 300 << 10).await), 150);
+        match case {
+            "a start frame at an offset never offered" => {
+                frame(&mut c, FrameHeader::start(12345), &[]).await;
+                assert_cut_off(&mut c, case).await;
+            }
+            "an abort frame instead of a start frame" => {
+                frame(&mut c, FrameHeader::abort(), &[]).await;
+                let _ = c.read_reply().await;
+            }
+            _ => {}
+        }
+        drop(c);
+        wait_upload_free(&s, &path).await;
+        let (part, journal) = staged(&staging_of(&s), &path);
+        assert!(
+            !part.exists() && !journal.exists(),
+            "{case}: stored something"
+        );
+        let used = quota(&mut watcher).await.0;
+        if used != before {
+            held.push(format!("{case}: {} bytes", used - before));
+        }
+        before = used;
+    }
+    assert!(
+        held.is_empty(),
+        "uploads that never started still hold quota: {held:?}"
+    );
+    s.stop().await;
+}
+
+/// A server process where `ann` (10 MiB) stores a 3 MiB file and has an
+/// unfinished 4 MiB upload to `/part` with its first MiB on the server.
+/// Returns the server, its directory, the client's journal directory and
+/// the bytes of `/part`.
+async fn server_with_a_partial_upload(root: &Path) -> (BinServer, PathBuf, PathBuf, Vec<u8>) {
+    let (sdir, work) = (root.join("server"), root.join("client"));
+    std::fs::create_dir_all(&work).unwrap();
+    let journals = work.join("journal");
+    let srv = BinServer::start(&sdir, 0);
+    srv.useradd("ann", "10MiB");
+    let (port, ca) = (srv.port, srv.ca());
+
+    let done = big_data(3 * MIB, 20);
+    std::fs::write(work.join("done"), &done).unwrap();
+    let out = connect_c(&work, &ca, port, "ann", "put done");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+
+    // An upload of 4 MiB stops after 1 MiB: the connection just goes away.
+    let partial = big_data(4 * MIB, 21);
+    let mut c = login_at(port, &ca, &journals).await;
+    assert_eq!(
+        code(&put_request(&mut c, "/part", 4 * MIB as u64).await),
+        150
+    );
+    assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
+    send_chunks(&mut c, &partial, 0, MIB).await;
+    drop(c);
+    let (_, journal) = staged(&sdir.join("var/partial/ann"), "/part");
+    wait_for("the server to save the partial upload", || {
+        Journal::load(&journal)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.verified == MIB as u64)
+    })
+    .await;
+    (srv, sdir, journals, partial)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_usage_is_right_after_a_server_restart_with_a_partial_upload() {
+    let root = tempfile::tempdir().unwrap();
+    let (srv, sdir, journals, partial) = server_with_a_partial_upload(root.path()).await;
+    let (port, ca) = (srv.port, srv.ca());
+    let limit = 10 * MIB as u64;
+    let staging = sdir.join("var/partial/ann");
+    let mut c = login_at(port, &ca, &journals).await;
+    assert_eq!(quota(&mut c).await, (7 * MIB as u64, limit));
+    c.quit().await;
+
+    srv.kill9();
+    let srv = BinServer::start(&sdir, port);
+    let mut c = login_at(port, &ca, &journals).await;
+    assert_eq!(quota(&mut c).await, (7 * MIB as u64, limit));
+    // The reservation is still enforced.
+    assert_eq!(
+        code(&put_request(&mut c, "/other", 4 * MIB as u64).await),
+        552
+    );
+    // Finishing the partial upload adds nothing to the usage.
+    let r = put_request(&mut c, "/part", 4 * MIB as u64).await.unwrap();
+    assert!(
+        offers(&r.text).contains(&(MIB as u64, hex(&partial[..MIB]))),
+        "{}",
+        r.text
+    );
+    assert!(frame(&mut c, FrameHeader::start(MIB as u64), &[]).await);
+    send_chunks(&mut c, &partial, MIB, partial.len()).await;
+    let r = end(&mut c, partial.len(), blake3::hash(&partial)).await;
+    assert_eq!(code(&r), 226, "{r:?}");
+    assert_eq!(quota(&mut c).await, (7 * MIB as u64, limit));
+    c.quit().await;
+
+    srv.kill9();
+    let _srv = BinServer::start(&sdir, port);
+    let mut c = login_at(port, &ca, &journals).await;
+    assert_eq!(quota(&mut c).await, (7 * MIB as u64, limit));
+    assert!(std::fs::read(sdir.join("var/homes/ann/part")).unwrap() == partial);
+    assert_eq!(entries(&staging), Vec::<PathBuf>::new());
+    c.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_listing_counts_partial_uploads_like_the_quota() {
+    let root = tempfile::tempdir().unwrap();
+    let (srv, sdir, journals, _) = server_with_a_partial_upload(root.path()).await;
+    let mut c = login_at(srv.port, &srv.ca(), &journals).await;
+    assert_eq!(quota(&mut c).await, (7 * MIB as u64, 10 * MIB as u64));
+    c.quit().await;
+    let out = run(ftpx(&sdir).args(["users"]));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("ann "))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(
+        line.trim_end().ends_with("7.0 MiB"),
+        "usage listed is not the usage the quota counts (7.0 MiB): {line:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Resume with the real client: killed client, killed server, cut connection
+
+const BIG: usize = 24 << 20;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_killed_mid_put_resumes_on_the_next_run() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(BIG, 30);
+    std::fs::write(work.path().join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.hold(6 << 20, u64::MAX);
+
+    let mut shell = Shell::spawn(work.path(), &s.ca, proxy.port, "put big", &[]);
+    let (part, _) = staged(&staging_of(&s), "/big");
+    wait_for("the server's partial upload to grow", || {
+        len_of(&part) >= 3 << 20
+    })
+    .await;
+    shell.kill();
+    proxy.cut();
+    proxy.open();
+    wait_upload_free(&s, "/big").await;
+    let kept = len_of(&part);
+    assert!(
+        !s.home("ann").join("big").exists(),
+        "visible before complete"
+    );
+    let mut c = s.login("ann").await;
+    assert_eq!(
+        quota(&mut c).await.0,
+        BIG as u64,
+        "the partial upload's reservation"
+    );
+
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put big");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(
+        at > 0 && at <= kept,
+        "resumed at {at}; the server kept {kept}"
+    );
+    assert_hash_line(&out, &bytes, "/big");
+    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
+    assert_eq!(quota(&mut c).await.0, BIG as u64);
+    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    assert_eq!(
+        entries(&work.path().join("state/journal")),
+        Vec::<PathBuf>::new()
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_killed_mid_get_resumes_on_the_next_run() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(BIG, 31);
+    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.hold(u64::MAX, 6 << 20);
+
+    let mut shell = Shell::spawn(work.path(), &s.ca, proxy.port, "get big", &[]);
+    let part = work.path().join(".big.ftpx-part");
+    wait_for("the client's partial download to grow", || {
+        len_of(&part) >= 3 << 20
+    })
+    .await;
+    shell.kill();
+    proxy.cut();
+    proxy.open();
+    let kept = len_of(&part);
+    assert!(!work.path().join("big").exists(), "visible before complete");
+
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "get big");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(
+        at > 0 && at <= kept,
+        "resumed at {at}; the client kept {kept}"
+    );
+    assert_hash_line(&out, &bytes, "big");
+    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
+    assert!(!part.exists());
+    assert_eq!(
+        entries(&work.path().join("state/journal")),
+        Vec::<PathBuf>::new()
+    );
+    s.stop().await;
+}
+
+/// A server process and a client directory side by side, with the client
+/// going through a proxy; `ann` has 1 GiB.
+async fn bin_setup() -> (tempfile::TempDir, PathBuf, PathBuf, BinServer, Proxy) {
+    let root = tempfile::tempdir().unwrap();
+    let (sdir, work) = (root.path().join("server"), root.path().join("client"));
+    std::fs::create_dir_all(&work).unwrap();
+    let srv = BinServer::start(&sdir, 0);
+    srv.useradd("ann", "1GiB");
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.port))).await;
+    (root, sdir, work, srv, proxy)
+}
+
+/// Kills the server while the proxy holds the transfer still, keeps it down
+/// for a while (the client's reconnects are refused), and starts it again on
+/// the same directory and port.
+async fn kill_and_restart(srv: BinServer, proxy: &Proxy, sdir: &Path) -> BinServer {
+    let port = srv.port;
+    proxy.freeze();
+    srv.kill9();
+    proxy.offline();
+    proxy.cut();
+    proxy.open();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let srv = BinServer::start(sdir, port);
+    proxy.online();
+    srv
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_killed_mid_put_client_retries_and_resumes() {
+    let (_root, sdir, work, srv, proxy) = bin_setup().await;
+    let bytes = big_data(BIG, 32);
+    std::fs::write(work.join("big"), &bytes).unwrap();
+    proxy.hold(6 << 20, u64::MAX);
+    let ca = srv.ca();
+    let mut shell = Shell::spawn(&work, &ca, proxy.port, "put big", &["--retries", "8"]);
+    let (part, _) = staged(&sdir.join("var/partial/ann"), "/big");
+    wait_for("the server's partial upload to grow", || {
+        len_of(&part) >= 3 << 20
+    })
+    .await;
+    let _srv = kill_and_restart(srv, &proxy, &sdir).await;
+
+    let out = shell.finish(Duration::from_secs(120)).await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "/big");
+    assert!(std::fs::read(sdir.join("var/homes/ann/big")).unwrap() == bytes);
+    assert_eq!(
+        entries(&sdir.join("var/partial/ann")),
+        Vec::<PathBuf>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_killed_mid_get_client_retries_and_resumes() {
+    let (_root, sdir, work, srv, proxy) = bin_setup().await;
+    let bytes = big_data(BIG, 33);
+    std::fs::write(sdir.join("var/homes/ann/big"), &bytes).unwrap();
+    proxy.hold(u64::MAX, 6 << 20);
+    let ca = srv.ca();
+    let mut shell = Shell::spawn(&work, &ca, proxy.port, "get big", &["--retries", "8"]);
+    let part = work.join(".big.ftpx-part");
+    wait_for("the client's partial download to grow", || {
+        len_of(&part) >= 3 << 20
+    })
+    .await;
+    let _srv = kill_and_restart(srv, &proxy, &sdir).await;
+
+    let out = shell.finish(Duration::from_secs(120)).await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "big");
+    assert!(std::fs::read(work.join("big")).unwrap() == bytes);
+    assert!(!part.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cut_connection_mid_put_client_resumes_by_itself() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(BIG, 34);
+    std::fs::write(work.path().join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.cut_after(UP, 8 << 20);
+
+    let out = connect_with(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "put big",
+        &["--retries", "3"],
+    )
+    .await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0 && at <= 8 << 20, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "/big");
+    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
+    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cut_connection_mid_get_client_resumes_by_itself() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(BIG, 35);
+    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.cut_after(DOWN, 8 << 20);
+
+    let out = connect_with(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "get big",
+        &["--retries", "3"],
+    )
+    .await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0 && at <= 8 << 20, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "big");
+    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
+    assert!(!work.path().join(".big.ftpx-part").exists());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connection_mid_put_resumes_once_the_server_gives_up_on_it() {
+    // The client notices the silence first (2 s) and comes back while the
+    // server still waits on the dead connection (6 s): the target is busy
+    // for a moment, and the client has retries left to wait that out.
+    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 6).await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(32 << 20, 36);
+    std::fs::write(work.path().join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.stall_after(UP, 4 << 20);
+
+    let out = connect_with(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "put big",
+        &["--timeout", "2", "--retries", "5"],
+    )
+    .await;
+    proxy.cut();
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "/big");
+    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connection_while_awaiting_the_upload_reply_is_noticed() {
+    // Every byte but the last stretch reaches the server, then the
+    // connection goes silent while the client waits for the verdict. The
+    // server gives up after 2 s; the client must not wait forever either.
+    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(8 << 20, 37);
+    std::fs::write(work.path().join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.stall_after(UP, (8 << 20) - (256 << 10));
+
+    let mut shell = Shell::spawn(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "put big",
+        &["--timeout", "3", "--retries", "3"],
+    );
+    let out = shell.finish(Duration::from_secs(30)).await;
+    proxy.cut();
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "/big");
+    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_timeout_reply_mid_put_makes_the_client_reconnect() {
+    // The network stalls towards the server just before the end of an
+    // upload, long enough for the server to give up (421, which closes the
+    // session); then it recovers. One retry must be enough to resume.
+    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(8 << 20, 39);
+    std::fs::write(work.path().join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.hold((8 << 20) - (64 << 10), u64::MAX);
+
+    let mut shell = Shell::spawn(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "put big",
+        &["--retries", "1"],
+    );
+    let (part, _) = staged(&staging_of(&s), "/big");
+    wait_for("the server's partial upload to grow", || {
+        len_of(&part) >= 4 << 20
+    })
+    .await;
+    wait_upload_free(&s, "/big").await;
+    proxy.open();
+    let out = shell.finish(Duration::from_secs(60)).await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "/big");
+    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connection_mid_get_resumes_by_itself() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = big_data(BIG, 38);
+    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.stall_after(DOWN, 6 << 20);
+
+    let out = connect_with(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "get big",
+        &["--timeout", "2", "--retries", "3"],
+    )
+    .await;
+    proxy.cut();
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(&out, &bytes, "big");
+    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Source changed between attempts
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_local_file_is_uploaded_from_the_start() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let local = work.path().join("big");
+    std::fs::write(&local, big_data(BIG, 40)).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.cut_after(UP, 8 << 20);
+    let out = connect_with(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "put big",
+        &["--retries", "0"],
+    )
+    .await;
+    assert_ne!(out.status, 0, "the first attempt was meant to be cut");
+    wait_upload_free(&s, "/big").await;
+    let (part, _) = staged(&staging_of(&s), "/big");
+    assert!(len_of(&part) > 0, "nothing to resume from");
+
+    // Same size, other bytes, written in place (same inode, maybe the same mtime second).
+    let changed = big_data(BIG, 41);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&local)
+        .unwrap()
+        .write_all(&changed)
+        .unwrap();
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put big");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(resumed_at(&out.stdout), None, "{}", out.stdout);
+    assert_hash_line(&out, &changed, "/big");
+    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == changed);
+    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replaced_server_file_is_downloaded_from_the_start() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(s.home("ann").join("big"), big_data(BIG, 42)).unwrap();
+    let proxy = Proxy::start(s.addr).await;
+    proxy.cut_after(DOWN, 8 << 20);
+    let out = connect_with(
+        work.path(),
+        &s.ca,
+        proxy.port,
+        "get big",
+        &["--retries", "0"],
+    )
+    .await;
+    assert_ne!(out.status, 0, "the first attempt was meant to be cut");
+    let part = work.path().join(".big.ftpx-part");
+    assert!(len_of(&part) > 0, "nothing to resume from");
+
+    // The server's file is replaced by an upload of the same size.
+    let replaced = big_data(BIG, 43);
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("new"), &replaced).unwrap();
+    let mut c = login_at(s.addr.port(), &s.ca, &other.path().join("journal")).await;
+    c.put(
+        &other.path().join("new"),
+        &vp("/big"),
+        &ProgressBar::hidden(),
+    )
+    .await
+    .unwrap();
+    c.quit().await;
+
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "get big");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(resumed_at(&out.stdout), None, "{}", out.stdout);
+    assert_hash_line(&out, &replaced, "big");
+    assert!(std::fs::read(work.path().join("big")).unwrap() == replaced);
+    assert!(!part.exists());
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Damaged resume state
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_server_partials_and_journals_never_mix() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let journals = work.path().join("journal");
+    let proxy = Proxy::start(s.addr).await;
+    let bar = ProgressBar::hidden();
+    let bytes = big_data(12 << 20, 50);
+    for (i, damage) in [
+        "garbage journal",
+        "zeroed journal",
+        "truncated partial",
+        "flipped partial",
+        "journal claims every byte",
+        "partial removed",
+        "partial longer than the file",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("/f{i}");
+        let local = work.path().join(format!("f{i}"));
+        std::fs::write(&local, &bytes).unwrap();
+        proxy.cut_after(UP, 5 << 20);
+        let mut c = login_at(proxy.port, &s.ca, &journals).await;
+        assert!(c.put(&local, &vp(&name), &bar).await.is_err(), "{damage}");
+        drop(c);
+        wait_upload_free(&s, &name).await;
+        let (part, journal) = staged(&staging_of(&s), &name);
+        let len = len_of(&part);
+        assert!(len > 0 && journal.exists(), "{damage}: nothing kept");
+
+        // The highest offset the next attempt may resume from.
+        let limit = match damage {
+            "garbage journal" => {
+                std::fs::write(&journal, data(3000, 9)).unwrap();
+                0
+            }
+            "zeroed journal" => {
+                let n = len_of(&journal) as usize;
+                std::fs::write(&journal, vec![0u8; n]).unwrap();
+                0
+            }
+            "truncated partial" => {
+                let cut = len / 2 + 13;
+                File::options()
+                    .write(true)
+                    .open(&part)
+                    .unwrap()
+                    .set_len(cut)
+                    .unwrap();
+                cut
+            }
+            "flipped partial" => {
+                flip_byte(&part, 1000);
+                1000
+            }
+            "journal claims every byte" => {
+                let record = Journal::load(&journal).unwrap().unwrap();
+                Journal::new(journal.clone(), record)
+                    .save(bytes.len() as u64)
+                    .unwrap();
+                let cut = len / 3;
+                File::options()
+                    .write(true)
+                    .open(&part)
+                    .unwrap()
+                    .set_len(cut)
+                    .unwrap();
+                cut
+            }
+            "partial removed" => {
+                std::fs::remove_file(&part).unwrap();
+                0
+            }
+            _ => {
+                let mut f = File::options().append(true).open(&part).unwrap();
+                f.write_all(&vec![0xee; 16 << 20]).unwrap();
+                len
+            }
+        };
+        let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
+        let t = c.put(&local, &vp(&name), &bar).await.unwrap();
+        assert_eq!(t.hash, blake3::hash(&bytes), "{damage}");
+        assert!(
+            t.resumed_at <= limit,
+            "{damage}: resumed at {} past {limit}",
+            t.resumed_at
+        );
+        assert!(
+            std::fs::read(s.home("ann").join(format!("f{i}"))).unwrap() == bytes,
+            "{damage}: the stored file is not the source"
+        );
+        assert!(!part.exists() && !journal.exists(), "{damage}");
+        c.quit().await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_client_journals_and_partials_never_mix() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let journals = work.path().join("journal");
+    let proxy = Proxy::start(s.addr).await;
+    let bar = ProgressBar::hidden();
+    let garble = |dir: &Path| {
+        let found = entries(dir);
+        assert!(!found.is_empty(), "no client journal to damage");
+        for (i, j) in found.iter().enumerate() {
+            std::fs::write(j, data(500 + i, i as u8)).unwrap();
+        }
+        std::fs::write(dir.join("zz.toml"), b"version = \"x\"\n\0\0").unwrap();
+    };
+
+    // An upload whose client journal was replaced by garbage starts over.
+    let up = big_data(12 << 20, 60);
+    let local = work.path().join("up");
+    std::fs::write(&local, &up).unwrap();
+    proxy.cut_after(UP, 5 << 20);
+    let mut c = login_at(proxy.port, &s.ca, &journals).await;
+    assert!(c.put(&local, &vp("/up"), &bar).await.is_err());
+    drop(c);
+    wait_upload_free(&s, "/up").await;
+    garble(&journals);
+    let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
+    let t = c.put(&local, &vp("/up"), &bar).await.unwrap();
+    assert_eq!((t.hash, t.resumed_at), (blake3::hash(&up), 0));
+    assert!(std::fs::read(s.home("ann").join("up")).unwrap() == up);
+    c.quit().await;
+
+    // Downloads whose partial file or journal was damaged in between.
+    let down = big_data(12 << 20, 61);
+    std::fs::write(s.home("ann").join("down"), &down).unwrap();
+    for (i, damage) in [
+        "flipped partial",
+        "truncated partial",
+        "garbage journal",
+        "partial longer than the file",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for j in entries(&journals) {
+            std::fs::remove_file(j).unwrap();
+        }
+        let target = work.path().join(format!("down{i}"));
+        let part = work.path().join(format!(".down{i}.ftpx-part"));
+        proxy.cut_after(DOWN, 5 << 20);
+        let mut c = login_at(proxy.port, &s.ca, &journals).await;
+        assert!(
+            c.get(&vp("/down"), &target, &bar).await.is_err(),
+            "{damage}"
+        );
+        drop(c);
+        let len = len_of(&part);
+        assert!(len > 0, "{damage}: nothing kept");
+        assert!(!target.exists(), "{damage}: visible before complete");
+        let limit = match damage {
+            "flipped partial" => {
+                flip_byte(&part, 5000);
+                5000
+            }
+            "truncated partial" => {
+                let cut = len / 2 + 5;
+                File::options()
+                    .write(true)
+                    .open(&part)
+                    .unwrap()
+                    .set_len(cut)
+                    .unwrap();
+                cut
+            }
+            "garbage journal" => {
+                garble(&journals);
+                0
+            }
+            _ => {
+                let mut f = File::options().append(true).open(&part).unwrap();
+                f.write_all(&vec![0xee; 16 << 20]).unwrap();
+                len
+            }
+        };
+        let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
+        let t = c.get(&vp("/down"), &target, &bar).await.unwrap();
+        assert_eq!(t.hash, blake3::hash(&down), "{damage}");
+        assert!(
+            t.resumed_at <= limit,
+            "{damage}: resumed at {} past {limit}",
+            t.resumed_at
+        );
+        assert!(
+            std::fs::read(&target).unwrap() == down,
+            "{damage}: the downloaded file is not the source"
+        );
+        assert!(!part.exists(), "{damage}");
+        c.quit().await;
+    }
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Trees
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    let files: [(&str, Vec<u8>); 8] = [
+        ("a.txt", data(100, 1)),
+        ("empty", vec![]),
+        ("with space.txt", data(5000, 2)),
+        ("ünïcødé 文件.bin", data(CHUNK + 3, 3)),
+        ("sub dir/más ü.txt", data(10, 4)),
+        ("sub dir/nested/deep.bin", big_data(MIB + 5, 5)),
+        ("sub dir/nested/also empty", vec![]),
+        ("sub dir/nested/leaf/x", data(1, 6)),
+    ];
+    for (rel, bytes) in &files {
+        let p = tree.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    for d in [
+        "empty dir",
+        "sub dir/vacío ü",
+        "sub dir/nested/leaf/deeper/deepest",
+    ] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    let n = files.len();
+    let port = s.addr.port();
+    let home_tree = s.home("ann").join("tree");
+
+    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("{n} files sent, 0 already complete")),
+        "{}",
+        out.stdout
+    );
+    for (rel, bytes) in &files {
+        assert_hash_line(&out, bytes, &format!("/tree/{rel}"));
+    }
+    assert!(snapshot(&home_tree) == snapshot(&tree), "the copy differs");
+
+    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("0 files sent, {n} already complete")),
+        "{}",
+        out.stdout
+    );
+    // One file changed, same size: only that one is sent.
+    std::fs::write(tree.join("with space.txt"), data(5000, 7)).unwrap();
+    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("1 files sent, {} already complete", n - 1)),
+        "{}",
+        out.stdout
+    );
+    assert!(snapshot(&home_tree) == snapshot(&tree), "the copy differs");
+
+    let out = connect_c(work.path(), &s.ca, port, "ann", "get -r tree copy");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("{n} files received, 0 already complete")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        snapshot(&work.path().join("copy")) == snapshot(&tree),
+        "the downloaded copy differs"
+    );
+    let out = connect_c(work.path(), &s.ca, port, "ann", "get -r tree copy");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("0 files received, {n} already complete")),
+        "{}",
+        out.stdout
+    );
+    assert!(snapshot(&work.path().join("copy")) == snapshot(&tree));
+    assert_eq!(
+        entries(&work.path().join("state/journal")),
+        Vec::<PathBuf>::new()
+    );
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// What others see while an upload is under way
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_is_visible_under_the_target_until_the_upload_is_complete() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let bar = ProgressBar::hidden();
+    let mut watcher = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let old = data(100_000, 1);
+    std::fs::write(work.path().join("old"), &old).unwrap();
+    watcher
+        .put(&work.path().join("old"), &vp("/f"), &bar)
+        .await
+        .unwrap();
+
+    // Two uploads paused after a few chunks: a new name, and over /f.
+    let fresh = big_data(MIB + 17, 2);
+    let newer = big_data(MIB + 5, 3);
+    let mut a = s.login("ann").await;
+    let mut b = s.login("ann").await;
+    for (c, name, bytes) in [(&mut a, "/fresh", &fresh), (&mut b, "/f", &newer)] {
+        assert_eq!(code(&put_request(c, name, bytes.len() as u64).await), 150);
+        assert!(frame(c, FrameHeader::start(0), &[]).await);
+        send_chunks(c, bytes, 0, 3 * PIECE).await;
+        let (part, _) = staged(&staging_of(&s), name);
+        wait_for("the paused upload's chunks to be written", || {
+            len_of(&part) >= 3 * PIECE as u64
+        })
+        .await;
+    }
+
+    let listed = list(&mut watcher, "/").await;
+    assert_eq!(
+        listed,
+        vec![("f".to_string(), old.len() as u64, "f".to_string())],
+        "only the old file may show"
+    );
+    assert_eq!(
+        code(&watcher.request(&Request::Stat("/fresh".into())).await),
+        550
+    );
+    assert_eq!(
+        watcher
+            .request(&Request::Hash("/f".into()))
+            .await
+            .unwrap()
+            .text,
+        hex(&old)
+    );
+    let got = work.path().join("got");
+    watcher.get(&vp("/f"), &got, &bar).await.unwrap();
+    assert!(std::fs::read(&got).unwrap() == old);
+    let on_disk: Vec<PathBuf> = entries(&s.home("ann"));
+    assert_eq!(on_disk, vec![s.home("ann").join("f")]);
+    // A second writer to the same name is told it is busy.
+    assert_eq!(code(&put_request(&mut watcher, "/f", 10).await), 450);
+    // ...and the file being replaced cannot be removed from under the upload.
+    assert_eq!(
+        code(&watcher.request(&Request::Dele("/f".into())).await),
+        450
+    );
+
+    for (c, bytes) in [(&mut a, &fresh), (&mut b, &newer)] {
+        send_chunks(c, bytes, 3 * PIECE, bytes.len()).await;
+        let r = end(c, bytes.len(), blake3::hash(bytes)).await;
+        assert_eq!(code(&r), 226, "{r:?}");
+    }
+    let mut names: Vec<(u64, String)> = list(&mut watcher, "/")
+        .await
+        .into_iter()
+        .map(|(_, size, name)| (size, name))
+        .collect();
+    names.sort_by(|x, y| x.1.cmp(&y.1));
+    assert_eq!(
+        names,
+        vec![
+            (newer.len() as u64, "f".to_string()),
+            (fresh.len() as u64, "fresh".to_string())
+        ]
+    );
+    assert!(std::fs::read(s.home("ann").join("f")).unwrap() == newer);
+    assert!(std::fs::read(s.home("ann").join("fresh")).unwrap() == fresh);
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The client checks what it downloads
+
+/// How a hand-made server spoils a download.
+#[derive(Clone, Copy)]
+enum Spoil {
+    Chunk,
+    FileHash,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spoiled_download_never_reaches_the_target() {
+    let certs = tempfile::tempdir().unwrap();
+    ftpx::tls::gen_cert(certs.path(), &ftpx::tls::default_hosts(), false).unwrap();
+    let tls = Arc::new(ftpx::tls::server_config(certs.path()).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bytes = Arc::new(data(3 * PIECE + 9, 70));
+    let b = bytes.clone();
+    tokio::spawn(async move {
+        for spoil in [Spoil::Chunk, Spoil::FileHash] {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let stream = tokio_rustls::TlsAcceptor::from(tls.clone())
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut conn = Connection::new(stream, Duration::from_secs(20));
+            conn.reply(220, "ftpx 0 ready").await.unwrap();
+            conn.read_line(8192).await.unwrap();
+            conn.reply(230, "logged in").await.unwrap();
+            conn.read_line(8192).await.unwrap();
+            conn.reply(151, &format!("{} 0", b.len())).await.unwrap();
+            let mut at = 0;
+            while at < b.len() {
+                let end = (at + PIECE).min(b.len());
+                let mut payload = b[at..end].to_vec();
+                let header = chunk_header(at, &payload);
+                if matches!(spoil, Spoil::Chunk) && at == PIECE {
+                    payload[7] ^= 0x80;
+                }
+                conn.write_frame(&header, &payload).await.unwrap();
+                at = end;
+            }
+            let hash = match spoil {
+                Spoil::Chunk => blake3::hash(&b),
+                Spoil::FileHash => blake3::hash(b"another file"),
+            };
+            conn.write_frame(&FrameHeader::end(b.len() as u64, hash), &[])
+                .await
+                .unwrap();
+            conn.flush().await.unwrap();
+            // Wait for the client to go.
+            let _ = conn.read_line(8192).await;
+        }
+    });
+
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("got");
+    let part = work.path().join(".got.ftpx-part");
+    std::fs::write(&target, b"older").unwrap();
+    let ca = certs.path().join("ca.pem");
+    let bar = ProgressBar::hidden();
+
+    let mut c = login_at(port, &ca, &work.path().join("journal")).await;
+    match c.get(&vp("/f"), &target, &bar).await {
+        Err(ClientError::Server { code: 453, .. }) => {}
+        other => panic!("a corrupted chunk was accepted: {other:?}"),
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"older");
+    let kept = std::fs::read(&part).unwrap_or_default();
+    assert!(
+        kept.len() <= PIECE && bytes.starts_with(&kept),
+        "the partial download holds {} bytes past the last good chunk",
+        kept.len()
+    );
+    drop(c);
+
+    let mut c = login_at(port, &ca, &work.path().join("journal")).await;
+    match c.get(&vp("/f"), &target, &bar).await {
+        Err(ClientError::Verify(_)) => {}
+        other => panic!("a download with the wrong file hash was accepted: {other:?}"),
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"older");
+    assert!(!part.exists(), "a partial that can never verify was kept");
+}
