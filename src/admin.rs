@@ -18,6 +18,9 @@ pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(),
         config.server.listen = listen;
     }
     crate::logging::init_server(&config.server.log_file, &config.server.log_level)?;
+    // A file-size limit (ulimit -f) must fail the one write, not kill the server.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     for dir in [config.homes_dir(), config.partial_dir()] {
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

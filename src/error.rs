@@ -115,7 +115,13 @@ impl Error {
             io::ErrorKind::PermissionDenied => Error::PermissionDenied(p),
             io::ErrorKind::InvalidFilename => Error::BadArgument(format!("{p}: invalid name")),
             _ if err.raw_os_error() == Some(libc::ELOOP) => Error::PermissionDenied(p),
-            _ if err.raw_os_error() == Some(libc::ENOSPC) => Error::StorageFull,
+            _ if matches!(
+                err.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+            ) =>
+            {
+                Error::StorageFull
+            }
             _ => Error::Storage(err),
         }
     }

@@ -65,18 +65,19 @@ impl Journal {
         if text.len() > 64 * 1024 {
             return Err(format!("journal {} is too large", path.display()));
         }
-        let text = String::from_utf8(text)
-            .map_err(|_| format!("journal {} is not text", path.display()))?;
-        let record: Record = toml::from_str(&text)
-            .map_err(|e| format!("journal {} is damaged: {e}", path.display()))?;
+        Journal::parse(&text)
+            .map(Some)
+            .map_err(|e| format!("journal {}: {e}", path.display()))
+    }
+
+    /// Parses a journal's bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Record, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?;
+        let record: Record = toml::from_str(text).map_err(|e| format!("damaged: {e}"))?;
         if record.version != VERSION {
-            return Err(format!(
-                "journal {} has unknown version {}",
-                path.display(),
-                record.version
-            ));
+            return Err(format!("unknown version {}", record.version));
         }
-        Ok(Some(record))
+        Ok(record)
     }
 
     pub fn path(&self) -> &Path {
