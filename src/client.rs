@@ -26,7 +26,7 @@ use crate::jail::VPath;
 use crate::journal::{self, Journal, Record};
 use crate::protocol::{self, Candidate, FrameHeader, ReplyLine, Request};
 use crate::tls::Trust;
-use crate::transfer::{self, Checkpoints, Stopped};
+use crate::transfer::{self, Checkpoints, Plan, Stopped, Tree};
 
 /// Longest reply line the client accepts.
 const MAX_REPLY_LINE: usize = 64 * 1024;
@@ -130,7 +130,7 @@ pub struct Transferred {
 /// How the client transfers: chunk size and checkpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct TransferOptions {
-    pub chunk_size: usize,
+    pub chunk_size: u64,
     pub checkpoints: Checkpoints,
 }
 
@@ -138,7 +138,7 @@ impl Default for TransferOptions {
     fn default() -> Self {
         let t = crate::config::TransferSection::default();
         TransferOptions {
-            chunk_size: t.chunk_size.0 as usize,
+            chunk_size: t.chunk_size.0,
             checkpoints: Checkpoints {
                 bytes: t.checkpoint_bytes.0,
                 interval: Duration::from_secs(t.checkpoint_secs),
@@ -378,6 +378,7 @@ impl Client {
         remote: &VPath,
         progress: &ProgressBar,
     ) -> Result<Transferred> {
+        let started = std::time::Instant::now();
         let local_abs = std::path::absolute(local).map_err(|e| local_err(local, e))?;
         let file = File::open(&local_abs).map_err(|e| local_err(local, e))?;
         let meta = file.metadata().map_err(|e| local_err(local, e))?;
@@ -388,6 +389,7 @@ impl Client {
             )));
         }
         let size = meta.len();
+        let chunk = self.options.chunk_size;
         let record = Record {
             version: journal::VERSION,
             kind: "upload".into(),
@@ -396,6 +398,7 @@ impl Client {
             size,
             mtime: meta.mtime(),
             inode: meta.ino(),
+            chunk,
             verified: 0,
             updated: 0,
         };
@@ -405,12 +408,21 @@ impl Client {
         ));
         let same_source = match Journal::load(&journal_path) {
             Ok(Some(prior)) => {
-                let same = prior.kind == record.kind
-                    && prior.source == record.source
-                    && prior.target == record.target
-                    && prior.size == size
-                    && prior.mtime == record.mtime
-                    && prior.inode == record.inode;
+                let same = (
+                    &prior.kind,
+                    &prior.source,
+                    &prior.target,
+                    prior.size,
+                    prior.mtime,
+                    prior.inode,
+                ) == (
+                    &record.kind,
+                    &record.source,
+                    &record.target,
+                    size,
+                    record.mtime,
+                    record.inode,
+                );
                 if !same {
                     info!(local = %local.display(), remote = %remote, "source changed since the interrupted upload; starting from 0");
                 }
@@ -427,6 +439,7 @@ impl Client {
             .request(&Request::Put {
                 path: remote.to_string(),
                 size,
+                chunk,
             })
             .await?;
         if reply.code != 150 {
@@ -438,37 +451,39 @@ impl Client {
         self.in_data = true;
         let offers = parse_offers(&reply.text)?;
         let file = Arc::new(file);
-        let (offset, hasher) = if same_source && !offers.is_empty() {
+        let (offset, tree) = if same_source && !offers.is_empty() {
             let f = file.clone();
-            tokio::task::spawn_blocking(move || transfer::choose(&f, size, &offers))
+            tokio::task::spawn_blocking(move || transfer::choose(&f, size, chunk, &offers))
                 .await
                 .map_err(|e| ClientError::Local(e.to_string()))?
                 .map_err(|e| local_err(local, e))?
         } else {
-            (0, blake3::Hasher::new())
+            (0, Tree::default())
         };
+        // A file of one chunk restarts after a failure: no journal needed.
         let mut journal = Journal::new(journal_path, record);
-        journal
-            .save(offset)
-            .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
+        if size > chunk {
+            journal
+                .save(offset)
+                .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
+        }
         info!(local = %local.display(), remote = %remote, size, resumed_at = offset, "upload starts");
         self.conn
             .write_frame(&FrameHeader::start(offset), &[])
             .await?;
         progress.set_length(size);
         progress.set_position(offset);
-        let hash = transfer::send(
-            &mut self.conn,
+        let plan = Plan {
             file,
-            offset,
             size,
-            hasher,
-            self.options.chunk_size,
-            progress,
-        )
-        .await?;
+            chunk,
+            offset,
+            tree,
+        };
+        let hash = transfer::send(&mut self.conn, plan, progress).await?;
         let reply = self.read_reply().await?;
         self.in_data = false;
+        let ms = started.elapsed().as_millis() as u64;
         match reply.code {
             226 => {
                 let theirs = reply.text.split(' ').next().unwrap_or_default();
@@ -479,7 +494,8 @@ impl Client {
                     )));
                 }
                 journal.remove();
-                info!(local = %local.display(), remote = %remote, size, resumed_at = offset, hash = %protocol::hex(&hash), "upload complete");
+                info!(local = %local.display(), remote = %remote, size, resumed_at = offset,
+                      hash = %protocol::hex(&hash), ms, "upload complete");
                 Ok(Transferred {
                     hash,
                     size,
@@ -487,10 +503,10 @@ impl Client {
                 })
             }
             code => {
-                if code == 454 {
+                if matches!(code, 452 | 454) || size <= chunk {
                     journal.remove();
                 }
-                info!(local = %local.display(), remote = %remote, code, error = %reply.text, "upload failed");
+                info!(local = %local.display(), remote = %remote, code, error = %reply.text, ms, "upload failed");
                 Err(ClientError::Server {
                     code,
                     text: reply.text,
@@ -507,6 +523,7 @@ impl Client {
         target: &Path,
         progress: &ProgressBar,
     ) -> Result<Transferred> {
+        let started = std::time::Instant::now();
         let target_abs = std::path::absolute(target).map_err(|e| local_err(target, e))?;
         let name = target_abs
             .file_name()
@@ -520,6 +537,12 @@ impl Client {
                 target.display()
             )));
         }
+        if !dir.is_dir() {
+            return Err(ClientError::Local(format!(
+                "{}: no such directory",
+                dir.display()
+            )));
+        }
         let partial = dir.join(format!(".{name}.ftpx-part"));
         let source = remote.to_string();
         let target_str = target_abs.to_string_lossy().into_owned();
@@ -528,6 +551,7 @@ impl Client {
             journal::key(&["download", &source, &target_str])
         ));
 
+        // Offer what an earlier attempt left, in that attempt's chunk size.
         let candidates = match Journal::load(&journal_path) {
             Ok(Some(prior))
                 if prior.kind == "download"
@@ -538,7 +562,7 @@ impl Client {
                 tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Candidate>> {
                     let f = File::open(&p)?;
                     let len = f.metadata()?.len();
-                    transfer::offer(&f, &[len, prior.verified.min(len)])
+                    transfer::offer(&f, prior.size, prior.chunk, &[len, prior.verified.min(len)])
                 })
                 .await
                 .map_err(|e| ClientError::Local(e.to_string()))?
@@ -556,17 +580,13 @@ impl Client {
                 candidates,
             })
             .await?;
-        let (size, offset) = match (
-            reply.code,
-            reply.text.split(' ').collect::<Vec<_>>().as_slice(),
-        ) {
-            (151, [size, offset]) => (
-                size.parse::<u64>()
-                    .map_err(|_| ClientError::Protocol("bad size in 151".into()))?,
-                offset
-                    .parse::<u64>()
-                    .map_err(|_| ClientError::Protocol("bad offset in 151".into()))?,
-            ),
+        let numbers: Vec<u64> = reply
+            .text
+            .split(' ')
+            .map_while(|w| w.parse().ok())
+            .collect();
+        let (size, offset, chunk) = match (reply.code, numbers.as_slice()) {
+            (151, &[size, offset, chunk]) => (size, offset, chunk),
             _ => {
                 return Err(ClientError::Protocol(format!(
                     "unexpected reply to GET: {} {}",
@@ -575,10 +595,11 @@ impl Client {
             }
         };
         self.in_data = true;
-        if offset > size {
-            return Err(ClientError::Protocol(
-                "server resumes past the end of the file".into(),
-            ));
+        if offset > size || !transfer::valid_chunk_size(chunk) || offset % chunk != 0 {
+            return Err(ClientError::Protocol(format!(
+                "bad download plan: {}",
+                reply.text
+            )));
         }
         let record = Record {
             version: journal::VERSION,
@@ -588,57 +609,55 @@ impl Client {
             size,
             mtime: 0,
             inode: 0,
+            chunk,
             verified: 0,
             updated: 0,
         };
         // Open the partial file at the agreed offset. If that fails, the
-        // server is already sending: the session can't be kept in step.
+        // server is already sending: the caller must drop this session (any
+        // error but a server reply tells it so).
         let p = partial.clone();
-        let opened =
-            tokio::task::spawn_blocking(move || -> std::io::Result<(File, blake3::Hasher)> {
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&p)?;
-                f.set_len(offset)?;
-                let h = transfer::prefix_hashers(&f, &[offset])?.remove(0);
-                Ok((f, h))
-            })
-            .await
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let (file, hasher) = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                return Err(ClientError::Connection(format!(
-                    "cannot write {}: {e}",
-                    partial.display()
-                )));
-            }
-        };
+        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<(File, Tree)> {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)?;
+            f.set_len(offset)?;
+            let tree = transfer::prefix_trees(&f, size, chunk, &[offset])?.remove(0);
+            Ok((f, tree))
+        })
+        .await
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+        let (file, tree) = opened.map_err(|e| local_err(&partial, e))?;
         let mut journal = Journal::new(journal_path, record);
-        if let Err(e) = journal.save(offset) {
-            return Err(ClientError::Connection(format!(
-                "cannot write the journal: {e}"
-            )));
+        if size > chunk {
+            journal
+                .save(offset)
+                .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
         }
         info!(remote = %source, local = %target.display(), size, resumed_at = offset, "download starts");
-        let mut journal = Some(journal);
+        let mut journal = (size > chunk).then_some(journal);
         progress.set_length(size);
         progress.set_position(offset);
         let file = Arc::new(file);
+        let plan = Plan {
+            file: file.clone(),
+            size,
+            chunk,
+            offset,
+            tree,
+        };
         let received = transfer::receive(
             &mut self.conn,
-            file.clone(),
-            offset,
-            size,
-            hasher,
+            plan,
             &mut journal,
             self.options.checkpoints,
             progress,
         )
         .await;
+        let ms = started.elapsed().as_millis() as u64;
         match received {
             Ok(hash) => {
                 self.in_data = false;
@@ -651,7 +670,8 @@ impl Client {
                     j.remove();
                 }
                 done.map_err(|e| local_err(target, e))?;
-                info!(remote = %source, local = %target.display(), size, resumed_at = offset, hash = %protocol::hex(&hash), "download complete");
+                info!(remote = %source, local = %target.display(), size, resumed_at = offset,
+                      hash = %protocol::hex(&hash), ms, "download complete");
                 Ok(Transferred {
                     hash,
                     size,
@@ -659,7 +679,7 @@ impl Client {
                 })
             }
             Err(Stopped { error, verified }) => {
-                if matches!(error, Error::HashMismatch) {
+                if matches!(error, Error::HashMismatch) || journal.is_none() {
                     let _ = std::fs::remove_file(&partial);
                     if let Some(j) = &journal {
                         j.remove();
@@ -670,8 +690,15 @@ impl Client {
                         let _ = j.save(verified);
                     }
                 }
-                info!(remote = %source, local = %target.display(), verified, error = %error, "download stopped");
-                if matches!(error, Error::BadChunk(_) | Error::HashMismatch) {
+                info!(remote = %source, local = %target.display(), verified, error = %error, ms, "download stopped");
+                let out_of_step = matches!(
+                    error,
+                    Error::Connection(_)
+                        | Error::Timeout(_)
+                        | Error::Protocol(_)
+                        | Error::Unavailable(_)
+                );
+                if !out_of_step {
                     // The stream was read to its end frame: still in step.
                     self.in_data = false;
                 }

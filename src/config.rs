@@ -226,9 +226,9 @@ impl Config {
             return Err("hash_concurrency must be at least 1".into());
         }
         let chunk = self.transfer.chunk_size.0;
-        if chunk == 0 || chunk > u64::from(crate::protocol::MAX_CHUNK) {
+        if !crate::transfer::valid_chunk_size(chunk) {
             return Err(format!(
-                "chunk_size must be between 1 byte and {}",
+                "chunk_size must be a power of two from 1KiB to {}",
                 Size(crate::protocol::MAX_CHUNK.into())
             ));
         }

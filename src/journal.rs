@@ -36,6 +36,9 @@ pub struct Record {
     pub mtime: i64,
     /// Inode of a local source, 0 if unknown.
     pub inode: u64,
+    /// Chunk size of the transfer (resume offers are whole chunks).
+    #[serde(default)]
+    pub chunk: u64,
     /// Bytes of the partial file known to be on disk.
     pub verified: u64,
     /// Unix time of the last save.
@@ -127,6 +130,7 @@ mod tests {
             size: 10,
             mtime: 1,
             inode: 2,
+            chunk: 1024,
             verified: 0,
             updated: 0,
         }

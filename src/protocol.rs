@@ -72,15 +72,18 @@
 //! - `HASH PATH` → `213 HASH` (BLAKE3 of a regular file).
 //! - `MKD PATH` → 257. `RMD PATH`, `DELE PATH`, `RENAME FROM TO` → 200.
 //! - `QUOTA` → `213 USED LIMIT`.
-//! - `PUT PATH SIZE` → 150 with up to two resume candidates,
-//!   `150 ready [OFFSET HASH]...`: offsets the server holds a partial copy up to, and
-//!   the BLAKE3 of its bytes `[0, OFFSET)`. The client answers with a start
-//!   frame naming 0 or one candidate whose hash matches its own prefix, then
-//!   chunk frames from there, then an end frame. The server then replies 226,
-//!   453, 454 or another error. Refused at once (552) if the file won't fit.
-//! - `GET PATH [OFFSET HASH]...` (up to two candidates: what the client
-//!   already holds) → `151 SIZE OFFSET`, then chunk frames from OFFSET (the
-//!   highest candidate the server could prove, else 0) and an end frame.
+//! - `PUT PATH SIZE [CHUNK]` (CHUNK defaults to 262144) → 150 with up to two resume candidates,
+//!   `150 ready [OFFSET PROOF]...`: offsets (whole chunks) up to which the
+//!   server holds a partial copy, each with the proof of its bytes
+//!   `[0, OFFSET)` (see `transfer`). The client answers with a start frame
+//!   naming 0 or one candidate whose proof matches its own prefix, then chunk
+//!   frames of CHUNK bytes (a power of two, 1 KiB to 4 MiB) from there, then
+//!   an end frame. The server then replies `226 HASH SIZE`, 452, 453, 454 or
+//!   another error. Refused at once (552) if the file won't fit.
+//! - `GET PATH [OFFSET PROOF]...` (up to two candidates: what the client
+//!   already holds) → `151 SIZE OFFSET CHUNK`, then chunk frames of CHUNK
+//!   bytes from OFFSET (the highest candidate the server could prove, else 0)
+//!   and an end frame.
 //! - `NOOP` → 200. `HELP` → 211. `QUIT` → 221 and close.
 //!
 //! # Frames
@@ -93,8 +96,11 @@
 //! ```
 //!
 //! - `S` start: OFFSET is where the chunks will begin; len 0; hash zero.
-//! - `C` chunk: OFFSET is the file offset of the payload, LEN its size (1 to
-//!   [`MAX_CHUNK`]), HASH its BLAKE3. Chunks are contiguous.
+//! - `C` chunk: OFFSET is the file offset of the payload (a multiple of
+//!   CHUNK), LEN its size (CHUNK, or less for the last one), HASH the BLAKE3
+//!   chaining value of the payload as the subtree at OFFSET of the file's
+//!   BLAKE3 tree, or the payload's BLAKE3 hash when it is the whole file.
+//!   Chunks are contiguous.
 //! - `E` end: OFFSET is the total size, len 0, HASH the whole file's BLAKE3.
 //! - `A` abort: the sender gives up; len 0. A reply line follows from the server.
 //!
@@ -110,6 +116,8 @@ pub const MAX_ARGS: usize = 8;
 pub const FRAME_HEADER_LEN: usize = 1 + 8 + 4 + 32;
 /// Largest chunk payload any peer accepts (the configured chunk size is smaller).
 pub const MAX_CHUNK: u32 = 4 << 20;
+/// Chunk size of a `PUT` that names none.
+pub const DEFAULT_CHUNK: u64 = 256 << 10;
 /// Resume candidates in one `PUT` reply or `GET` request.
 pub const MAX_CANDIDATES: usize = 2;
 
@@ -331,6 +339,7 @@ pub enum Request {
     Put {
         path: String,
         size: u64,
+        chunk: u64,
     },
     Get {
         path: String,
@@ -435,11 +444,12 @@ impl Request {
             },
             "QUOTA" => none("QUOTA", Request::Quota),
             "PUT" => match args {
-                [path, size] => Ok(Request::Put {
+                [path, size, rest @ ..] if rest.len() <= 1 => Ok(Request::Put {
                     path: path.clone(),
                     size: parse_u64(size)?,
+                    chunk: rest.first().map_or(Ok(DEFAULT_CHUNK), |c| parse_u64(c))?,
                 }),
-                _ => Err(wrong("PUT", "PATH SIZE")),
+                _ => Err(wrong("PUT", "PATH SIZE [CHUNK]")),
             },
             "GET" => match args {
                 [path, rest @ ..] => Ok(Request::Get {
@@ -473,7 +483,7 @@ impl Request {
             Request::Dele(p) => format!("DELE {}", q(p)),
             Request::Rename { from, to } => format!("RENAME {} {}", q(from), q(to)),
             Request::Quota => "QUOTA".into(),
-            Request::Put { path, size } => format!("PUT {} {size}", q(path)),
+            Request::Put { path, size, chunk } => format!("PUT {} {size} {chunk}", q(path)),
             Request::Get { path, candidates } => {
                 format!("GET {}{}", q(path), format_candidates(candidates))
             }
@@ -672,11 +682,13 @@ mod tests {
         assert_eq!(ok("pwd"), Request::Pwd);
         assert_eq!(ok("CWD"), Request::Cwd(None));
         assert_eq!(ok("cwd \"a b\""), Request::Cwd(Some("a b".into())));
+        assert_eq!(ok("PUT x 10"), ok(&format!("PUT x 10 {DEFAULT_CHUNK}")));
         assert_eq!(
-            ok("PUT x 10"),
+            ok("PUT x 10 1024"),
             Request::Put {
                 path: "x".into(),
-                size: 10
+                size: 10,
+                chunk: 1024,
             }
         );
         let h = blake3::hash(b"x");
@@ -695,7 +707,8 @@ mod tests {
             "DELE",
             "DELE a b",
             "PUT x",
-            "PUT x -1",
+            "PUT x 10 1024 5",
+            "PUT x -1 1024",
             "PUT x 99999999999999999999999",
             "PUT x 1e3",
             "GET f 5",
@@ -737,6 +750,7 @@ mod tests {
             Request::Put {
                 path: "p".into(),
                 size: u64::MAX,
+                chunk: 1 << 18,
             },
             Request::Get {
                 path: "g".into(),

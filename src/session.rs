@@ -20,7 +20,7 @@ use crate::journal::{self, Journal, Record};
 use crate::protocol::{self, FrameKind, ParseError, Request};
 use crate::quota;
 use crate::server::Server;
-use crate::transfer::{self, Checkpoints, Stopped};
+use crate::transfer::{self, Checkpoints, Plan, Stopped};
 use crate::users::{self, Password, User};
 
 struct LoggedIn {
@@ -298,9 +298,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let quota = user.quota;
                 self.conn.reply(213, &format!("{used} {quota}")).await
             }
-            Request::Put { path, size } => {
+            Request::Put { path, size, chunk } => {
                 let path = self.resolve(&path)?;
-                self.put(path, size).await
+                self.put(path, size, chunk).await
             }
             Request::Get { path, candidates } => {
                 let path = self.resolve(&path)?;
@@ -475,11 +475,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn put(&mut self, path: VPath, size: u64) -> Result<()> {
+    async fn put(&mut self, path: VPath, size: u64, chunk: u64) -> Result<()> {
         let user = self.logged_in()?;
         let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
         if path.is_root() {
             return Err(Error::IsADirectory("/".into()));
+        }
+        if !transfer::valid_chunk_size(chunk) {
+            return Err(Error::BadArgument(format!(
+                "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
+            )));
         }
         let lock = self
             .server
@@ -491,28 +496,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let part_path = staging.join(format!("{key}.part"));
         let journal_path = staging.join(format!("{key}.journal"));
 
-        // Check the target, reserve its space, and find what can be resumed.
-        let (p, h) = (path.clone(), home.clone());
-        let (jp, pp) = (journal_path.clone(), part_path.clone());
+        // Check the target and find what can be resumed.
+        let (p, h, jp, pp) = (
+            path.clone(),
+            home.clone(),
+            journal_path.clone(),
+            part_path.clone(),
+        );
         let (replaced, offers) = blocking(move || {
             h.check_dir(&p.parent())?;
-            if let Ok(m) = h.dir().metadata(p.rel())
-                && m.is_dir()
-            {
+            if h.dir().metadata(p.rel()).is_ok_and(|m| m.is_dir()) {
                 return Err(Error::IsADirectory(p.to_string()));
             }
-            let replaced = h.file_size(&p);
             let offers = match Journal::load(&jp) {
                 Ok(Some(r))
-                    if r.target == p.to_string() && r.size == size && r.kind == "upload" =>
+                    if r.kind == "upload" && r.target == p.to_string() && r.size == size =>
                 {
-                    match std::fs::File::open(&pp) {
-                        Ok(f) => {
-                            let len = f.metadata().map(|m| m.len()).unwrap_or(0).min(size);
-                            transfer::offer(&f, &[len, r.verified.min(len)]).unwrap_or_default()
-                        }
-                        Err(_) => vec![],
-                    }
+                    std::fs::File::open(&pp)
+                        .and_then(|f| {
+                            let len = f.metadata()?.len();
+                            transfer::offer(&f, size, chunk, &[len, r.verified.min(len)])
+                        })
+                        .unwrap_or_default()
                 }
                 Ok(_) => vec![],
                 Err(e) => {
@@ -520,20 +525,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     vec![]
                 }
             };
-            Ok((replaced, offers))
+            Ok((h.file_size(&p), offers))
         })
         .await?;
+        // Reserve the space before the first byte.
         let charge = size.saturating_sub(replaced);
         self.server.ledger.reserve(&name, &path, charge, quota).inspect_err(|e| {
             info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, error = %e, "upload refused");
         })?;
-
         self.conn
             .reply(
                 150,
                 &format!("ready{}", protocol::format_candidates(&offers)),
             )
             .await?;
+
         let start = self.conn.read_frame_header().await.and_then(|start| {
             let offered = start.offset == 0 || offers.iter().any(|c| c.offset == start.offset);
             if start.kind == FrameKind::Start && offered {
@@ -555,7 +561,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
 
-        // Open the partial file at the agreed offset and journal the attempt.
+        // Open the partial file at the agreed offset. A file of one chunk
+        // is not worth a journal: after a failure it starts again.
+        let journaled = size > chunk;
         let record = Record {
             version: journal::VERSION,
             kind: "upload".into(),
@@ -564,32 +572,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             size,
             mtime: 0,
             inode: 0,
+            chunk,
             verified: 0,
             updated: 0,
         };
-        let pp = part_path.clone();
-        let jp = journal_path.clone();
+        let (pp, jp) = (part_path.clone(), journal_path.clone());
         let opened = blocking(move || {
-            std::fs::create_dir_all(pp.parent().unwrap_or(std::path::Path::new(".")))
-                .map_err(Error::Storage)?;
+            let fail = Error::Storage;
+            if let Some(dir) = pp.parent() {
+                std::fs::create_dir_all(dir).map_err(fail)?;
+            }
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .open(&pp)
-                .map_err(Error::Storage)?;
-            file.set_len(resume_at).map_err(Error::Storage)?;
-            let hasher = transfer::prefix_hashers(&file, &[resume_at])
-                .map_err(Error::Storage)?
+                .map_err(fail)?;
+            file.set_len(resume_at).map_err(fail)?;
+            let tree = transfer::prefix_trees(&file, size, chunk, &[resume_at])
+                .map_err(fail)?
                 .remove(0);
-            file.sync_data().map_err(Error::Storage)?;
-            let mut journal = Journal::new(jp, record);
-            journal.save(resume_at).map_err(Error::Storage)?;
-            Ok((Arc::new(file), hasher, journal))
+            let journal = if journaled {
+                file.sync_data().map_err(fail)?;
+                let mut j = Journal::new(jp, record);
+                j.save(resume_at).map_err(fail)?;
+                Some(j)
+            } else {
+                None
+            };
+            Ok((Arc::new(file), tree, journal))
         })
         .await;
-        let (file, hasher, journal) = match opened {
+        let (file, tree, mut journal) = match opened {
             Ok(o) => o,
             Err(e) => {
                 // The client is already sending: the session can't stay in step.
@@ -597,43 +612,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Err(Error::Unavailable(format!("cannot store the upload: {e}")));
             }
         };
-        let mut journal = Some(journal);
         let t = &self.server.config.transfer;
         let checkpoints = Checkpoints {
             bytes: t.checkpoint_bytes.0.max(1),
             interval: Duration::from_secs(t.checkpoint_secs),
         };
+        let plan = Plan {
+            file: file.clone(),
+            size,
+            chunk,
+            offset: resume_at,
+            tree,
+        };
         let received = transfer::receive(
             &mut self.conn,
-            file.clone(),
-            resume_at,
-            size,
-            hasher,
+            plan,
             &mut journal,
             checkpoints,
             &ProgressBar::hidden(),
         )
         .await;
-        let log = |result: &str, hash: &str, verified: u64, error: &str| {
-            info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, resumed_from = resume_at,
-                  bytes = verified.saturating_sub(resume_at), hash, ms = started.elapsed().as_millis() as u64,
-                  result, error, "upload");
-        };
-        match received {
+        let outcome = match received {
             Ok(hash) => {
                 let (h, p, pp) = (home.clone(), path.clone(), part_path.clone());
-                let staging_dir = staging.clone();
                 let placed = blocking(move || {
                     file.sync_all().map_err(Error::Storage)?;
-                    let staging = cap_std::fs::Dir::open_ambient_dir(
-                        &staging_dir,
-                        cap_std::ambient_authority(),
-                    )
-                    .map_err(Error::Storage)?;
+                    let staging =
+                        cap_std::fs::Dir::open_ambient_dir(&staging, cap_std::ambient_authority())
+                            .map_err(Error::Storage)?;
                     let replaced = h.file_size(&p);
-                    let name = pp.file_name().unwrap_or_default();
                     staging
-                        .rename(name, h.dir(), p.rel())
+                        .rename(pp.file_name().unwrap_or_default(), h.dir(), p.rel())
                         .map_err(|e| Error::fs(e, &p.to_string()))?;
                     if let Ok(parent) = h.dir().open_dir(p.parent().rel()) {
                         let _ = parent.into_std_file().sync_all();
@@ -647,29 +656,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 match placed {
                     Ok(replaced) => {
                         self.server.ledger.commit(&name, &path, size, replaced);
-                        log("ok", &protocol::hex(&hash), size, "");
-                        drop(lock);
-                        self.conn
-                            .reply(226, &format!("{} {size}", protocol::hex(&hash)))
-                            .await
+                        Ok((hash, size))
                     }
                     Err(e) => {
                         let _ = std::fs::remove_file(&part_path);
                         self.server.ledger.release(&name, &path);
-                        log("failed", "", size, &e.to_string());
-                        Err(e)
+                        Err((e, size))
                     }
                 }
             }
             Err(Stopped { error, verified }) => {
-                if matches!(error, Error::HashMismatch) {
-                    // Every chunk matched but the whole did not: nothing here is worth resuming.
-                    let _ = std::fs::remove_file(&part_path);
-                    if let Some(j) = &journal {
-                        j.remove();
-                    }
-                    self.server.ledger.release(&name, &path);
-                } else {
+                let keep =
+                    journal.is_some() && !matches!(error, Error::HashMismatch | Error::StorageFull);
+                if keep {
                     // Keep what was verified for a later resume.
                     let _ = blocking(move || {
                         file.sync_data().map_err(Error::Storage)?;
@@ -679,8 +678,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Ok(())
                     })
                     .await;
+                } else {
+                    // A wrong whole, a full disk or a small file: nothing worth resuming.
+                    let _ = std::fs::remove_file(&part_path);
+                    if let Some(j) = &journal {
+                        j.remove();
+                    }
+                    self.server.ledger.release(&name, &path);
                 }
-                log("failed", "", verified, &error.to_string());
+                Err((error, verified))
+            }
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok((hash, size)) => {
+                info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, resumed_from = resume_at,
+                      bytes = size - resume_at, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
+                drop(lock);
+                self.conn
+                    .reply(226, &format!("{} {size}", protocol::hex(&hash)))
+                    .await
+            }
+            Err((error, verified)) => {
+                info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, resumed_from = resume_at,
+                      bytes = verified.saturating_sub(resume_at), ms, result = "failed", error = %error, "upload");
                 Err(error)
             }
         }
@@ -689,28 +710,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn get(&mut self, path: VPath, candidates: Vec<protocol::Candidate>) -> Result<()> {
         let home = self.logged_in()?.home.clone();
         let name = self.user_name().to_string();
+        let chunk = self.server.config.transfer.chunk_size.0;
         let started = Instant::now();
         let p = path.clone();
-        let (file, size, offset, hasher) = blocking(move || {
+        let plan = blocking(move || {
             let file = home.open_read(&p)?;
             let size = file.metadata().map_err(Error::Storage)?.len();
-            let (offset, hasher) =
-                transfer::choose(&file, size, &candidates).map_err(Error::Storage)?;
-            Ok((Arc::new(file), size, offset, hasher))
+            let (offset, tree) =
+                transfer::choose(&file, size, chunk, &candidates).map_err(Error::Storage)?;
+            Ok(Plan {
+                file: Arc::new(file),
+                size,
+                chunk,
+                offset,
+                tree,
+            })
         })
         .await?;
-        self.conn.reply(151, &format!("{size} {offset}")).await?;
-        let chunk = usize::try_from(self.server.config.transfer.chunk_size.0).unwrap_or(1 << 18);
-        let sent = transfer::send(
-            &mut self.conn,
-            file,
-            offset,
-            size,
-            hasher,
-            chunk,
-            &ProgressBar::hidden(),
-        )
-        .await;
+        let (size, offset) = (plan.size, plan.offset);
+        self.conn
+            .reply(151, &format!("{size} {offset} {chunk}"))
+            .await?;
+        let sent = transfer::send(&mut self.conn, plan, &ProgressBar::hidden()).await;
         let ms = started.elapsed().as_millis() as u64;
         match sent {
             Ok(hash) => {

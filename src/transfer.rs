@@ -1,155 +1,270 @@
 //! Moving one file as chunk frames, in either direction, for the server and
 //! the client alike.
 //!
-//! The sender reads a chunk, hashes it with BLAKE3 and sends it with its
-//! hash; the receiver checks that hash before the bytes are written or
-//! counted. Both ends also hash the whole file as it passes, and the sender's
-//! whole-file hash travels in the end frame for the receiver to compare.
+//! # Proof
+//!
+//! A file of SIZE bytes moves in chunks of a power-of-two CHUNK size (the
+//! last may be shorter), each at an offset that is a multiple of CHUNK. Each
+//! chunk is a subtree of the file's BLAKE3 tree, and its frame carries that
+//! subtree's BLAKE3 chaining value ([`chunk_hash`]; for a file of one chunk,
+//! simply its BLAKE3 hash). The receiver recomputes it before the bytes are
+//! written or counted. Both ends then join the chunk hashes into the file's
+//! BLAKE3 hash ([`Tree`]), the same value `b3sum` prints, and the receiver
+//! compares it with the sender's in the end frame. Every byte is hashed
+//! once per end.
+//!
+//! # Pipeline
 //!
 //! Disk, hashing and TLS overlap: the sender reads and hashes the next chunk
-//! on the blocking pool while the current one is written to the connection;
-//! the receiver verifies and writes one chunk on the blocking pool while it
-//! reads the next from the connection. Two buffers per transfer, reused.
+//! on the blocking pool while the current one goes to the connection; the
+//! receiver verifies and writes one chunk on the blocking pool while it reads
+//! the next from the connection. Two buffers per transfer, reused.
 //!
-//! Resuming: the receiver names offsets it holds (its partial file's length,
-//! and the journal's last durable offset) with the BLAKE3 of the bytes before
-//! each; the sender hashes its own prefix and resumes at the highest offset
-//! that matches, else at 0. Nothing is ever appended to bytes that were not
-//! proven equal to the source.
+//! # Resume
+//!
+//! The receiver offers offsets it holds (its partial file's length and the
+//! journal's last durable offset, rounded down to whole chunks) with a proof
+//! of the bytes before each: a digest of the hash tree built over them
+//! ([`Tree::proof`]). The sender builds the same over its own bytes and
+//! resumes at the highest offset whose proof matches, else at 0. Nothing is
+//! ever appended to bytes that were not proven equal to the source.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::journal::Journal;
-use crate::protocol::{Candidate, FrameHeader, FrameKind};
+use crate::protocol::{Candidate, FrameHeader, FrameKind, MAX_CANDIDATES, MAX_CHUNK};
 
-/// When the receiver makes its progress durable.
-#[derive(Debug, Clone, Copy)]
-pub struct Checkpoints {
-    pub bytes: u64,
-    pub interval: Duration,
+/// Whether `chunk` can be a chunk size: a power of two from BLAKE3's own
+/// 1 KiB chunk up to [`MAX_CHUNK`].
+pub fn valid_chunk_size(chunk: u64) -> bool {
+    chunk.is_power_of_two() && (blake3::CHUNK_LEN as u64..=u64::from(MAX_CHUNK)).contains(&chunk)
 }
 
-/// Hashes `file` from the start up to each of `offsets` (each at most the
-/// file's length) and returns, for each, the BLAKE3 state at that point,
-/// in the order given. One pass over the longest prefix.
-pub fn prefix_hashers(file: &File, offsets: &[u64]) -> std::io::Result<Vec<blake3::Hasher>> {
+/// The hash a chunk frame carries: the BLAKE3 chaining value of `data` as
+/// the subtree at `offset` of a file of `size` bytes, or, when `data` is the
+/// whole file, its BLAKE3 hash.
+///
+/// A chunk that cannot be a subtree there (empty, off the 1 KiB grid, or
+/// larger than the offset allows) gets all zeros, which no real chunk has;
+/// receivers check a chunk's place before its hash anyway.
+pub fn chunk_hash(size: u64, offset: u64, data: &[u8]) -> ChainingValue {
+    if offset == 0 && data.len() as u64 == size {
+        return *blake3::hash(data).as_bytes();
+    }
+    let on_grid = offset.is_multiple_of(blake3::CHUNK_LEN as u64);
+    let fits =
+        || blake3::hazmat::max_subtree_len(offset).is_none_or(|max| data.len() as u64 <= max);
+    if data.is_empty() || !on_grid || !fits() {
+        return [0; 32];
+    }
+    blake3::Hasher::new()
+        .set_input_offset(offset)
+        .update(data)
+        .finalize_non_root()
+}
+
+/// Joins chunk hashes, in file order, into the file's BLAKE3 hash. All
+/// chunks but the last have the same power-of-two size.
+#[derive(Debug, Clone, Default)]
+pub struct Tree {
+    /// Roots of the completed subtrees to the left, largest first.
+    stack: Vec<ChainingValue>,
+    /// The newest chunk's hash: not merged until it is known not to be the last.
+    last: Option<ChainingValue>,
+    /// Chunks merged into the stack so far.
+    merged: u64,
+}
+
+impl Tree {
+    pub fn push(&mut self, chunk: ChainingValue) {
+        if let Some(mut cv) = self.last.replace(chunk) {
+            // The previous chunk is not the last one: fold the subtrees it completes.
+            self.merged += 1;
+            let mut total = self.merged;
+            while total & 1 == 0 {
+                let Some(left) = self.stack.pop() else { break };
+                cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+                total >>= 1;
+            }
+            self.stack.push(cv);
+        }
+    }
+
+    /// The BLAKE3 hash of the whole file.
+    pub fn finalize(&self) -> blake3::Hash {
+        let Some(mut cv) = self.last else {
+            return blake3::hash(b"");
+        };
+        // A file of one chunk: its chunk hash is the file's hash.
+        for (i, left) in self.stack.iter().enumerate().rev() {
+            if i == 0 {
+                return merge_subtrees_root(left, &cv, Mode::Hash);
+            }
+            cv = merge_subtrees_non_root(left, &cv, Mode::Hash);
+        }
+        blake3::Hash::from_bytes(cv)
+    }
+
+    /// A digest of the chunks pushed so far, to prove two prefixes equal.
+    pub fn proof(&self) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_derive_key("ftpx 2026 resume proof");
+        h.update(&self.merged.to_le_bytes());
+        for cv in &self.stack {
+            h.update(cv);
+        }
+        h.update(self.last.as_ref().map_or(&[0u8; 32][..], |l| &l[..]));
+        h.finalize()
+    }
+}
+
+/// The trees of `file`'s prefixes `[0, offset)` for each of `offsets` (each
+/// a multiple of `chunk` within the file), in the order given, with one pass
+/// over the longest prefix.
+pub fn prefix_trees(
+    file: &File,
+    size: u64,
+    chunk: u64,
+    offsets: &[u64],
+) -> std::io::Result<Vec<Tree>> {
     let mut order: Vec<usize> = (0..offsets.len()).collect();
     order.sort_by_key(|&i| offsets[i]);
-    let mut out = vec![blake3::Hasher::new(); offsets.len()];
-    let mut hasher = blake3::Hasher::new();
+    let mut out = vec![Tree::default(); offsets.len()];
+    let mut tree = Tree::default();
     let mut pos = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; usize::try_from(chunk).unwrap_or(1 << 18)];
     for i in order {
-        let target = offsets[i];
-        while pos < target {
-            let want = usize::try_from((target - pos).min(buf.len() as u64)).unwrap_or(buf.len());
-            file.read_exact_at(&mut buf[..want], pos)?;
-            hasher.update(&buf[..want]);
-            pos += want as u64;
+        while pos < offsets[i] {
+            let len = usize::try_from((offsets[i] - pos).min(chunk)).unwrap_or(buf.len());
+            file.read_exact_at(&mut buf[..len], pos)?;
+            tree.push(chunk_hash(size, pos, &buf[..len]));
+            pos += len as u64;
         }
-        out[i] = hasher.clone();
+        out[i] = tree.clone();
     }
     Ok(out)
 }
 
-/// The receiver's resume offers: for each distinct offset, its prefix hash.
-pub fn offer(file: &File, offsets: &[u64]) -> std::io::Result<Vec<Candidate>> {
-    let mut offsets: Vec<u64> = offsets.iter().copied().filter(|&o| o > 0).collect();
+/// The receiver's resume offers: `offsets` rounded down to whole chunks,
+/// highest first, with their proofs.
+pub fn offer(
+    file: &File,
+    size: u64,
+    chunk: u64,
+    offsets: &[u64],
+) -> std::io::Result<Vec<Candidate>> {
+    if !valid_chunk_size(chunk) {
+        return Ok(vec![]);
+    }
+    let mut offsets: Vec<u64> = offsets
+        .iter()
+        .map(|&o| o.min(size) / chunk * chunk)
+        .filter(|&o| o > 0)
+        .collect();
     offsets.sort_unstable_by(|a, b| b.cmp(a));
     offsets.dedup();
-    offsets.truncate(crate::protocol::MAX_CANDIDATES);
-    let hashers = prefix_hashers(file, &offsets)?;
+    offsets.truncate(MAX_CANDIDATES);
+    let trees = prefix_trees(file, size, chunk, &offsets)?;
     Ok(offsets
         .into_iter()
-        .zip(hashers)
-        .map(|(offset, h)| Candidate {
+        .zip(trees)
+        .map(|(offset, t)| Candidate {
             offset,
-            hash: h.finalize(),
+            hash: t.proof(),
         })
         .collect())
 }
 
-/// The sender's choice: the highest candidate within `size` whose hash
-/// matches `file`'s own prefix, with the hasher state there; else 0.
+/// The sender's choice: the highest candidate (a whole number of chunks
+/// within `size`) whose proof matches `file`'s own prefix, with the tree
+/// there; else 0 and an empty tree.
 pub fn choose(
     file: &File,
     size: u64,
+    chunk: u64,
     candidates: &[Candidate],
-) -> std::io::Result<(u64, blake3::Hasher)> {
+) -> std::io::Result<(u64, Tree)> {
     let usable: Vec<&Candidate> = candidates
         .iter()
-        .filter(|c| c.offset > 0 && c.offset <= size)
+        .filter(|c| c.offset > 0 && c.offset <= size && c.offset % chunk == 0)
         .collect();
     let offsets: Vec<u64> = usable.iter().map(|c| c.offset).collect();
-    let hashers = prefix_hashers(file, &offsets)?;
+    let trees = prefix_trees(file, size, chunk, &offsets)?;
     let best = usable
         .iter()
-        .zip(hashers)
-        .filter(|(c, h)| h.finalize() == c.hash)
+        .zip(trees)
+        .filter(|(c, t)| t.proof() == c.hash)
         .max_by_key(|(c, _)| c.offset);
     Ok(match best {
-        Some((c, h)) => (c.offset, h),
-        None => (0, blake3::Hasher::new()),
+        Some((c, t)) => (c.offset, t),
+        None => (0, Tree::default()),
     })
 }
 
-/// Sends `file[offset..size]` as chunk frames and an end frame. `hasher`
-/// holds the state after `[0, offset)`. Returns the whole file's hash.
-#[allow(clippy::too_many_arguments)]
+/// One side of a transfer: the file, its size and chunk size.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub file: Arc<File>,
+    pub size: u64,
+    pub chunk: u64,
+    /// Where the chunks start, and the tree of the bytes before.
+    pub offset: u64,
+    pub tree: Tree,
+}
+
+/// Sends `file[offset..size]` as chunk frames and an end frame. Returns
+/// the whole file's hash.
 pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
-    file: Arc<File>,
-    offset: u64,
-    size: u64,
-    hasher: blake3::Hasher,
-    chunk_size: usize,
+    plan: Plan,
     progress: &ProgressBar,
 ) -> Result<blake3::Hash> {
-    type Read = (Vec<u8>, blake3::Hasher, std::io::Result<blake3::Hash>);
-    let read =
-        |file: Arc<File>, mut buf: Vec<u8>, mut hasher: blake3::Hasher, at: u64, len: usize| {
-            tokio::task::spawn_blocking(move || -> Read {
-                buf.resize(len, 0);
-                match file.read_exact_at(&mut buf, at) {
-                    Ok(()) => {
-                        let chunk_hash = blake3::hash(&buf);
-                        hasher.update(&buf);
-                        (buf, hasher, Ok(chunk_hash))
-                    }
-                    Err(e) => (buf, hasher, Err(e)),
-                }
-            })
-        };
-    let len_at =
-        |at: u64| usize::try_from((size - at).min(chunk_size as u64)).unwrap_or(chunk_size);
+    struct Read {
+        buf: Vec<u8>,
+        tree: Tree,
+        hash: std::io::Result<ChainingValue>,
+    }
+    let Plan {
+        file,
+        size,
+        chunk,
+        offset,
+        tree,
+    } = plan;
+    let read = |mut buf: Vec<u8>, mut tree: Tree, at: u64| {
+        let file = file.clone();
+        let len = usize::try_from((size - at).min(chunk)).unwrap_or(0);
+        tokio::task::spawn_blocking(move || {
+            buf.resize(len, 0);
+            let hash = file.read_exact_at(&mut buf, at).map(|()| {
+                let h = chunk_hash(size, at, &buf);
+                tree.push(h);
+                h
+            });
+            Read { buf, tree, hash }
+        })
+    };
 
     let mut pos = offset;
-    let mut spare = Vec::with_capacity(chunk_size);
-    let mut hasher = Some(hasher);
-    let mut pending = if pos < size {
-        Some(read(
-            file.clone(),
-            Vec::with_capacity(chunk_size),
-            hasher.take().unwrap_or_default(),
-            pos,
-            len_at(pos),
-        ))
-    } else {
-        None
-    };
+    let mut spare = Vec::new();
+    let mut pending = (pos < size).then(|| read(Vec::new(), tree.clone(), pos));
+    let mut tree = tree;
     while let Some(task) = pending.take() {
-        let (buf, h, result) = task
+        let done = task
             .await
             .map_err(|e| Error::Storage(std::io::Error::other(e)))?;
-        let chunk_hash = match result {
+        let hash = match done.hash {
             Ok(hash) => hash,
             Err(e) => {
                 // The source shrank or can't be read: tell the receiver, then report.
@@ -158,33 +273,34 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(Error::Storage(e));
             }
         };
-        let this = pos;
-        pos += buf.len() as u64;
+        let at = pos;
+        pos += done.buf.len() as u64;
         if pos < size {
-            pending = Some(read(
-                file.clone(),
-                std::mem::take(&mut spare),
-                h,
-                pos,
-                len_at(pos),
-            ));
+            pending = Some(read(std::mem::take(&mut spare), done.tree, pos));
         } else {
-            hasher = Some(h);
+            tree = done.tree;
         }
         let header = FrameHeader {
             kind: FrameKind::Chunk,
-            offset: this,
-            len: u32::try_from(buf.len()).unwrap_or(u32::MAX),
-            hash: *chunk_hash.as_bytes(),
+            offset: at,
+            len: u32::try_from(done.buf.len()).unwrap_or(u32::MAX),
+            hash,
         };
-        conn.write_frame(&header, &buf).await?;
-        progress.inc(buf.len() as u64);
-        spare = buf;
+        conn.write_frame(&header, &done.buf).await?;
+        progress.inc(done.buf.len() as u64);
+        spare = done.buf;
     }
-    let hash = hasher.unwrap_or_default().finalize();
+    let hash = tree.finalize();
     conn.write_frame(&FrameHeader::end(size, hash), &[]).await?;
     conn.flush().await?;
     Ok(hash)
+}
+
+/// When the receiver makes its progress durable.
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpoints {
+    pub bytes: u64,
+    pub interval: Duration,
 }
 
 /// Why a receive stopped short, and how many bytes of the partial file are
@@ -195,264 +311,303 @@ pub struct Stopped {
     pub verified: u64,
 }
 
-/// Receives chunk frames into `file` from `offset` until the end frame; a
-/// file of exactly `size` bytes is expected. `hasher` holds the state after
-/// `[0, offset)`. Progress is made durable at `checkpoints` through
-/// `journal`. Returns the whole file's hash once it matched the sender's.
-///
-/// A chunk whose hash does not match is never written: the rest of the
-/// stream is read and dropped, and [`Error::BadChunk`] returned, leaving the
-/// partial file good up to that chunk. A chunk past `size` or out of order
-/// is a protocol error (the connection cannot be trusted to be in step).
-#[allow(clippy::too_many_arguments)]
-pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    file: Arc<File>,
-    offset: u64,
-    size: u64,
-    hasher: blake3::Hasher,
-    journal: &mut Option<Journal>,
-    checkpoints: Checkpoints,
-    progress: &ProgressBar,
-) -> std::result::Result<blake3::Hash, Stopped> {
-    type Write = (
-        Vec<u8>,
-        blake3::Hasher,
-        Option<Journal>,
-        std::io::Result<()>,
-    );
-    let mut pos = offset;
-    let mut written = offset;
-    let mut durable = offset;
-    let mut last_checkpoint = Instant::now();
-    let mut hasher = Some(hasher);
-    let mut spare: Vec<u8> = Vec::new();
-    let mut pending: Option<(tokio::task::JoinHandle<Write>, u64)> = None;
-    let mut bad_chunk: Option<u64> = None;
+/// A write of one verified chunk on the blocking pool, and what it hands back.
+struct Write {
+    buf: Vec<u8>,
+    journal: Option<Journal>,
+    result: std::io::Result<()>,
+}
 
-    // Waits for the write under way, and takes back its buffer and state.
-    async fn settle(
-        pending: &mut Option<(tokio::task::JoinHandle<Write>, u64)>,
-        spare: &mut Vec<u8>,
-        hasher: &mut Option<blake3::Hasher>,
-        journal: &mut Option<Journal>,
-        written: &mut u64,
-        durable: &mut u64,
-    ) -> std::io::Result<()> {
-        let Some((task, end)) = pending.take() else {
-            return Ok(());
+/// The receiving end of one transfer.
+struct Receiver<'a> {
+    plan: Plan,
+    journal: &'a mut Option<Journal>,
+    checkpoints: Checkpoints,
+    /// Bytes received from the sender so far.
+    pos: u64,
+    /// Bytes verified and written.
+    written: u64,
+    /// Bytes the journal claims (fsynced).
+    durable: u64,
+    last_checkpoint: Instant,
+    spare: Vec<u8>,
+    pending: Option<(JoinHandle<Write>, u64)>,
+    /// Once set, the rest of the stream is read and dropped.
+    failed: Option<Error>,
+}
+
+impl Receiver<'_> {
+    /// Waits for the write under way and takes back its buffer and journal.
+    async fn settle(&mut self) {
+        let Some((task, end)) = self.pending.take() else {
+            return;
         };
-        let (buf, h, j, result) = task.await.map_err(std::io::Error::other)?;
-        *spare = buf;
-        *hasher = Some(h);
-        let checkpointed = j.is_some();
-        if let Some(j) = j {
-            *journal = Some(j);
+        let done = match task.await {
+            Ok(done) => done,
+            Err(e) => {
+                self.failed
+                    .get_or_insert(Error::Storage(std::io::Error::other(e)));
+                return;
+            }
+        };
+        self.spare = done.buf;
+        let checkpointed = done.journal.is_some();
+        if let Some(j) = done.journal {
+            *self.journal = Some(j);
         }
-        result?;
-        *written = end;
-        if checkpointed && journal.as_ref().is_some_and(|j| j.record.verified == end) {
-            *durable = end;
+        match done.result {
+            Ok(()) => {
+                self.written = end;
+                if checkpointed {
+                    self.durable = end;
+                }
+            }
+            Err(e) => {
+                self.failed.get_or_insert(Error::fs(e, "upload"));
+            }
+        }
+    }
+
+    /// Checks a chunk's place and size; an error here means the peer is out of step.
+    fn check_place(&self, header: &FrameHeader) -> Result<()> {
+        let len = u64::from(header.len);
+        let end = self.pos.checked_add(len);
+        let fits = end.is_some_and(|end| end <= self.plan.size);
+        let full_or_last =
+            len == self.plan.chunk || (len < self.plan.chunk && end == Some(self.plan.size));
+        if header.offset != self.pos || !fits || !full_or_last {
+            return Err(Error::Protocol(format!(
+                "chunk at {} of {} bytes does not follow {} in chunks of {} within {}",
+                header.offset, len, self.pos, self.plan.chunk, self.plan.size
+            )));
         }
         Ok(())
     }
 
-    let fail = |error: Error, verified: u64| Stopped { error, verified };
-    loop {
+    async fn chunk<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        header: &FrameHeader,
+        progress: &ProgressBar,
+    ) -> Result<()> {
+        self.check_place(header)?;
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.resize(header.len as usize, 0);
+        conn.read_payload(&mut buf).await?;
+        let at = self.pos;
+        self.pos += u64::from(header.len);
+        if self.failed.is_some() {
+            self.spare = buf;
+            return Ok(());
+        }
+        let hash = chunk_hash(self.plan.size, at, &buf);
+        if hash != header.hash {
+            self.failed = Some(Error::BadChunk(at));
+            self.spare = buf;
+            return Ok(());
+        }
+        self.plan.tree.push(hash);
+        self.settle().await;
+        if self.failed.is_some() {
+            return Ok(());
+        }
+        let end = self.pos;
+        let checkpoint = end - self.durable >= self.checkpoints.bytes
+            || self.last_checkpoint.elapsed() >= self.checkpoints.interval;
+        let mut journal = if checkpoint {
+            self.journal.take()
+        } else {
+            None
+        };
+        if checkpoint {
+            self.last_checkpoint = Instant::now();
+        }
+        let file = self.plan.file.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let result = file
+                .write_all_at(&buf, at)
+                .and_then(|()| match journal.as_mut() {
+                    Some(j) => {
+                        file.sync_data()?;
+                        j.save(end)
+                    }
+                    None => Ok(()),
+                });
+            Write {
+                buf,
+                journal,
+                result,
+            }
+        });
+        self.pending = Some((task, end));
+        progress.inc(u64::from(header.len));
+        Ok(())
+    }
+}
+
+/// Receives chunk frames into the plan's file from its offset until the end
+/// frame. Progress is made durable at `checkpoints` through `journal`.
+/// Returns the whole file's hash once it matched the sender's.
+///
+/// A chunk whose hash does not match is never written, nor anything after
+/// it; a write that fails stops the writing too. Either way the rest of the
+/// stream is read and dropped, so the session stays in step, and the error
+/// ([`Error::BadChunk`], storage full...) returned with the good length. A
+/// chunk out of place is a protocol error: the peer is out of step.
+pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    plan: Plan,
+    journal: &mut Option<Journal>,
+    checkpoints: Checkpoints,
+    progress: &ProgressBar,
+) -> std::result::Result<blake3::Hash, Stopped> {
+    let offset = plan.offset;
+    let mut r = Receiver {
+        plan,
+        journal,
+        checkpoints,
+        pos: offset,
+        written: offset,
+        durable: offset,
+        last_checkpoint: Instant::now(),
+        spare: Vec::new(),
+        pending: None,
+        failed: None,
+    };
+    let outcome = loop {
         let header = match conn.read_frame_header().await {
             Ok(h) => h,
-            Err(e) => {
-                let _ = settle(
-                    &mut pending,
-                    &mut spare,
-                    &mut hasher,
-                    journal,
-                    &mut written,
-                    &mut durable,
-                )
-                .await;
-                return Err(fail(e, written));
-            }
+            Err(e) => break Err(e),
         };
         match header.kind {
             FrameKind::Chunk => {
-                let len = u64::from(header.len);
-                if header.offset != pos || pos.checked_add(len).is_none_or(|end| end > size) {
-                    let _ = settle(
-                        &mut pending,
-                        &mut spare,
-                        &mut hasher,
-                        journal,
-                        &mut written,
-                        &mut durable,
-                    )
-                    .await;
-                    let why = format!(
-                        "chunk at {} of {} bytes does not follow {} within {}",
-                        header.offset, len, pos, size
-                    );
-                    return Err(fail(Error::Protocol(why), written));
+                if let Err(e) = r.chunk(conn, &header, progress).await {
+                    break Err(e);
                 }
-                let mut buf = std::mem::take(&mut spare);
-                buf.resize(header.len as usize, 0);
-                if let Err(e) = conn.read_payload(&mut buf).await {
-                    let _ = settle(
-                        &mut pending,
-                        &mut spare,
-                        &mut hasher,
-                        journal,
-                        &mut written,
-                        &mut durable,
-                    )
-                    .await;
-                    return Err(fail(e, written));
-                }
-                pos += len;
-                if bad_chunk.is_some() {
-                    spare = buf;
-                    continue;
-                }
-                if blake3::hash(&buf).as_bytes() != &header.hash {
-                    bad_chunk = Some(header.offset);
-                    spare = buf;
-                    continue;
-                }
-                if let Err(e) = settle(
-                    &mut pending,
-                    &mut spare,
-                    &mut hasher,
-                    journal,
-                    &mut written,
-                    &mut durable,
-                )
-                .await
-                {
-                    return Err(fail(Error::fs(e, "upload"), written));
-                }
-                let checkpoint = pos - durable >= checkpoints.bytes
-                    || last_checkpoint.elapsed() >= checkpoints.interval;
-                let journal_now = if checkpoint { journal.take() } else { None };
-                if checkpoint {
-                    last_checkpoint = Instant::now();
-                }
-                let file = file.clone();
-                let mut h = hasher.take().unwrap_or_default();
-                let at = header.offset;
-                let end = pos;
-                let task = tokio::task::spawn_blocking(move || -> Write {
-                    let mut j = journal_now;
-                    let result = file.write_all_at(&buf, at).and_then(|()| {
-                        h.update(&buf);
-                        match j.as_mut() {
-                            Some(j) => {
-                                file.sync_data()?;
-                                j.save(end)
-                            }
-                            None => Ok(()),
-                        }
-                    });
-                    (buf, h, j, result)
-                });
-                pending = Some((task, end));
-                progress.inc(len);
             }
             FrameKind::End => {
-                if let Err(e) = settle(
-                    &mut pending,
-                    &mut spare,
-                    &mut hasher,
-                    journal,
-                    &mut written,
-                    &mut durable,
-                )
-                .await
-                {
-                    return Err(fail(Error::fs(e, "upload"), written));
+                r.settle().await;
+                if let Some(e) = r.failed.take() {
+                    break Err(e);
                 }
-                if let Some(at) = bad_chunk {
-                    return Err(fail(Error::BadChunk(at), written));
-                }
-                if header.offset != size || pos != size {
-                    let why = format!(
+                if header.offset != r.plan.size || r.pos != r.plan.size {
+                    break Err(Error::Protocol(format!(
                         "end frame at {} but {} of {} bytes arrived",
-                        header.offset, pos, size
-                    );
-                    return Err(fail(Error::Protocol(why), written));
+                        header.offset, r.pos, r.plan.size
+                    )));
                 }
-                let hash = hasher.take().unwrap_or_default().finalize();
+                let hash = r.plan.tree.finalize();
                 if hash.as_bytes() != &header.hash {
-                    return Err(fail(Error::HashMismatch, written));
+                    break Err(Error::HashMismatch);
                 }
-                return Ok(hash);
+                break Ok(hash);
             }
-            FrameKind::Abort => {
-                let _ = settle(
-                    &mut pending,
-                    &mut spare,
-                    &mut hasher,
-                    journal,
-                    &mut written,
-                    &mut durable,
-                )
-                .await;
-                return Err(fail(
-                    Error::Unavailable("the sender gave up".into()),
-                    written,
-                ));
-            }
-            FrameKind::Start => {
-                let _ = settle(
-                    &mut pending,
-                    &mut spare,
-                    &mut hasher,
-                    journal,
-                    &mut written,
-                    &mut durable,
-                )
-                .await;
-                return Err(fail(
-                    Error::Protocol("unexpected start frame".into()),
-                    written,
-                ));
-            }
+            FrameKind::Abort => break Err(Error::Unavailable("the sender gave up".into())),
+            FrameKind::Start => break Err(Error::Protocol("unexpected start frame".into())),
         }
-    }
+    };
+    r.settle().await;
+    outcome.map_err(|error| Stopped {
+        error,
+        verified: r.written,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::Write as _;
+
+    fn tree_hash(data: &[u8], chunk: usize) -> blake3::Hash {
+        let mut t = Tree::default();
+        let size = data.len() as u64;
+        for (i, c) in data.chunks(chunk).enumerate() {
+            t.push(chunk_hash(size, (i * chunk) as u64, c));
+        }
+        t.finalize()
+    }
+
+    #[test]
+    fn chunk_trees_give_the_plain_blake3_hash() {
+        let data: Vec<u8> = (0..(9 << 16) + 77u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        for chunk in [1024, 4096, 65536] {
+            for len in [
+                0,
+                1,
+                1023,
+                1024,
+                1025,
+                chunk - 1,
+                chunk,
+                chunk + 1,
+                2 * chunk,
+                3 * chunk + 7,
+                5 * chunk,
+                8 * chunk,
+                data.len(),
+            ] {
+                let len = len.min(data.len());
+                assert_eq!(
+                    tree_hash(&data[..len], chunk),
+                    blake3::hash(&data[..len]),
+                    "len {len} chunk {chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn impossible_chunks_hash_to_zeros_without_panicking() {
+        assert_eq!(chunk_hash(10_000, 0, &[]), [0; 32]);
+        assert_eq!(chunk_hash(10_000, 1000, &[1; 10]), [0; 32]);
+        assert_eq!(chunk_hash(1 << 20, 1024, &[1; 4096]), [0; 32]);
+        assert_ne!(chunk_hash(1 << 20, 4096, &[1; 4096]), [0; 32]);
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert!(
+            valid_chunk_size(1024)
+                && valid_chunk_size(1 << 18)
+                && valid_chunk_size(MAX_CHUNK.into())
+        );
+        for bad in [0, 1, 512, 1000, 3 << 10, u64::from(MAX_CHUNK) * 2] {
+            assert!(!valid_chunk_size(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn prefix_proofs() {
+        let chunk = 4096u64;
         let mut f = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let size = data.len() as u64;
         f.write_all(&data).unwrap();
-        let hs = prefix_hashers(&f, &[2_500_000, 10, 0]).unwrap();
-        assert_eq!(hs[0].clone().finalize(), blake3::hash(&data[..2_500_000]));
-        assert_eq!(hs[1].clone().finalize(), blake3::hash(&data[..10]));
-        assert_eq!(hs[2].clone().finalize(), blake3::hash(b""));
-
-        let offers = offer(&f, &[1000, 0, 1000, 20]).unwrap();
+        let offers = offer(&f, size, chunk, &[50_000, 0, 50_000, 9000]).unwrap();
         assert_eq!(
             offers.iter().map(|c| c.offset).collect::<Vec<_>>(),
-            vec![1000, 20]
+            vec![49_152, 8192]
         );
-        // The sender with the same bytes takes the highest offer.
-        let (at, h) = choose(&f, data.len() as u64, &offers).unwrap();
-        assert_eq!(at, 1000);
-        assert_eq!(h.finalize(), blake3::hash(&data[..1000]));
-        // A sender whose bytes differ after 20 resumes at 20; before, at 0.
+        // The sender with the same bytes takes the highest offer, and its tree continues correctly.
+        let (at, mut tree) = choose(&f, size, chunk, &offers).unwrap();
+        assert_eq!(at, 49_152);
+        for (i, c) in data[at as usize..].chunks(chunk as usize).enumerate() {
+            tree.push(chunk_hash(size, at + (i as u64) * chunk, c));
+        }
+        assert_eq!(tree.finalize(), blake3::hash(&data));
+        // A sender whose bytes differ after 8192 resumes there; before, at 0.
         let mut g = tempfile::tempfile().unwrap();
         let mut other = data.clone();
-        other[500] ^= 1;
+        other[20_000] ^= 1;
         g.write_all(&other).unwrap();
-        assert_eq!(choose(&g, data.len() as u64, &offers).unwrap().0, 20);
+        assert_eq!(choose(&g, size, chunk, &offers).unwrap().0, 8192);
         other[5] ^= 1;
         g.write_all_at(&other, 0).unwrap();
-        assert_eq!(choose(&g, data.len() as u64, &offers).unwrap().0, 0);
-        // An offer beyond the sender's size is never taken.
-        assert_eq!(choose(&f, 999, &offers).unwrap().0, 20);
+        assert_eq!(choose(&g, size, chunk, &offers).unwrap().0, 0);
+        // Offers beyond the sender's size or off the chunk grid are never taken.
+        assert_eq!(choose(&f, 40_000, chunk, &offers).unwrap().0, 8192);
+        assert_eq!(choose(&f, size, 8192 * 2, &offers).unwrap().0, 0);
     }
 }

@@ -1293,7 +1293,8 @@ async fn uploads_in_flight_are_invisible_to_the_user() {
     let mut a = j.tx("ann").await;
     let mut b = j.tx("ann").await;
     let body = data(300_000, 3);
-    let reply = a.ask(&format!("PUT big.bin {}", body.len())).await;
+    // Chunks of 64 KiB: the first two now, the rest once the checks are done.
+    let reply = a.ask(&format!("PUT big.bin {} 65536", body.len())).await;
     assert_eq!(code(&reply), 150, "{reply}");
     let chunk = |at: usize, len: usize| {
         let part = &body[at..at + len];
@@ -1301,7 +1302,7 @@ async fn uploads_in_flight_are_invisible_to_the_user() {
             kind: FrameKind::Chunk,
             offset: at as u64,
             len: len as u32,
-            hash: *blake3::hash(part).as_bytes(),
+            hash: ftpx::transfer::chunk_hash(body.len() as u64, at as u64, part),
         }
         .encode()
         .to_vec();
@@ -1309,7 +1310,8 @@ async fn uploads_in_flight_are_invisible_to_the_user() {
         out
     };
     let mut first = FrameHeader::start(0).encode().to_vec();
-    first.extend(chunk(0, 100_000));
+    first.extend(chunk(0, 65_536));
+    first.extend(chunk(65_536, 65_536));
     a.raw.send(&first).await;
 
     // Wait until the server holds part of the upload in its staging area.
@@ -1322,7 +1324,7 @@ async fn uploads_in_flight_are_invisible_to_the_user() {
             .flatten()
             .any(|e| {
                 e.path().extension().is_some_and(|x| x == "part")
-                    && e.metadata().is_ok_and(|m| m.len() >= 100_000)
+                    && e.metadata().is_ok_and(|m| m.len() >= 131_072)
             });
         if held {
             break;
@@ -1357,8 +1359,9 @@ async fn uploads_in_flight_are_invisible_to_the_user() {
     }
 
     // Finished, it appears whole.
-    let mut rest = chunk(100_000, 100_000);
-    rest.extend(chunk(200_000, 100_000));
+    let mut rest = chunk(131_072, 65_536);
+    rest.extend(chunk(196_608, 65_536));
+    rest.extend(chunk(262_144, 300_000 - 262_144));
     rest.extend_from_slice(&FrameHeader::end(body.len() as u64, blake3::hash(&body)).encode());
     a.raw.send(&rest).await;
     let done = a.raw.reply().await.unwrap();

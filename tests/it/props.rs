@@ -72,6 +72,22 @@ proptest! {
     }
 
     #[test]
+    fn chunk_trees_equal_plain_blake3(len in 0usize..300_000, shift in 10u32..17, seed in any::<u8>()) {
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let chunk = 1usize << shift;
+        let mut tree = ftpx::transfer::Tree::default();
+        for (i, c) in data.chunks(chunk).enumerate() {
+            tree.push(ftpx::transfer::chunk_hash(len as u64, (i * chunk) as u64, c));
+        }
+        prop_assert_eq!(tree.finalize(), blake3::hash(&data));
+    }
+
+    #[test]
+    fn chunk_hash_never_panics(size in any::<u64>(), offset in any::<u64>(), len in 0usize..5000) {
+        let _ = ftpx::transfer::chunk_hash(size, offset, &vec![7u8; len]);
+    }
+
+    #[test]
     fn journals_never_panic_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j.toml");

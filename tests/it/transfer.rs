@@ -195,8 +195,23 @@ async fn put_request(c: &mut Client, path: &str, size: u64) -> Result<Reply, Cli
     c.request(&Request::Put {
         path: path.into(),
         size,
+        chunk: PIECE as u64,
     })
     .await
+}
+
+/// The resume proof of `prefix`, the first bytes of a file of `size` bytes
+/// sent in chunks of `PIECE`.
+fn proof(prefix: &[u8], size: usize) -> String {
+    let mut tree = ftpx::transfer::Tree::default();
+    for (i, c) in prefix.chunks(PIECE).enumerate() {
+        tree.push(ftpx::transfer::chunk_hash(
+            size as u64,
+            (i * PIECE) as u64,
+            c,
+        ));
+    }
+    tree.proof().to_hex().to_string()
 }
 
 /// The `OFFSET HASH` offers of a `150 ready ...` reply.
@@ -209,12 +224,13 @@ fn offers(text: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn chunk_header(offset: usize, payload: &[u8]) -> FrameHeader {
+/// A correct header for `payload` at `offset` of a file of `size` bytes.
+fn chunk_header(size: usize, offset: usize, payload: &[u8]) -> FrameHeader {
     FrameHeader {
         kind: FrameKind::Chunk,
         offset: offset as u64,
         len: payload.len() as u32,
-        hash: *blake3::hash(payload).as_bytes(),
+        hash: ftpx::transfer::chunk_hash(size as u64, offset as u64, payload),
     }
 }
 
@@ -230,9 +246,12 @@ async fn send_chunks(c: &mut Client, bytes: &[u8], from: usize, to: usize) {
     let mut at = from;
     while at < to {
         let end = (at + PIECE).min(to);
-        conn.write_frame(&chunk_header(at, &bytes[at..end]), &bytes[at..end])
-            .await
-            .unwrap();
+        conn.write_frame(
+            &chunk_header(bytes.len(), at, &bytes[at..end]),
+            &bytes[at..end],
+        )
+        .await
+        .unwrap();
         at = end;
     }
     conn.flush().await.unwrap();
@@ -644,7 +663,7 @@ async fn corrupted_chunk_is_refused_and_only_the_verified_prefix_is_kept() {
     // The second chunk's payload is not what its hash says.
     let mut bad = bytes[PIECE..2 * PIECE].to_vec();
     bad[100] ^= 1;
-    let header = chunk_header(PIECE, &bytes[PIECE..2 * PIECE]);
+    let header = chunk_header(size, PIECE, &bytes[PIECE..2 * PIECE]);
     assert!(frame(&mut c, header, &bad).await);
     send_chunks(&mut c, &bytes, 2 * PIECE, size).await;
     let r = end(&mut c, size, blake3::hash(&bytes)).await;
@@ -664,7 +683,7 @@ async fn corrupted_chunk_is_refused_and_only_the_verified_prefix_is_kept() {
     assert_eq!(r.code, 150);
     let offered = offers(&r.text);
     assert!(
-        offered.contains(&(PIECE as u64, hex(&bytes[..PIECE]))),
+        offered.contains(&(PIECE as u64, proof(&bytes[..PIECE], size))),
         "{}",
         r.text
     );
@@ -741,21 +760,31 @@ async fn more_or_fewer_bytes_than_declared_end_the_session() {
         assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
         match case {
             "a chunk past the declared size" => {
-                let h = chunk_header(0, &bytes[..declared]);
+                let h = chunk_header(declared, 0, &bytes[..declared]);
                 frame(&mut c, h, &bytes[..declared]).await;
-                let h = chunk_header(declared, &bytes[declared..declared + 10]);
+                let h = chunk_header(declared, declared, &bytes[declared..declared + 10]);
                 frame(&mut c, h, &bytes[declared..declared + 10]).await;
             }
             "one chunk longer than the whole file" => {
-                frame(&mut c, chunk_header(0, &bytes), &bytes).await;
+                frame(&mut c, chunk_header(declared, 0, &bytes), &bytes).await;
             }
             "an end frame after fewer bytes" => {
-                frame(&mut c, chunk_header(0, &bytes[..500]), &bytes[..500]).await;
+                frame(
+                    &mut c,
+                    chunk_header(declared, 0, &bytes[..500]),
+                    &bytes[..500],
+                )
+                .await;
                 let e = FrameHeader::end(500, blake3::hash(&bytes[..500]));
                 frame(&mut c, e, &[]).await;
             }
             _ => {
-                frame(&mut c, chunk_header(0, &bytes[..500]), &bytes[..500]).await;
+                frame(
+                    &mut c,
+                    chunk_header(declared, 0, &bytes[..500]),
+                    &bytes[..500],
+                )
+                .await;
                 let e = FrameHeader::end(declared as u64, blake3::hash(&bytes[..declared]));
                 frame(&mut c, e, &[]).await;
             }
@@ -799,28 +828,28 @@ async fn chunks_out_of_place_are_protocol_errors() {
         match case {
             "a gap" => {
                 let q = &bytes[PIECE..2 * PIECE];
-                frame(&mut c, chunk_header(PIECE, q), q).await;
+                frame(&mut c, chunk_header(size, PIECE, q), q).await;
             }
             "a repeated chunk" => {
-                frame(&mut c, chunk_header(0, p), p).await;
-                frame(&mut c, chunk_header(0, p), p).await;
+                frame(&mut c, chunk_header(size, 0, p), p).await;
+                frame(&mut c, chunk_header(size, 0, p), p).await;
             }
             "a chunk far past the end" => {
-                frame(&mut c, chunk_header(1 << 40, &p[..1]), &p[..1]).await;
+                frame(&mut c, chunk_header(size, 1 << 40, &p[..1]), &p[..1]).await;
             }
             "an offset that overflows" => {
-                let mut h = chunk_header(0, p);
+                let mut h = chunk_header(size, 0, p);
                 h.offset = u64::MAX - 10;
                 frame(&mut c, h, p).await;
             }
             "an empty chunk" => {
-                frame(&mut c, chunk_header(0, &[]), &[]).await;
+                frame(&mut c, chunk_header(size, 0, &[]), &[]).await;
             }
             "a start frame at an offset never offered" => {
                 frame(&mut c, FrameHeader::start(PIECE as u64), &[]).await;
             }
             _ => {
-                frame(&mut c, chunk_header(0, p), p).await;
+                frame(&mut c, chunk_header(size, 0, p), p).await;
             }
         }
         assert_cut_off(&mut c, case).await;
@@ -1115,7 +1144,7 @@ async fn quota_usage_is_right_after_a_server_restart_with_a_partial_upload() {
     // Finishing the partial upload adds nothing to the usage.
     let r = put_request(&mut c, "/part", 4 * MIB as u64).await.unwrap();
     assert!(
-        offers(&r.text).contains(&(MIB as u64, hex(&partial[..MIB]))),
+        offers(&r.text).contains(&(MIB as u64, proof(&partial[..MIB], partial.len()))),
         "{}",
         r.text
     );
@@ -2014,12 +2043,14 @@ async fn a_spoiled_download_never_reaches_the_target() {
             conn.read_line(8192).await.unwrap();
             conn.reply(230, "logged in").await.unwrap();
             conn.read_line(8192).await.unwrap();
-            conn.reply(151, &format!("{} 0", b.len())).await.unwrap();
+            conn.reply(151, &format!("{} 0 {PIECE}", b.len()))
+                .await
+                .unwrap();
             let mut at = 0;
             while at < b.len() {
                 let end = (at + PIECE).min(b.len());
                 let mut payload = b[at..end].to_vec();
-                let header = chunk_header(at, &payload);
+                let header = chunk_header(b.len(), at, &payload);
                 if matches!(spoil, Spoil::Chunk) && at == PIECE {
                     payload[7] ^= 0x80;
                 }
