@@ -30,6 +30,8 @@ use crate::transfer::{self, Checkpoints, Plan, Stopped, Tree};
 
 /// Longest reply line the client accepts.
 const MAX_REPLY_LINE: usize = 64 * 1024;
+/// Requests or small uploads sent before their replies are read.
+const PIPELINE_WINDOW: usize = 64;
 /// Listing lines kept at most, whatever a server sends.
 const MAX_REPLY_LINES: usize = 1_000_000;
 
@@ -368,6 +370,126 @@ impl Client {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.read_reply()).await;
         }
         self.conn.shutdown().await;
+    }
+
+    /// Sends `requests` without waiting between them and returns their
+    /// replies in order; an error reply is an `Err` in its place.
+    pub async fn request_many(&mut self, requests: &[Request]) -> Result<Vec<Result<Reply>>> {
+        let mut replies = Vec::with_capacity(requests.len());
+        for batch in requests.chunks(PIPELINE_WINDOW) {
+            for r in batch {
+                self.conn.write_line(&r.to_line()).await?;
+            }
+            self.conn.flush().await?;
+            for _ in batch {
+                let reply = self.read_reply().await?;
+                replies.push(if reply.code >= 400 {
+                    Err(ClientError::Server {
+                        code: reply.code,
+                        text: reply.text,
+                    })
+                } else {
+                    Ok(reply)
+                });
+            }
+        }
+        Ok(replies)
+    }
+
+    /// Uploads small files (each at most [`protocol::MAX_SEND`] bytes) with
+    /// `SEND`, many in flight at once, and calls `done` with each file's
+    /// index and outcome as its reply arrives. An error that breaks the
+    /// session is returned; files not yet reported were not stored.
+    pub async fn send_many(
+        &mut self,
+        files: &[(PathBuf, VPath)],
+        mut done: impl FnMut(usize, Result<Transferred>),
+    ) -> Result<()> {
+        let mut in_flight: std::collections::VecDeque<(usize, blake3::Hash, u64)> =
+            Default::default();
+        for (i, (local, remote)) in files.iter().enumerate() {
+            let data = match tokio::fs::read(local).await {
+                Ok(d) if d.len() as u64 <= protocol::MAX_SEND => d,
+                Ok(_) => {
+                    done(
+                        i,
+                        Err(ClientError::Local(format!(
+                            "{}: too large to SEND",
+                            local.display()
+                        ))),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    done(i, Err(local_err(local, e)));
+                    continue;
+                }
+            };
+            let (size, hash) = (data.len() as u64, blake3::hash(&data));
+            self.in_data = true;
+            let line = Request::Send {
+                path: remote.to_string(),
+                size,
+            };
+            self.conn.write_line(&line.to_line()).await?;
+            self.conn.write_frame(&FrameHeader::start(0), &[]).await?;
+            if size > 0 {
+                let chunk = FrameHeader {
+                    kind: protocol::FrameKind::Chunk,
+                    offset: 0,
+                    len: u32::try_from(size).unwrap_or(u32::MAX),
+                    hash: *hash.as_bytes(),
+                };
+                self.conn.write_frame(&chunk, &data).await?;
+            }
+            self.conn
+                .write_frame(&FrameHeader::end(size, hash), &[])
+                .await?;
+            in_flight.push_back((i, hash, size));
+            if in_flight.len() >= PIPELINE_WINDOW {
+                self.conn.flush().await?;
+                let (i, hash, size) = in_flight.pop_front().expect("queue is full");
+                let outcome = self.sent(&files[i], hash, size).await?;
+                done(i, outcome);
+            }
+        }
+        self.conn.flush().await?;
+        while let Some((i, hash, size)) = in_flight.pop_front() {
+            let outcome = self.sent(&files[i], hash, size).await?;
+            done(i, outcome);
+        }
+        self.in_data = false;
+        Ok(())
+    }
+
+    /// Reads the reply to one `SEND`.
+    async fn sent(
+        &mut self,
+        (local, remote): &(PathBuf, VPath),
+        hash: blake3::Hash,
+        size: u64,
+    ) -> Result<Result<Transferred>> {
+        let reply = self.read_reply().await?;
+        let theirs = reply.text.split(' ').next().unwrap_or_default();
+        Ok(if reply.code == 226 && theirs == protocol::hex(&hash) {
+            info!(local = %local.display(), remote = %remote, size, hash = %theirs, "upload complete");
+            Ok(Transferred {
+                hash,
+                size,
+                resumed_at: 0,
+            })
+        } else if reply.code == 226 {
+            Err(ClientError::Verify(format!(
+                "server stored hash {theirs}, expected {}",
+                protocol::hex(&hash)
+            )))
+        } else {
+            info!(local = %local.display(), remote = %remote, code = reply.code, error = %reply.text, "upload failed");
+            Err(ClientError::Server {
+                code: reply.code,
+                text: reply.text,
+            })
+        })
     }
 
     /// Uploads `local` to `remote`, resuming an interrupted upload of the

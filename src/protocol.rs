@@ -80,6 +80,12 @@
 //!   frames of CHUNK bytes (a power of two, 1 KiB to 4 MiB) from there, then
 //!   an end frame. The server then replies `226 HASH SIZE`, 452, 453, 454 or
 //!   another error. Refused at once (552) if the file won't fit.
+//! - `SEND PATH SIZE`: an upload of a small file (SIZE at most [`MAX_SEND`])
+//!   whose frames follow the line at once, with no 150 to wait for: a start
+//!   frame at 0, the whole file as one chunk (none if it is empty), an end
+//!   frame. The server reads them all, then replies as to `PUT`: 226, or an
+//!   error that leaves nothing behind. A client may send many before reading
+//!   their replies, which come in order.
 //! - `GET PATH [OFFSET PROOF]...` (up to two candidates: what the client
 //!   already holds) → `151 SIZE OFFSET CHUNK`, then chunk frames of CHUNK
 //!   bytes from OFFSET (the highest candidate the server could prove, else 0)
@@ -116,6 +122,8 @@ pub const MAX_ARGS: usize = 8;
 pub const FRAME_HEADER_LEN: usize = 1 + 8 + 4 + 32;
 /// Largest chunk payload any peer accepts (the configured chunk size is smaller).
 pub const MAX_CHUNK: u32 = 4 << 20;
+/// Largest file a `SEND` may carry.
+pub const MAX_SEND: u64 = 1 << 20;
 /// Chunk size of a `PUT` that names none.
 pub const DEFAULT_CHUNK: u64 = 256 << 10;
 /// Resume candidates in one `PUT` reply or `GET` request.
@@ -341,6 +349,10 @@ pub enum Request {
         size: u64,
         chunk: u64,
     },
+    Send {
+        path: String,
+        size: u64,
+    },
     Get {
         path: String,
         candidates: Vec<Candidate>,
@@ -378,6 +390,7 @@ impl Request {
             Request::Rename { .. } => "RENAME",
             Request::Quota => "QUOTA",
             Request::Put { .. } => "PUT",
+            Request::Send { .. } => "SEND",
             Request::Get { .. } => "GET",
             Request::Noop => "NOOP",
             Request::Help => "HELP",
@@ -451,6 +464,13 @@ impl Request {
                 }),
                 _ => Err(wrong("PUT", "PATH SIZE [CHUNK]")),
             },
+            "SEND" => match args {
+                [path, size] => Ok(Request::Send {
+                    path: path.clone(),
+                    size: parse_u64(size)?,
+                }),
+                _ => Err(wrong("SEND", "PATH SIZE")),
+            },
             "GET" => match args {
                 [path, rest @ ..] => Ok(Request::Get {
                     path: path.clone(),
@@ -484,6 +504,7 @@ impl Request {
             Request::Rename { from, to } => format!("RENAME {} {}", q(from), q(to)),
             Request::Quota => "QUOTA".into(),
             Request::Put { path, size, chunk } => format!("PUT {} {size} {chunk}", q(path)),
+            Request::Send { path, size } => format!("SEND {} {size}", q(path)),
             Request::Get { path, candidates } => {
                 format!("GET {}{}", q(path), format_candidates(candidates))
             }
@@ -758,6 +779,10 @@ mod tests {
                     Candidate { offset: 1, hash: h },
                     Candidate { offset: 0, hash: h },
                 ],
+            },
+            Request::Send {
+                path: "small file".into(),
+                size: 7,
             },
             Request::Noop,
             Request::Help,

@@ -302,6 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let path = self.resolve(&path)?;
                 self.put(path, size, chunk).await
             }
+            Request::Send { path, size } => self.send_small(path, size).await,
             Request::Get { path, candidates } => {
                 let path = self.resolve(&path)?;
                 self.get(path, candidates).await
@@ -314,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn help(&mut self) -> Result<()> {
-        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PUT GET NOOP HELP QUIT";
+        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PUT SEND GET NOOP HELP QUIT";
         self.conn.write_line(&format!("211-{verbs}")).await?;
         self.conn
             .reply(211, "see the protocol documentation in src/protocol.rs")
@@ -637,17 +638,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let (h, p, pp) = (home.clone(), path.clone(), part_path.clone());
                 let placed = blocking(move || {
                     file.sync_all().map_err(Error::Storage)?;
-                    let staging =
-                        cap_std::fs::Dir::open_ambient_dir(&staging, cap_std::ambient_authority())
-                            .map_err(Error::Storage)?;
-                    let replaced = h.file_size(&p);
-                    staging
-                        .rename(pp.file_name().unwrap_or_default(), h.dir(), p.rel())
-                        .map_err(|e| Error::fs(e, &p.to_string()))?;
-                    if let Ok(parent) = h.dir().open_dir(p.parent().rel()) {
-                        let _ = parent.into_std_file().sync_all();
-                    }
-                    Ok(replaced)
+                    place(&pp, &h, &p)
                 })
                 .await;
                 if let Some(j) = &journal {
@@ -707,6 +698,105 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// `SEND`: a small upload whose frames follow the request at once. They
+    /// are all read first, so that any refusal leaves the session in step.
+    async fn send_small(&mut self, arg: String, size: u64) -> Result<()> {
+        if size > protocol::MAX_SEND {
+            return Err(Error::Protocol(format!(
+                "SEND carries at most {} bytes",
+                protocol::MAX_SEND
+            )));
+        }
+        let started = Instant::now();
+        let start = self.conn.read_frame_header().await?;
+        if start.kind != FrameKind::Start || start.offset != 0 {
+            return Err(Error::Protocol(
+                "expected a start frame at 0 after SEND".into(),
+            ));
+        }
+        let mut data = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        let mut chunk_hash = *blake3::hash(b"").as_bytes();
+        if size > 0 {
+            let chunk = self.conn.read_frame_header().await?;
+            if chunk.kind != FrameKind::Chunk || chunk.offset != 0 || u64::from(chunk.len) != size {
+                return Err(Error::Protocol("SEND carries its file as one chunk".into()));
+            }
+            self.conn.read_payload(&mut data).await?;
+            chunk_hash = chunk.hash;
+        }
+        let end = self.conn.read_frame_header().await?;
+        if end.kind != FrameKind::End || end.offset != size {
+            return Err(Error::Protocol("expected the end frame of the SEND".into()));
+        }
+        // In step from here on, whatever happens.
+        let hash = blake3::hash(&data);
+        if hash.as_bytes() != &chunk_hash {
+            return Err(Error::BadChunk(0));
+        }
+        if hash.as_bytes() != &end.hash {
+            return Err(Error::HashMismatch);
+        }
+        let path = self.resolve(&arg)?;
+        let user = self.logged_in()?;
+        let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
+        if path.is_root() {
+            return Err(Error::IsADirectory("/".into()));
+        }
+        let _lock = self
+            .server
+            .lock_upload(&name, &path)
+            .ok_or_else(|| Error::Busy(path.to_string()))?;
+        let (h, p) = (home.clone(), path.clone());
+        let replaced = blocking(move || {
+            h.check_dir(&p.parent())?;
+            if h.dir().metadata(p.rel()).is_ok_and(|m| m.is_dir()) {
+                return Err(Error::IsADirectory(p.to_string()));
+            }
+            Ok(h.file_size(&p))
+        })
+        .await?;
+        let charge = size.saturating_sub(replaced);
+        self.server.ledger.reserve(&name, &path, charge, quota)?;
+        let part = self
+            .server
+            .partial_dir(&name)
+            .join(format!("{}.part", journal::key(&[&path.to_string()])));
+        let p = path.clone();
+        let stored = blocking(move || {
+            let write = || -> std::io::Result<()> {
+                if let Some(dir) = part.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut f = std::fs::File::create(&part)?;
+                std::io::Write::write_all(&mut f, &data)?;
+                f.sync_all()
+            };
+            let placed = write()
+                .map_err(|e| Error::fs(e, &p.to_string()))
+                .and_then(|()| place(&part, &home, &p));
+            if placed.is_err() {
+                let _ = std::fs::remove_file(&part);
+            }
+            placed
+        })
+        .await;
+        let ms = started.elapsed().as_millis() as u64;
+        match stored {
+            Ok(replaced) => {
+                self.server.ledger.commit(&name, &path, size, replaced);
+                info!(peer = %self.peer, user = %name, request = "SEND", path = %path, size,
+                      bytes = size, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
+                self.conn
+                    .reply(226, &format!("{} {size}", protocol::hex(&hash)))
+                    .await
+            }
+            Err(e) => {
+                self.server.ledger.release(&name, &path);
+                Err(e)
+            }
+        }
+    }
+
     async fn get(&mut self, path: VPath, candidates: Vec<protocol::Candidate>) -> Result<()> {
         let home = self.logged_in()?.home.clone();
         let name = self.user_name().to_string();
@@ -747,6 +837,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
     }
+}
+
+/// Moves a finished upload from the staging file `part` onto `target` in the
+/// home, atomically, and makes the rename durable. Returns the size of the
+/// file it replaced.
+fn place(part: &std::path::Path, home: &Home, target: &VPath) -> Result<u64> {
+    let staging_dir = part.parent().unwrap_or(std::path::Path::new("."));
+    let staging = cap_std::fs::Dir::open_ambient_dir(staging_dir, cap_std::ambient_authority())
+        .map_err(Error::Storage)?;
+    let replaced = home.file_size(target);
+    staging
+        .rename(
+            part.file_name().unwrap_or_default(),
+            home.dir(),
+            target.rel(),
+        )
+        .map_err(|e| Error::fs(e, &target.to_string()))?;
+    if let Ok(parent) = home.dir().open_dir(target.parent().rel()) {
+        let _ = parent.into_std_file().sync_all();
+    }
+    Ok(replaced)
 }
 
 /// Runs filesystem work on the blocking pool.

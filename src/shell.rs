@@ -729,27 +729,91 @@ async fn put_tree(
             }
         }
     }
-    for d in &dirs {
-        match remote
-            .client()
-            .await?
-            .request(&Request::Mkd(d.to_string()))
-            .await
-        {
+    // Make the directories and learn what is already there: one round trip
+    // for all of them, not one per file.
+    let client = remote.client().await?;
+    let mkdirs: Vec<Request> = dirs.iter().map(|d| Request::Mkd(d.to_string())).collect();
+    for reply in client.request_many(&mkdirs).await? {
+        match reply {
             Ok(_) | Err(ClientError::Server { code: 553, .. }) => {}
             Err(e) => return Err(e),
         }
     }
-    let multi = MultiProgress::new();
-    let total = total_bar(&multi, files.len() as u64);
-    let (mut sent, mut skipped) = (0, 0);
-    for (path, rpath, size) in files {
-        let p = path.clone();
-        if remote_matches(remote.client().await?, &rpath, size, || local_hash(&p)).await {
-            skipped += 1;
-            total.inc(1);
-            continue;
+    let lists: Vec<Request> = dirs
+        .iter()
+        .map(|d| Request::List(Some(d.to_string())))
+        .collect();
+    let mut there = std::collections::HashMap::new();
+    for (dir, reply) in dirs.iter().zip(client.request_many(&lists).await?) {
+        for line in reply.map(|r| r.lines).unwrap_or_default() {
+            if let Ok(('f', size, _, name)) = parse_entry(&line) {
+                there.insert(dir.join(&name), size);
+            }
         }
+    }
+    // A file of the same size is complete if its hash matches too.
+    let same: Vec<usize> = (0..files.len())
+        .filter(|&i| there.get(&files[i].1) == Some(&files[i].2))
+        .collect();
+    let hashes: Vec<Request> = same
+        .iter()
+        .map(|&i| Request::Hash(files[i].1.to_string()))
+        .collect();
+    let mut complete = std::collections::HashSet::new();
+    for (&i, reply) in same.iter().zip(client.request_many(&hashes).await?) {
+        if reply.is_ok_and(|r| local_hash(&files[i].0).is_some_and(|h| protocol::hex(&h) == r.text))
+        {
+            complete.insert(i);
+        }
+    }
+    let skipped = complete.len();
+    let (small, big): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !complete.contains(i))
+        .map(|(_, f)| f)
+        .partition(|(_, _, size)| *size <= protocol::MAX_SEND);
+
+    let multi = MultiProgress::new();
+    let total = total_bar(&multi, (small.len() + big.len()) as u64);
+    let mut sent = 0;
+    let mut pending: Vec<(PathBuf, VPath)> = small.into_iter().map(|(p, r, _)| (p, r)).collect();
+    let mut attempt = 0;
+    while !pending.is_empty() {
+        let mut stored = vec![false; pending.len()];
+        let mut refused = None;
+        let result = remote
+            .client()
+            .await?
+            .send_many(&pending, |i, outcome| match outcome {
+                Ok(t) => {
+                    stored[i] = true;
+                    multi.suspend(|| report(&t, &pending[i].1.to_string()));
+                    total.inc(1);
+                }
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            })
+            .await;
+        sent += stored.iter().filter(|s| **s).count();
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        match result {
+            Ok(()) => break,
+            Err(e) if e.is_retriable() && attempt < remote.retries => {
+                attempt += 1;
+                remote.client = None;
+                multi.suspend(|| eprintln!("ftpx: {e}; retrying ({attempt}/{})", remote.retries));
+                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
+                let mut keep = stored.iter().map(|s| !s);
+                pending.retain(|_| keep.next().unwrap_or(true));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for (path, rpath, _) in big {
         let bar = file_bar(Some(&multi), &rpath.to_string());
         let t = remote
             .transfer(&Transfer::Put(path, rpath.clone()), &bar)

@@ -89,3 +89,92 @@ async fn registrations_are_limited_per_address() {
     assert!(!s.home("new3").exists());
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn small_files_go_many_at_once_and_refusals_keep_the_session_in_step() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 100_000);
+    let work = tempfile::tempdir().unwrap();
+    let mut files = vec![];
+    for i in 0..150 {
+        let local = work.path().join(format!("f{i}"));
+        std::fs::write(&local, data(i * 7, i as u8)).unwrap();
+        files.push((
+            local,
+            ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), &format!("/f{i}"), 99).unwrap(),
+        ));
+    }
+    // One into a directory that does not exist, one that does not fit.
+    let big = work.path().join("big");
+    std::fs::write(&big, data(90_000, 9)).unwrap();
+    files.push((
+        work.path().join("f1"),
+        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/no/such", 99).unwrap(),
+    ));
+    files.push((
+        big,
+        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/big", 99).unwrap(),
+    ));
+    let mut c = s.login("ann").await;
+    let mut outcomes = vec![None; files.len()];
+    c.send_many(&files, |i, r| {
+        outcomes[i] = Some(r.map_err(|e| e.to_string()))
+    })
+    .await
+    .unwrap();
+    for (i, outcome) in outcomes.iter().enumerate().take(150) {
+        let t = outcome.clone().unwrap().unwrap();
+        assert_eq!(t.hash, blake3::hash(&data(i * 7, i as u8)));
+        assert_eq!(
+            std::fs::read(s.home("ann").join(format!("f{i}"))).unwrap(),
+            data(i * 7, i as u8)
+        );
+    }
+    assert!(
+        outcomes[150].clone().unwrap().unwrap_err().contains("550"),
+        "{:?}",
+        outcomes[150]
+    );
+    assert!(
+        outcomes[151].clone().unwrap().unwrap_err().contains("552"),
+        "{:?}",
+        outcomes[151]
+    );
+    assert!(!s.home("ann").join("big").exists());
+    // Still in step.
+    let used: u64 = (0..150).map(|i| (i * 7) as u64).sum();
+    let q = c.request(&Request::Quota).await.unwrap();
+    assert_eq!(q.text, format!("{used} 100000"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_with_a_bad_chunk_stores_nothing_and_an_oversized_one_is_cut_off() {
+    use ftpx::protocol::{FrameHeader, FrameKind, MAX_SEND};
+    let s = TestServer::start().await;
+    s.add_user("ann", 10 << 20);
+    let mut raw = Raw::connect(&s).await;
+    raw.login("ann").await;
+    let body = data(5000, 1);
+    let mut wire = b"SEND f 5000\n".to_vec();
+    wire.extend_from_slice(&FrameHeader::start(0).encode());
+    let mut chunk = FrameHeader {
+        kind: FrameKind::Chunk,
+        offset: 0,
+        len: 5000,
+        hash: *blake3::hash(&body).as_bytes(),
+    };
+    chunk.hash[0] ^= 1;
+    wire.extend_from_slice(&chunk.encode());
+    wire.extend_from_slice(&body);
+    wire.extend_from_slice(&FrameHeader::end(5000, blake3::hash(&body)).encode());
+    raw.send(&wire).await;
+    let r = raw.reply().await.unwrap();
+    assert!(r.starts_with("453 "), "{r}");
+    assert!(!s.home("ann").join("f").exists());
+    assert!(raw.ask("NOOP").await.starts_with("200"));
+    let r = raw.ask(&format!("SEND g {}", MAX_SEND + 1)).await;
+    assert!(r.starts_with("500 "), "{r}");
+    assert!(raw.line().await.is_none(), "the session went on");
+    s.stop().await;
+}
