@@ -21,6 +21,14 @@ pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(),
     // A file-size limit (ulimit -f) must fail the one write, not kill the server.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    // Password hashes (up to 128 MiB each) run on whichever blocking thread
+    // is free; without this, glibc keeps a freed hash buffer in each thread's
+    // pool and a login burst holds far more than hash_concurrency of them.
+    // SAFETY: mallopt only tunes the allocator; called before any hashing.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20)
+    };
     for dir in [config.homes_dir(), config.partial_dir()] {
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

@@ -136,6 +136,21 @@ impl Server {
         }
     }
 
+    /// A turn to hash a password. A login that can't get one within the
+    /// login timeout is told the server is busy, rather than queueing on
+    /// after its client has given up.
+    pub async fn hash_permit(&self) -> crate::error::Result<tokio::sync::SemaphorePermit<'_>> {
+        let busy = || {
+            crate::error::Error::Unavailable(
+                "server busy checking passwords; try again later".into(),
+            )
+        };
+        match tokio::time::timeout(self.config.login_timeout(), self.hash_permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(busy()),
+        }
+    }
+
     /// Where a user's unfinished uploads and their journals live.
     pub fn partial_dir(&self, user: &str) -> PathBuf {
         self.config.partial_dir().join(user)

@@ -345,11 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let quota = rand::random_range(
                 accounts.registered_quota_min.0..=accounts.registered_quota_max.0,
             );
-            let permit = server
-                .hash_permits
-                .acquire()
-                .await
-                .map_err(|_| Error::Unavailable("shutting down".into()))?;
+            let permit = server.hash_permit().await?;
             let (db, settings) = (server.users.clone(), accounts.clone());
             let user = blocking(move || {
                 let hash = users::hash_password(&password, &settings)
@@ -384,7 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 info!(peer = %self.peer, user = ?name, result = "banned", "login");
                 return Err(Error::LoginFailed);
             }
-            match self.check_login(&name, password).await {
+            match self.check_login(&name, password).await? {
                 Some(user) => {
                     server.defender.succeeded(ip, &name);
                     user
@@ -433,8 +429,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.conn.reply(230, "logged in").await
     }
 
-    /// The account if `password` is right; None for any failure.
-    async fn check_login(&self, name: &str, password: Password) -> Option<User> {
+    /// The account if `password` is right; None for any failure. An error
+    /// only when the server is too busy to check at all.
+    async fn check_login(&self, name: &str, password: Password) -> Result<Option<User>> {
         let accounts = &self.server.config.accounts;
         let length_ok =
             (1..=accounts.password_max_len).contains(&password.as_str().chars().count());
@@ -453,19 +450,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None
         };
         if !length_ok {
-            return None;
+            return Ok(None);
         }
         // Unknown users are checked against a dummy hash of the same cost.
         let stored = found
             .as_ref()
             .map_or(self.server.dummy_hash.clone(), |u| u.hash.clone());
         let max_log_n = accounts.scrypt_max_log_n;
-        let _permit = self.server.hash_permits.acquire().await.ok()?;
+        let _permit = self.server.hash_permit().await?;
         let verdict = tokio::task::spawn_blocking(move || {
             users::verify_password(&password, &stored, max_log_n)
         })
         .await;
-        match verdict {
+        Ok(match verdict {
             Ok(Ok(true)) => found,
             Ok(Ok(false)) => None,
             Ok(Err(e)) => {
@@ -473,7 +470,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None
             }
             Err(_) => None,
-        }
+        })
     }
 
     async fn put(&mut self, path: VPath, size: u64, chunk: u64) -> Result<()> {

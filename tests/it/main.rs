@@ -5,6 +5,7 @@
 mod cli;
 mod common;
 mod core;
+mod faults;
 mod jail;
 mod props;
 mod transfer;
