@@ -189,6 +189,7 @@ pub fn split_commands(line: &str, allow_separators: bool) -> Result<Vec<Vec<Stri
                         Some('\\') => match chars.next() {
                             None => return Err(ParseError::UnterminatedQuote),
                             Some(e @ ('"' | '\\')) => word.push(e),
+                            Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
                             Some(other) => {
                                 word.push('\\');
                                 word.push(other);
@@ -667,6 +668,14 @@ mod tests {
             split_commands("ls a\u{1b}[2J", true),
             Err(ParseError::ControlCharacter)
         );
+        // Found by fuzzing: a control character escaped inside double quotes.
+        for line in ["DELE \"a\\\u{1b}[2J\"", "DELE \"a\\\0\""] {
+            assert_eq!(
+                split_commands(line, false),
+                Err(ParseError::ControlCharacter),
+                "{line:?}"
+            );
+        }
     }
 
     #[test]
