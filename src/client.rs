@@ -513,16 +513,15 @@ impl Client {
         let size = meta.len();
         let chunk = self.options.chunk_size;
         let record = Record {
-            version: journal::VERSION,
-            kind: "upload".into(),
-            source: local_abs.to_string_lossy().into_owned(),
-            target: remote.to_string(),
-            size,
             mtime: meta.mtime(),
             inode: meta.ino(),
-            chunk,
-            verified: 0,
-            updated: 0,
+            ..Record::new(
+                "upload",
+                local_abs.to_string_lossy().into_owned(),
+                remote.to_string(),
+                size,
+                chunk,
+            )
         };
         let journal_path = self.journal_dir.join(format!(
             "{}.toml",
@@ -723,35 +722,15 @@ impl Client {
                 reply.text
             )));
         }
-        let record = Record {
-            version: journal::VERSION,
-            kind: "download".into(),
-            source: source.clone(),
-            target: target_str,
-            size,
-            mtime: 0,
-            inode: 0,
-            chunk,
-            verified: 0,
-            updated: 0,
-        };
+        let record = Record::new("download", source.clone(), target_str, size, chunk);
         // Open the partial file at the agreed offset. If that fails, the
         // server is already sending: the caller must drop this session (any
         // error but a server reply tells it so).
         let p = partial.clone();
-        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<(File, Tree)> {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p)?;
-            f.set_len(offset)?;
-            let tree = transfer::prefix_trees(&f, size, chunk, &[offset])?.remove(0);
-            Ok((f, tree))
-        })
-        .await
-        .map_err(|e| ClientError::Local(e.to_string()))?;
+        let opened =
+            tokio::task::spawn_blocking(move || transfer::open_partial(&p, size, chunk, offset))
+                .await
+                .map_err(|e| ClientError::Local(e.to_string()))?;
         let (file, tree) = opened.map_err(|e| local_err(&partial, e))?;
         let mut journal = Journal::new(journal_path, record);
         if size > chunk {

@@ -45,6 +45,24 @@ pub struct Record {
     pub updated: u64,
 }
 
+impl Record {
+    /// A new record of `kind` (`upload` or `download`) with nothing durable yet.
+    pub fn new(kind: &str, source: String, target: String, size: u64, chunk: u64) -> Record {
+        Record {
+            version: VERSION,
+            kind: kind.into(),
+            source,
+            target,
+            size,
+            mtime: 0,
+            inode: 0,
+            chunk,
+            verified: 0,
+            updated: 0,
+        }
+    }
+}
+
 /// A journal file and its current record.
 #[derive(Debug, Clone)]
 pub struct Journal {

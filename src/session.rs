@@ -562,35 +562,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Open the partial file at the agreed offset. A file of one chunk
         // is not worth a journal: after a failure it starts again.
         let journaled = size > chunk;
-        let record = Record {
-            version: journal::VERSION,
-            kind: "upload".into(),
-            source: String::new(),
-            target: path.to_string(),
-            size,
-            mtime: 0,
-            inode: 0,
-            chunk,
-            verified: 0,
-            updated: 0,
-        };
+        let record = Record::new("upload", String::new(), path.to_string(), size, chunk);
         let (pp, jp) = (part_path.clone(), journal_path.clone());
         let opened = blocking(move || {
             let fail = Error::Storage;
             if let Some(dir) = pp.parent() {
                 std::fs::create_dir_all(dir).map_err(fail)?;
             }
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&pp)
-                .map_err(fail)?;
-            file.set_len(resume_at).map_err(fail)?;
-            let tree = transfer::prefix_trees(&file, size, chunk, &[resume_at])
-                .map_err(fail)?
-                .remove(0);
+            let (file, tree) = transfer::open_partial(&pp, size, chunk, resume_at).map_err(fail)?;
             let journal = if journaled {
                 file.sync_data().map_err(fail)?;
                 let mut j = Journal::new(jp, record);

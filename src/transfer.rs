@@ -156,6 +156,25 @@ pub fn prefix_trees(
     Ok(out)
 }
 
+/// Opens (or creates) a receiver's partial file, cut to `offset` (where the
+/// chunks will resume), with the tree of the bytes before it.
+pub fn open_partial(
+    path: &std::path::Path,
+    size: u64,
+    chunk: u64,
+    offset: u64,
+) -> std::io::Result<(File, Tree)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    file.set_len(offset)?;
+    let tree = prefix_trees(&file, size, chunk, &[offset])?.remove(0);
+    Ok((file, tree))
+}
+
 /// The receiver's resume offers: `offsets` rounded down to whole chunks,
 /// highest first, with their proofs.
 pub fn offer(
