@@ -281,6 +281,24 @@ mod tests {
     }
 
     #[test]
+    fn bans_end_after_ban_secs() {
+        let d = Defender::new(DefenderSection {
+            pair_max_failures: 1,
+            source_max_accounts: 1,
+            ban_secs: 0,
+            ..DefenderSection::default()
+        });
+        d.failed(ip("10.0.0.1"), "ann", Duration::ZERO);
+        assert_eq!(d.check(ip("10.0.0.1"), "ann"), Verdict::Allow);
+        let held = Defender::new(DefenderSection {
+            pair_max_failures: 1,
+            ..DefenderSection::default()
+        });
+        held.failed(ip("10.0.0.1"), "ann", Duration::ZERO);
+        assert_eq!(held.check(ip("10.0.0.1"), "ann"), Verdict::Banned);
+    }
+
+    #[test]
     fn registrations_per_source() {
         let d = Defender::new(DefenderSection {
             registrations_per_hour: 2,

@@ -178,3 +178,24 @@ async fn a_send_with_a_bad_chunk_stores_nothing_and_an_oversized_one_is_cut_off(
     assert!(raw.line().await.is_none(), "the session went on");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_that_waits_too_long_for_hashing_is_told_the_server_is_busy() {
+    let s = TestServer::start_with(|c| {
+        c.accounts.hash_concurrency = 1;
+        c.limits.login_timeout_secs = 1;
+    })
+    .await;
+    s.add_user("ann", 1 << 20);
+    // Every hashing turn is taken.
+    let held = s.server.hash_permits.acquire().await.unwrap();
+    let mut c = s.connect().await;
+    let e = c.login("ann", PASSWORD, false).await.unwrap_err();
+    assert!(
+        e.to_string().contains("busy") && e.to_string().contains("421"),
+        "{e}"
+    );
+    drop(held);
+    s.login("ann").await;
+    s.stop().await;
+}
