@@ -353,6 +353,20 @@ impl Home {
         Ok(file.into_std())
     }
 
+    /// Checks that an upload may land at `path`: not the home itself, its
+    /// directory exists, and it is not a directory. Returns the size of the
+    /// file it would replace (0 if none).
+    pub fn upload_target(&self, path: &VPath) -> Result<u64> {
+        if path.is_root() {
+            return Err(Error::IsADirectory("/".into()));
+        }
+        self.check_dir(&path.parent())?;
+        if self.dir.metadata(path.rel()).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::IsADirectory(path.to_string()));
+        }
+        Ok(self.file_size(path))
+    }
+
     /// Size of the regular file at `path`, or 0 when there is none.
     pub fn file_size(&self, path: &VPath) -> u64 {
         match self.dir.symlink_metadata(path.rel()) {

@@ -476,9 +476,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn put(&mut self, path: VPath, size: u64, chunk: u64) -> Result<()> {
         let user = self.logged_in()?;
         let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
-        if path.is_root() {
-            return Err(Error::IsADirectory("/".into()));
-        }
         if !transfer::valid_chunk_size(chunk) {
             return Err(Error::BadArgument(format!(
                 "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
@@ -502,10 +499,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             part_path.clone(),
         );
         let (replaced, offers) = blocking(move || {
-            h.check_dir(&p.parent())?;
-            if h.dir().metadata(p.rel()).is_ok_and(|m| m.is_dir()) {
-                return Err(Error::IsADirectory(p.to_string()));
-            }
+            let replaced = h.upload_target(&p)?;
             let offers = match Journal::load(&jp) {
                 Ok(Some(r))
                     if r.kind == "upload" && r.target == p.to_string() && r.size == size =>
@@ -523,7 +517,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     vec![]
                 }
             };
-            Ok((h.file_size(&p), offers))
+            Ok((replaced, offers))
         })
         .await?;
         // Reserve the space before the first byte.
@@ -715,22 +709,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let path = self.resolve(&arg)?;
         let user = self.logged_in()?;
         let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
-        if path.is_root() {
-            return Err(Error::IsADirectory("/".into()));
-        }
         let _lock = self
             .server
             .lock_upload(&name, &path)
             .ok_or_else(|| Error::Busy(path.to_string()))?;
         let (h, p) = (home.clone(), path.clone());
-        let replaced = blocking(move || {
-            h.check_dir(&p.parent())?;
-            if h.dir().metadata(p.rel()).is_ok_and(|m| m.is_dir()) {
-                return Err(Error::IsADirectory(p.to_string()));
-            }
-            Ok(h.file_size(&p))
-        })
-        .await?;
+        let replaced = blocking(move || h.upload_target(&p)).await?;
         let charge = size.saturating_sub(replaced);
         self.server.ledger.reserve(&name, &path, charge, quota)?;
         let part = self
