@@ -17,9 +17,11 @@
 //!
 //! `config` holds every setting, `error` the server's errors and their reply
 //! codes, `admin` the user-management and `serve` commands, `logging` the
-//! log files of both ends.
+//! log files of both ends, `alloc` the memory allocator (huge pages for
+//! password hashing).
 
 pub mod admin;
+pub mod alloc;
 pub mod cli;
 pub mod client;
 pub mod config;

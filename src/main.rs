@@ -9,6 +9,9 @@ use clap::Parser;
 use ftpx::cli::{Cli, Command};
 use ftpx::{admin, logging, shell};
 
+#[global_allocator]
+static ALLOCATOR: ftpx::alloc::Allocator = ftpx::alloc::Allocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
