@@ -64,6 +64,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .map_err(|_| Error::Syntax("request is not valid UTF-8".into()))
     }
 
+    /// Waits until input is buffered, the stream has ended or it failed
+    /// (the next read tells which). Cancel safe: nothing is consumed.
+    pub async fn input(&mut self) {
+        let _ = self.stream.fill_buf().await;
+    }
+
     /// Queues a line; [`Connection::flush`] sends it.
     pub async fn write_line(&mut self, line: &str) -> Result<()> {
         timed(self.io_timeout, "write", async {

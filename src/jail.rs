@@ -367,6 +367,13 @@ impl Home {
         Ok(self.file_size(path))
     }
 
+    /// Makes the entries of the directory at `path` durable, after a rename into it.
+    pub fn sync_dir(&self, path: &VPath) -> io::Result<()> {
+        let mut options = OpenOptions::new();
+        options.read(true);
+        self.dir.open_with(path.rel(), &options)?.sync_all()
+    }
+
     /// Size of the regular file at `path`, or 0 when there is none.
     pub fn file_size(&self, path: &VPath) -> u64 {
         match self.dir.symlink_metadata(path.rel()) {
@@ -406,6 +413,20 @@ mod tests {
     fn r(cwd: &str, arg: &str) -> Result<String> {
         let cwd = VPath::resolve(&VPath::root(), cwd, 4096).unwrap();
         VPath::resolve(&cwd, arg, 4096).map(|p| p.to_string())
+    }
+
+    #[test]
+    fn directories_can_be_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let home = Home::open(dir.path()).unwrap();
+        home.sync_dir(&VPath::root()).unwrap();
+        home.sync_dir(&VPath::resolve(&VPath::root(), "sub", 99).unwrap())
+            .unwrap();
+        assert!(
+            home.sync_dir(&VPath::resolve(&VPath::root(), "none", 99).unwrap())
+                .is_err()
+        );
     }
 
     #[test]

@@ -85,7 +85,8 @@
 //!   frame at 0, the whole file as one chunk (none if it is empty), an end
 //!   frame. The server reads them all, then replies as to `PUT`: 226, or an
 //!   error that leaves nothing behind. A client may send many before reading
-//!   their replies, which come in order.
+//!   their replies, which come in order; the server writes the files in that
+//!   order while it reads on, and answers any other request after them.
 //! - `GET PATH [OFFSET PROOF]...` (up to two candidates: what the client
 //!   already holds) → `151 SIZE OFFSET CHUNK`, then chunk frames of CHUNK
 //!   bytes from OFFSET (the highest candidate the server could prove, else 0)

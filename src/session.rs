@@ -3,13 +3,14 @@
 //! protocol or the server stops. Every error becomes a reply in one place,
 //! [`Session::run_loop`], by [`Error::reply_code`] and [`Error::ends_session`].
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::connection::Connection;
@@ -19,7 +20,7 @@ use crate::jail::{Home, VPath};
 use crate::journal::{self, Journal, Record};
 use crate::protocol::{self, FrameKind, ParseError, Request};
 use crate::quota;
-use crate::server::Server;
+use crate::server::{Server, UploadLock};
 use crate::transfer::{self, Checkpoints, Plan, Stopped};
 use crate::users::{self, Password, User};
 
@@ -35,6 +36,7 @@ pub struct Session<S> {
     server: Arc<Server>,
     user: Option<LoggedIn>,
     cwd: VPath,
+    stores: Stores,
 }
 
 /// Runs a session to its end.
@@ -51,8 +53,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         server,
         user: None,
         cwd: VPath::root(),
+        stores: Stores::default(),
     };
     let reason = session.run_loop(stop).await;
+    session.stores.finish().await;
     if let Some(user) = &session.user {
         session.server.ledger.close_session(&user.name);
     }
@@ -91,8 +95,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None => login_deadline.saturating_duration_since(Instant::now()),
             };
             let max_line = self.server.config.limits.max_line;
+            let next_line = async {
+                self.answer_stores(Drain::UntilInput).await?;
+                self.conn.read_line(max_line).await
+            };
             let line = tokio::select! {
-                line = tokio::time::timeout(wait, self.conn.read_line(max_line)) => line,
+                line = tokio::time::timeout(wait, next_line) => line,
                 _ = stopped(&mut stop) => {
                     let _ = self.conn.reply(421, "server shutting down").await;
                     return "server shutting down";
@@ -135,6 +143,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     continue;
                 }
             };
+            if !matches!(request, Request::Send { .. })
+                && let Err(e) = self.answer_stores(Drain::All).await
+            {
+                info!(peer = %self.peer, user = self.user_name(), error = %e, "could not answer uploads");
+                return "connection lost";
+            }
             if request == Request::Quit {
                 let _ = self.conn.reply(221, "goodbye").await;
                 return "quit";
@@ -709,50 +723,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let path = self.resolve(&arg)?;
         let user = self.logged_in()?;
         let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
-        let _lock = self
-            .server
-            .lock_upload(&name, &path)
-            .ok_or_else(|| Error::Busy(path.to_string()))?;
-        let (h, p) = (home.clone(), path.clone());
-        let replaced = blocking(move || h.upload_target(&p)).await?;
-        let charge = size.saturating_sub(replaced);
-        self.server.ledger.reserve(&name, &path, charge, quota)?;
-        let part = self
-            .server
-            .partial_dir(&name)
-            .join(format!("{}.part", journal::key(&[&path.to_string()])));
-        let p = path.clone();
-        let stored = blocking(move || {
-            let write = || -> std::io::Result<()> {
-                if let Some(dir) = part.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let mut f = std::fs::File::create(&part)?;
-                std::io::Write::write_all(&mut f, &data)?;
-                f.sync_all()
+        let lock = match self.server.lock_upload(&name, &path) {
+            Some(lock) => lock,
+            None => {
+                // Perhaps held by one of this session's own SENDs still being stored.
+                self.answer_stores(Drain::All).await?;
+                self.server
+                    .lock_upload(&name, &path)
+                    .ok_or_else(|| Error::Busy(path.to_string()))?
+            }
+        };
+        self.stores.push(Store {
+            server: self.server.clone(),
+            peer: self.peer,
+            name,
+            quota,
+            home,
+            path,
+            data,
+            hash,
+            started,
+            _lock: lock,
+        });
+        self.answer_stores(Drain::ToBound).await
+    }
+
+    /// Sends the replies of stored SENDs, in order, as they finish.
+    async fn answer_stores(&mut self, drain: Drain) -> Result<()> {
+        loop {
+            if matches!(drain, Drain::ToBound) && !self.stores.over_bound() {
+                return Ok(());
+            }
+            let Some(reply) = self.stores.replies.front_mut() else {
+                return Ok(());
             };
-            let placed = write()
-                .map_err(|e| Error::fs(e, &p.to_string()))
-                .and_then(|()| place(&part, &home, &p));
-            if placed.is_err() {
-                let _ = std::fs::remove_file(&part);
-            }
-            placed
-        })
-        .await;
-        let ms = started.elapsed().as_millis() as u64;
-        match stored {
-            Ok(replaced) => {
-                self.server.ledger.commit(&name, &path, size, replaced);
-                info!(peer = %self.peer, user = %name, request = "SEND", path = %path, size,
-                      bytes = size, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
-                self.conn
-                    .reply(226, &format!("{} {size}", protocol::hex(&hash)))
-                    .await
-            }
-            Err(e) => {
-                self.server.ledger.release(&name, &path);
-                Err(e)
+            let outcome = match drain {
+                Drain::UntilInput => tokio::select! {
+                    biased;
+                    () = self.conn.input() => return Ok(()),
+                    outcome = &mut reply.outcome => outcome,
+                },
+                _ => (&mut reply.outcome).await,
+            };
+            self.stores.pop();
+            let outcome = outcome.unwrap_or_else(|_| {
+                Err(Error::Storage(std::io::Error::other(
+                    "the store task ended",
+                )))
+            });
+            match outcome {
+                Ok(text) => self.conn.reply(226, &text).await?,
+                Err(e) => {
+                    self.conn.reply(e.reply_code(), &e.to_string()).await?;
+                    if e.ends_session() {
+                        return Err(e);
+                    }
+                }
             }
         }
     }
@@ -814,10 +840,185 @@ fn place(part: &std::path::Path, home: &Home, target: &VPath) -> Result<u64> {
             target.rel(),
         )
         .map_err(|e| Error::fs(e, &target.to_string()))?;
-    if let Ok(parent) = home.dir().open_dir(target.parent().rel()) {
-        let _ = parent.into_std_file().sync_all();
+    if let Err(e) = home.sync_dir(&target.parent()) {
+        warn!(path = %target, error = %e, "could not make the rename durable");
     }
     Ok(replaced)
+}
+
+/// A small upload (SEND) that arrived whole and verified, waiting to be
+/// written into its home.
+struct Store {
+    server: Arc<Server>,
+    peer: SocketAddr,
+    name: String,
+    quota: u64,
+    home: Home,
+    path: VPath,
+    data: Vec<u8>,
+    hash: blake3::Hash,
+    started: Instant,
+    _lock: UploadLock,
+}
+
+impl Store {
+    /// Charges the quota, writes a staging file and moves it into place.
+    /// Returns the text of the 226 reply.
+    fn write(self) -> Result<String> {
+        let Store {
+            server,
+            peer,
+            name,
+            quota,
+            home,
+            path,
+            data,
+            hash,
+            started,
+            _lock,
+        } = self;
+        let size = data.len() as u64;
+        let stored = home.upload_target(&path).and_then(|replaced| {
+            server
+                .ledger
+                .reserve(&name, &path, size.saturating_sub(replaced), quota)?;
+            let part = server
+                .partial_dir(&name)
+                .join(format!("{}.part", journal::key(&[&path.to_string()])));
+            let write = || -> std::io::Result<()> {
+                if let Some(dir) = part.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut f = std::fs::File::create(&part)?;
+                std::io::Write::write_all(&mut f, &data)?;
+                f.sync_all()
+            };
+            let placed = write()
+                .map_err(|e| Error::fs(e, &path.to_string()))
+                .and_then(|()| place(&part, &home, &path));
+            match placed {
+                Ok(replaced) => server.ledger.commit(&name, &path, size, replaced),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&part);
+                    server.ledger.release(&name, &path);
+                }
+            }
+            placed
+        });
+        let ms = started.elapsed().as_millis() as u64;
+        match stored {
+            Ok(_) => {
+                info!(peer = %peer, user = %name, request = "SEND", path = %path, size,
+                      bytes = size, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
+                Ok(format!("{} {size}", protocol::hex(&hash)))
+            }
+            Err(e) => {
+                info!(peer = %peer, user = %name, request = "SEND", path = %path, size,
+                      code = e.reply_code(), error = %e, ms, "request failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The SENDs of one session that are verified but not yet answered. One
+/// task on the blocking pool at a time writes them, in the order they came,
+/// while the session reads on; their replies go out in the same order,
+/// before any other request is handled. In flight: at most
+/// [`Stores::MAX_FILES`] files and [`Stores::MAX_BYTES`] bytes.
+#[derive(Default)]
+struct Stores {
+    queue: Arc<Mutex<StoreQueue>>,
+    replies: VecDeque<StoreReply>,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct StoreQueue {
+    jobs: VecDeque<(Store, oneshot::Sender<Result<String>>)>,
+    writing: bool,
+}
+
+struct StoreReply {
+    outcome: oneshot::Receiver<Result<String>>,
+    bytes: u64,
+}
+
+/// How far [`Session::answer_stores`] goes.
+#[derive(Clone, Copy)]
+enum Drain {
+    /// Every SEND is answered.
+    All,
+    /// Until the SENDs in flight are within bounds.
+    ToBound,
+    /// Until the client has sent more, or every SEND is answered.
+    UntilInput,
+}
+
+impl Stores {
+    const MAX_FILES: usize = 64;
+    const MAX_BYTES: u64 = 4 * protocol::MAX_SEND;
+
+    fn push(&mut self, store: Store) {
+        let bytes = store.data.len() as u64;
+        let (done, outcome) = oneshot::channel();
+        self.replies.push_back(StoreReply { outcome, bytes });
+        self.bytes += bytes;
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.jobs.push_back((store, done));
+        if !queue.writing {
+            queue.writing = true;
+            let queue = self.queue.clone();
+            tokio::task::spawn_blocking(move || write_stores(&queue));
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(reply) = self.replies.pop_front() {
+            self.bytes -= reply.bytes;
+        }
+    }
+
+    fn over_bound(&self) -> bool {
+        self.replies.len() > Self::MAX_FILES || self.bytes > Self::MAX_BYTES
+    }
+
+    /// Waits until every store handed over has finished, without answering.
+    async fn finish(&mut self) {
+        while let Some(reply) = self.replies.pop_front() {
+            let _ = reply.outcome.await;
+        }
+        self.bytes = 0;
+    }
+}
+
+/// The blocking side of [`Stores`]: writes queued stores until none is left.
+fn write_stores(queue: &Mutex<StoreQueue>) {
+    let lock = || queue.lock().unwrap_or_else(|e| e.into_inner());
+    /// Should a store panic, the queue is left with no writer and no
+    /// orphaned job (their replies turn into errors).
+    struct Unwind<'a>(&'a Mutex<StoreQueue>);
+    impl Drop for Unwind<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                queue.writing = false;
+                queue.jobs.clear();
+            }
+        }
+    }
+    let _unwind = Unwind(queue);
+    loop {
+        let next = {
+            let mut queue = lock();
+            let next = queue.jobs.pop_front();
+            // Under the same lock as the pop, so a push never finds a writer that is leaving.
+            queue.writing = next.is_some();
+            next
+        };
+        let Some((store, done)) = next else { return };
+        let _ = done.send(store.write());
+    }
 }
 
 /// Runs filesystem work on the blocking pool.

@@ -349,6 +349,27 @@ impl Raw {
     }
 }
 
+/// A whole SEND request as a client puts it on the wire: the line, then the
+/// start, chunk and end frames.
+pub fn send_request(path: &str, body: &[u8]) -> Vec<u8> {
+    use ftpx::protocol::{FrameHeader, FrameKind};
+    let hash = blake3::hash(body);
+    let mut wire = format!("SEND {} {}\n", ftpx::protocol::quote(path), body.len()).into_bytes();
+    wire.extend_from_slice(&FrameHeader::start(0).encode());
+    if !body.is_empty() {
+        let chunk = FrameHeader {
+            kind: FrameKind::Chunk,
+            offset: 0,
+            len: body.len() as u32,
+            hash: *hash.as_bytes(),
+        };
+        wire.extend_from_slice(&chunk.encode());
+        wire.extend_from_slice(body);
+    }
+    wire.extend_from_slice(&FrameHeader::end(body.len() as u64, hash).encode());
+    wire
+}
+
 /// Files planted outside a user's home, each with a unique token; checks
 /// that none changed and that no token reached the client.
 pub struct Canaries {

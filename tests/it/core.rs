@@ -1,5 +1,7 @@
 //! Sessions, login, registration and the shell commands.
 
+use std::time::{Duration, Instant};
+
 use crate::common::*;
 use ftpx::protocol::Request;
 
@@ -176,6 +178,92 @@ async fn a_send_with_a_bad_chunk_stores_nothing_and_an_oversized_one_is_cut_off(
     let r = raw.ask(&format!("SEND g {}", MAX_SEND + 1)).await;
     assert!(r.starts_with("500 "), "{r}");
     assert!(raw.line().await.is_none(), "the session went on");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_sends_are_answered_in_order_before_the_next_request() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 10 << 20);
+    let mut raw = Raw::connect(&s).await;
+    raw.login("ann").await;
+    // More SENDs than the server keeps in flight, two in a row to one path,
+    // then a listing, all written before any reply is read.
+    let mut wire = Vec::new();
+    for i in 0..100 {
+        wire.extend(send_request(&format!("f{i}"), &data(1000 + i, i as u8)));
+        if i == 7 {
+            wire.extend(send_request("f7", b"second"));
+        }
+    }
+    wire.extend(b"LIST\n");
+    raw.send(&wire).await;
+    for i in 0..100 {
+        let r = raw.reply().await.unwrap();
+        let want = format!(
+            "226 {} {}",
+            blake3::hash(&data(1000 + i, i as u8)),
+            1000 + i
+        );
+        assert_eq!(r, want, "reply {i}");
+        if i == 7 {
+            let r = raw.reply().await.unwrap();
+            assert_eq!(r, format!("226 {} 6", blake3::hash(b"second")));
+        }
+    }
+    // The listing already sees every file.
+    let mut listed = 0;
+    loop {
+        let line = raw.line().await.unwrap();
+        if line.starts_with("213 ") {
+            assert_eq!(line, "213 100 entries");
+            break;
+        }
+        listed += 1;
+    }
+    assert_eq!(listed, 100);
+    assert_eq!(std::fs::read(s.home("ann").join("f7")).unwrap(), b"second");
+    let used: usize = (0..100)
+        .filter(|&i| i != 7)
+        .map(|i| 1000 + i)
+        .sum::<usize>()
+        + 6;
+    assert_eq!(raw.ask("QUOTA").await, format!("213 {used} {}", 10 << 20));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sends_in_flight_when_the_client_leaves_are_stored_and_counted() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 10 << 20);
+    let mut raw = Raw::connect(&s).await;
+    raw.login("ann").await;
+    let mut wire = Vec::new();
+    for i in 0..50 {
+        wire.extend(send_request(&format!("f{i}"), &data(2000, i as u8)));
+    }
+    raw.send(&wire).await;
+    drop(raw);
+    // A new session sees all of them, counted once, and no staging file is left.
+    let mut c = s.login("ann").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(s.home("ann")).unwrap().count() < 50 {
+        assert!(Instant::now() < deadline, "the SENDs were not all stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..50 {
+        assert_eq!(
+            std::fs::read(s.home("ann").join(format!("f{i}"))).unwrap(),
+            data(2000, i as u8)
+        );
+    }
+    let q = c.request(&Request::Quota).await.unwrap();
+    assert_eq!(q.text, format!("{} {}", 50 * 2000, 10 << 20));
+    let partial = s.config.partial_dir().join("ann");
+    let left: Vec<_> = std::fs::read_dir(&partial)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
     s.stop().await;
 }
 
