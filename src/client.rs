@@ -400,35 +400,38 @@ impl Client {
     /// `SEND`, many in flight at once, and calls `done` with each file's
     /// index and outcome as its reply arrives. An error that breaks the
     /// session is returned; files not yet reported were not stored.
+    ///
+    /// A blocking task reads and hashes the files ahead of the sending. When
+    /// [`PIPELINE_WINDOW`] files are unanswered, the replies are read until
+    /// half are, so files go out in bursts with one flush each.
     pub async fn send_many(
         &mut self,
         files: &[(PathBuf, VPath)],
         mut done: impl FnMut(usize, Result<Transferred>),
     ) -> Result<()> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_WINDOW);
+        let paths: Vec<PathBuf> = files.iter().map(|(local, _)| local.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            for (i, local) in paths.iter().enumerate() {
+                if tx.blocking_send((i, read_small(local))).is_err() {
+                    return; // The sending stopped.
+                }
+            }
+        });
         let mut in_flight: std::collections::VecDeque<(usize, blake3::Hash, u64)> =
             Default::default();
-        for (i, (local, remote)) in files.iter().enumerate() {
-            let data = match tokio::fs::read(local).await {
-                Ok(d) if d.len() as u64 <= protocol::MAX_SEND => d,
-                Ok(_) => {
-                    done(
-                        i,
-                        Err(ClientError::Local(format!(
-                            "{}: too large to SEND",
-                            local.display()
-                        ))),
-                    );
-                    continue;
-                }
+        while let Some((i, read)) = rx.recv().await {
+            let (data, hash) = match read {
+                Ok(read) => read,
                 Err(e) => {
-                    done(i, Err(local_err(local, e)));
+                    done(i, Err(e));
                     continue;
                 }
             };
-            let (size, hash) = (data.len() as u64, blake3::hash(&data));
+            let size = data.len() as u64;
             self.in_data = true;
             let line = Request::Send {
-                path: remote.to_string(),
+                path: files[i].1.to_string(),
                 size,
             };
             self.conn.write_line(&line.to_line()).await?;
@@ -448,9 +451,11 @@ impl Client {
             in_flight.push_back((i, hash, size));
             if in_flight.len() >= PIPELINE_WINDOW {
                 self.conn.flush().await?;
-                let (i, hash, size) = in_flight.pop_front().expect("queue is full");
-                let outcome = self.sent(&files[i], hash, size).await?;
-                done(i, outcome);
+                while in_flight.len() > PIPELINE_WINDOW / 2 {
+                    let (i, hash, size) = in_flight.pop_front().expect("queue is full");
+                    let outcome = self.sent(&files[i], hash, size).await?;
+                    done(i, outcome);
+                }
             }
         }
         self.conn.flush().await?;
@@ -816,6 +821,27 @@ impl Client {
             }
         }
     }
+}
+
+/// Reads a file for `SEND` and hashes it; a file too large for `SEND` is an error.
+fn read_small(local: &Path) -> Result<(Vec<u8>, blake3::Hash)> {
+    use std::io::Read as _;
+    let too_large = || ClientError::Local(format!("{}: too large to SEND", local.display()));
+    let file = File::open(local).map_err(|e| local_err(local, e))?;
+    let size = file.metadata().map_err(|e| local_err(local, e))?.len();
+    if size > protocol::MAX_SEND {
+        return Err(too_large());
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    // One byte past the limit tells a file that grew since.
+    file.take(protocol::MAX_SEND + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| local_err(local, e))?;
+    if data.len() as u64 > protocol::MAX_SEND {
+        return Err(too_large());
+    }
+    let hash = blake3::hash(&data);
+    Ok((data, hash))
 }
 
 fn local_err(path: &Path, e: std::io::Error) -> ClientError {

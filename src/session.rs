@@ -748,31 +748,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.answer_stores(Drain::ToBound).await
     }
 
-    /// Sends the replies of stored SENDs, in order, as they finish.
+    /// Sends the replies of stored SENDs, in order, as they finish. Replies
+    /// ready together go out together: the stream is flushed before waiting
+    /// and when none is left, not per reply.
     async fn answer_stores(&mut self, drain: Drain) -> Result<()> {
         loop {
             if matches!(drain, Drain::ToBound) && !self.stores.over_bound() {
                 return Ok(());
             }
             let Some(reply) = self.stores.replies.front_mut() else {
-                return Ok(());
+                return self.conn.flush().await;
             };
-            let outcome = match drain {
-                Drain::UntilInput => tokio::select! {
-                    biased;
-                    () = self.conn.input() => return Ok(()),
-                    outcome = &mut reply.outcome => outcome,
-                },
-                _ => (&mut reply.outcome).await,
+            let outcome = match reply.outcome.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    self.conn.flush().await?;
+                    match drain {
+                        Drain::UntilInput => tokio::select! {
+                            biased;
+                            () = self.conn.input() => return Ok(()),
+                            outcome = &mut reply.outcome => outcome.ok(),
+                        },
+                        _ => (&mut reply.outcome).await.ok(),
+                    }
+                }
+                ready => ready.ok(),
             };
             self.stores.pop();
-            let outcome = outcome.unwrap_or_else(|_| {
+            let outcome = outcome.unwrap_or_else(|| {
                 Err(Error::Storage(std::io::Error::other(
                     "the store task ended",
                 )))
             });
             match outcome {
-                Ok(text) => self.conn.reply(226, &text).await?,
+                Ok(text) => self.conn.write_line(&format!("226 {text}")).await?,
                 Err(e) => {
                     self.conn.reply(e.reply_code(), &e.to_string()).await?;
                     if e.ends_session() {

@@ -117,6 +117,17 @@ async fn small_files_go_many_at_once_and_refusals_keep_the_session_in_step() {
         big,
         ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/big", 99).unwrap(),
     ));
+    // One that can't be read here, and one too large for SEND.
+    files.push((
+        work.path().join("missing"),
+        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/missing", 99).unwrap(),
+    ));
+    let huge = work.path().join("huge");
+    std::fs::write(&huge, data(ftpx::protocol::MAX_SEND as usize + 1, 3)).unwrap();
+    files.push((
+        huge,
+        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/huge", 99).unwrap(),
+    ));
     let mut c = s.login("ann").await;
     let mut outcomes = vec![None; files.len()];
     c.send_many(&files, |i, r| {
@@ -143,6 +154,11 @@ async fn small_files_go_many_at_once_and_refusals_keep_the_session_in_step() {
         outcomes[151]
     );
     assert!(!s.home("ann").join("big").exists());
+    let missing = outcomes[152].clone().unwrap().unwrap_err();
+    assert!(missing.contains("missing"), "{missing}");
+    let huge = outcomes[153].clone().unwrap().unwrap_err();
+    assert!(huge.contains("too large"), "{huge}");
+    assert!(!s.home("ann").join("missing").exists() && !s.home("ann").join("huge").exists());
     // Still in step.
     let used: u64 = (0..150).map(|i| (i * 7) as u64).sum();
     let q = c.request(&Request::Quota).await.unwrap();
