@@ -183,9 +183,24 @@ echo "warming up" >&2
 ftpx_c "put big.bin warm.bin; rm warm.bin" >/dev/null
 sftp_b "put $W/big.bin $W/sftp-dst/warm.bin" && rm -f "$W/sftp-dst/warm.bin"
 
-put_ftpx() { run put ftpx "$FTPX_PID" "$BYTES" 1 ftpx_c "put big.bin big.bin" >/dev/null; }
-put_sftp() { run put sftp "$SSHD_PID" "$BYTES" 1 sftp_b "put $W/big.bin $W/sftp-dst/big.bin"; }
-put_ftps() { run put curl-ftps "$VSFTPD_PID" "$BYTES" 1 "${CURL[@]}" -T "$W/big.bin" "ftp://127.0.0.1:$FTP_PORT/big.bin"; }
+# Every put writes a new file: the previous copy is deleted just before, for
+# every tool. On this kind of VM, writing into memory freed a moment ago is
+# about twice as cheap as writing into memory the host has taken back; an
+# overwrite would hand the tools that truncate in place (sftp, vsftpd) the
+# old file's warm pages, while ftpx, which replaces atomically, needs new
+# ones while the old file still exists.
+put_ftpx() {
+    rm -f "$W/ftpx/var/homes/bench/big.bin"
+    run put ftpx "$FTPX_PID" "$BYTES" 1 ftpx_c "put big.bin big.bin" >/dev/null
+}
+put_sftp() {
+    rm -f "$W/sftp-dst/big.bin"
+    run put sftp "$SSHD_PID" "$BYTES" 1 sftp_b "put $W/big.bin $W/sftp-dst/big.bin"
+}
+put_ftps() {
+    rm -f "$W/ftp-home/big.bin"
+    run put curl-ftps "$VSFTPD_PID" "$BYTES" 1 "${CURL[@]}" -T "$W/big.bin" "ftp://127.0.0.1:$FTP_PORT/big.bin"
+}
 get_ftpx() { run get ftpx "$FTPX_PID" "$BYTES" 1 ftpx_c "get big.bin $W/got-ftpx.bin" >/dev/null; check "$W/got-ftpx.bin"; }
 get_sftp() { run get sftp "$SSHD_PID" "$BYTES" 1 sftp_b "get $W/sftp-dst/big.bin $W/got-sftp.bin"; check "$W/got-sftp.bin"; }
 get_ftps() {
