@@ -278,14 +278,15 @@ def stats(case, tool):
     files = statistics.median(f / max(w, 1e-9) for _, f, w, _, _ in r)
     return statistics.median(mibs), mibs[0], mibs[-1], cpu, files
 print(f"\nftpx benchmark: {size_mib:.0f} MiB file, {len(rows[('put','ftpx')])} repeats, loopback, tmpfs")
-print(f"{'case':<10} {'tool':<10} {'MiB/s median (min-max)':>26} {'files/s':>9} {'CPU s/GiB':>10} {'ftpx/peer':>10}")
+print(f"{'case':<10} {'tool':<10} {'MiB/s median (min-max)':>26} {'files/s':>9} {'CPU s/GiB':>10} {'ftpx/peer':>10} {'CPU ftpx/peer':>14}")
 for case in ["put", "get", "small-put"]:
     ftpx = stats(case, "ftpx") if rows[(case, "ftpx")] else None
     for (c, tool) in sorted(k for k in rows if k[0] == case):
         med, lo, hi, cpu, fps = stats(c, tool)
         ratio = "" if tool == "ftpx" or not ftpx else f"{ftpx[0] / med:.2f}x"
+        cpu_ratio = "" if tool == "ftpx" or not ftpx else f"{ftpx[3] / cpu:.2f}"
         fcol = f"{fps:.0f}" if case == "small-put" else ""
-        print(f"{case:<10} {tool:<10} {med:>10.0f} ({lo:.0f}-{hi:.0f}){'':>6} {fcol:>9} {cpu:>10.2f} {ratio:>10}")
+        print(f"{case:<10} {tool:<10} {med:>10.0f} ({lo:.0f}-{hi:.0f}){'':>6} {fcol:>9} {cpu:>10.2f} {ratio:>10} {cpu_ratio:>14}")
 aead_mib = float(aead) * 1e6 / (1 << 20)
 b3 = size_mib / float(b3s)
 tcp = size_mib / float(tcps)
