@@ -117,6 +117,9 @@ pub struct LimitsSection {
     pub max_list_entries: usize,
     /// Time running sessions get to finish after SIGINT or SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Malformed requests in one session, and requests refused before
+    /// login, after which the session is closed.
+    pub max_bad_requests: u32,
 }
 
 impl Default for LimitsSection {
@@ -132,6 +135,7 @@ impl Default for LimitsSection {
             max_path: 4096,
             max_list_entries: 100_000,
             shutdown_grace_secs: 10,
+            max_bad_requests: 20,
         }
     }
 }

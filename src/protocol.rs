@@ -39,7 +39,7 @@
 //! | 226 | transfer complete: `226 HASH SIZE` |
 //! | 230 | logged in |
 //! | 257 | a path: `257 "PATH"` (`PWD`, `CWD`, `MKD`) |
-//! | 421 | service not available (too many sessions, timeout, shutdown); closes |
+//! | 421 | service not available (too many sessions, timeout, shutdown, too many bad requests); closes |
 //! | 430 | login failed (the same for an unknown user and a wrong password) |
 //! | 450 | busy: the file is being transferred by another session |
 //! | 451 | local error on the server (storage); nothing was changed |

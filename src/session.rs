@@ -89,6 +89,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return "greeting failed";
         }
         let login_deadline = Instant::now() + self.server.config.login_timeout();
+        // Malformed requests, and requests refused before login.
+        let mut strikes = 0;
         loop {
             let wait = match self.user {
                 Some(_) => self.server.config.idle_timeout(),
@@ -124,6 +126,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if e.ends_session() || sent.is_err() {
                         return "bad request line";
                     }
+                    if self.strike(&mut strikes).await {
+                        return "too many bad requests";
+                    }
                     continue;
                 }
             };
@@ -139,6 +144,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     info!(peer = %self.peer, user = self.user_name(), error = %e, "malformed request");
                     if self.conn.reply(code, &e.to_string()).await.is_err() {
                         return "connection lost";
+                    }
+                    if self.strike(&mut strikes).await {
+                        return "too many bad requests";
                     }
                     continue;
                 }
@@ -172,9 +180,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if e.ends_session() || sent.is_err() {
                         return "error ends session";
                     }
+                    if self.user.is_none() && self.strike(&mut strikes).await {
+                        return "too many bad requests";
+                    }
                 }
             }
         }
+    }
+
+    /// Counts a bad request. Once there were `max_bad_requests`, tells the
+    /// client so and returns true: the session ends.
+    async fn strike(&mut self, strikes: &mut u32) -> bool {
+        *strikes += 1;
+        if *strikes < self.server.config.limits.max_bad_requests {
+            return false;
+        }
+        info!(peer = %self.peer, user = self.user_name(), strikes = *strikes, "too many bad requests, closing");
+        let _ = self.conn.reply(421, "too many bad requests, closing").await;
+        true
     }
 
     async fn handle(&mut self, request: Request) -> Result<()> {

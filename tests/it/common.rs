@@ -131,12 +131,6 @@ impl TestServer {
         c
     }
 
-    /// The server's log file. The in-process server does not write one (its
-    /// events go to the test process's subscriber); `BinServer` logs do.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.config.server.log_file).unwrap_or_default()
-    }
-
     /// Stops the server and waits for it to drain.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {

@@ -246,7 +246,7 @@ async fn file_commands_before_login_get_530_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_verbs_and_empty_lines_are_500() {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(|c| c.limits.max_bad_requests = u32::MAX).await;
     s.add_user("ann", 1 << 20);
     let mut raw = Raw::connect(&s).await;
     let unknown = [
@@ -275,7 +275,7 @@ async fn unknown_verbs_and_empty_lines_are_500() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_arguments_are_501_and_syntax_errors_500() {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(|c| c.limits.max_bad_requests = u32::MAX).await;
     s.add_user("ann", 1 << 20);
     std::fs::write(s.home("ann").join("f"), b"0123456789").unwrap();
     let h = hex(b"01234");
@@ -404,6 +404,44 @@ async fn invalid_utf8_gets_an_error_reply() {
     // Nothing was made under a lossy name.
     assert!(tree(&s.home("ann")).is_empty());
     round_trip(&s, "ann").await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_keeps_sending_bad_requests_is_closed() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let max = s.config.limits.max_bad_requests;
+    assert_eq!(max, 20, "the test follows the default");
+    // Before login, refused requests count as well as malformed ones.
+    let mut raw = Raw::connect(&s).await;
+    for i in 1..max {
+        let line = if i % 2 == 0 { "PWD" } else { "FROB" };
+        let r = raw.ask(line).await;
+        assert!(r.starts_with("530 ") || r.starts_with("500 "), "{i}: {r}");
+    }
+    assert!(raw.ask("NOOP").await.starts_with("200 "));
+    assert!(raw.ask("PWD").await.starts_with("530 "));
+    assert_eq!(
+        raw.line().await.as_deref(),
+        Some("421 too many bad requests, closing")
+    );
+    assert!(raw.line().await.is_none(), "the session went on");
+    // After login, a request that fails is no strike; a malformed one is.
+    let mut raw = Raw::connect(&s).await;
+    raw.login("ann").await;
+    for _ in 0..2 * max {
+        assert!(raw.ask("STAT nothing").await.starts_with("550 "));
+    }
+    for _ in 1..max {
+        assert!(raw.ask("STAT").await.starts_with("501 "));
+    }
+    assert!(raw.ask("STAT").await.starts_with("501 "));
+    assert_eq!(
+        raw.line().await.as_deref(),
+        Some("421 too many bad requests, closing")
+    );
+    assert!(raw.line().await.is_none(), "the session went on");
     s.stop().await;
 }
 
@@ -678,7 +716,7 @@ async fn register_draws_a_quota_in_range_and_makes_the_home() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn register_refuses_bad_names_with_553() {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(|c| c.limits.max_bad_requests = u32::MAX).await;
     let homes = s.config.homes_dir();
     let mut raw = Raw::connect(&s).await;
     let long = "a".repeat(33);
