@@ -12,8 +12,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 
 pub struct Allocator;
 
-/// Blocks at least this large are marked for huge pages.
-const HUGE_BLOCK: usize = 4 << 20;
+/// Blocks at least this large are marked for huge pages. glibc serves
+/// blocks above its mmap threshold (at most 32 MiB) from their own mappings;
+/// smaller ones may sit in a heap that the mark would outlive. Transfer
+/// buffers (at most 4 MiB) stay unmarked, away from the kernel's compaction
+/// stalls on marked ranges.
+const HUGE_BLOCK: usize = 32 << 20;
 /// Huge pages are this large and this aligned (x86-64 and arm64 with 4 KiB base pages).
 const HUGE_PAGE: usize = 2 << 20;
 

@@ -32,6 +32,8 @@ use crate::transfer::{self, Checkpoints, Plan, Stopped, Tree};
 const MAX_REPLY_LINE: usize = 64 * 1024;
 /// Requests or small uploads sent before their replies are read.
 const PIPELINE_WINDOW: usize = 64;
+/// Files `send_many` reads ahead of the sending (each at most 1 MiB).
+const READ_AHEAD_FILES: usize = 16;
 /// Listing lines kept at most, whatever a server sends.
 const MAX_REPLY_LINES: usize = 1_000_000;
 
@@ -399,7 +401,8 @@ impl Client {
     /// Uploads small files (each at most [`protocol::MAX_SEND`] bytes) with
     /// `SEND`, many in flight at once, and calls `done` with each file's
     /// index and outcome as its reply arrives. An error that breaks the
-    /// session is returned; files not yet reported were not stored.
+    /// session is returned; files not yet reported may or may not have been
+    /// stored (sending them again overwrites them with the same bytes).
     ///
     /// A blocking task reads and hashes the files ahead of the sending. When
     /// [`PIPELINE_WINDOW`] files are unanswered, the replies are read until
@@ -409,7 +412,7 @@ impl Client {
         files: &[(PathBuf, VPath)],
         mut done: impl FnMut(usize, Result<Transferred>),
     ) -> Result<()> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_WINDOW);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(READ_AHEAD_FILES);
         let paths: Vec<PathBuf> = files.iter().map(|(local, _)| local.clone()).collect();
         tokio::task::spawn_blocking(move || {
             for (i, local) in paths.iter().enumerate() {

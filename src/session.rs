@@ -104,7 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let line = tokio::select! {
                 line = tokio::time::timeout(wait, next_line) => line,
                 _ = stopped(&mut stop) => {
-                    let _ = self.conn.reply(421, "server shutting down").await;
+                    let _ = self.reply_in_turn(421, "server shutting down").await;
                     return "server shutting down";
                 }
             };
@@ -115,13 +115,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     } else {
                         "login timeout"
                     };
-                    let _ = self.conn.reply(421, &format!("{what}, closing")).await;
+                    let _ = self.reply_in_turn(421, &format!("{what}, closing")).await;
                     return what;
                 }
                 Ok(Ok(Some(line))) => line,
-                Ok(Ok(None)) => return "client closed the connection",
+                Ok(Ok(None)) => {
+                    // A client that closed only its sending side still gets its replies.
+                    let _ = self.answer_stores(Drain::All).await;
+                    return "client closed the connection";
+                }
                 Ok(Err(e)) => {
-                    let sent = self.conn.reply(e.reply_code(), &e.to_string()).await;
+                    let sent = self.reply_in_turn(e.reply_code(), &e.to_string()).await;
                     info!(peer = %self.peer, user = self.user_name(), error = %e, "bad request line");
                     if e.ends_session() || sent.is_err() {
                         return "bad request line";
@@ -142,7 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         _ => 501,
                     };
                     info!(peer = %self.peer, user = self.user_name(), error = %e, "malformed request");
-                    if self.conn.reply(code, &e.to_string()).await.is_err() {
+                    if self.reply_in_turn(code, &e.to_string()).await.is_err() {
                         return "connection lost";
                     }
                     if self.strike(&mut strikes).await {
@@ -176,7 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         info!(peer = %self.peer, user = self.user_name(), request = verb, code, error = %e,
                               ms = started.elapsed().as_millis() as u64, "request failed");
                     }
-                    let sent = self.conn.reply(code, &e.to_string()).await;
+                    let sent = self.reply_in_turn(code, &e.to_string()).await;
                     if e.ends_session() || sent.is_err() {
                         return "error ends session";
                     }
@@ -196,8 +200,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return false;
         }
         info!(peer = %self.peer, user = self.user_name(), strikes = *strikes, "too many bad requests, closing");
-        let _ = self.conn.reply(421, "too many bad requests, closing").await;
+        let _ = self
+            .reply_in_turn(421, "too many bad requests, closing")
+            .await;
         true
+    }
+
+    /// Replies after every SEND before it has been answered: replies go
+    /// out in the order of the requests.
+    async fn reply_in_turn(&mut self, code: u16, text: &str) -> Result<()> {
+        self.answer_stores(Drain::All).await?;
+        self.conn.reply(code, text).await
     }
 
     async fn handle(&mut self, request: Request) -> Result<()> {

@@ -18,8 +18,9 @@
 //! Disk, hashing and TLS overlap: the sender reads and hashes the next chunk
 //! on the blocking pool while the current one goes to the connection; the
 //! receiver verifies each chunk as it comes off the connection and queues it
-//! (up to 1 MiB) for one writer on the blocking pool, which writes them in
-//! order and makes checkpoints durable. Buffers are reused.
+//! (up to 1 MiB, or one chunk if chunks are larger) for one writer on the
+//! blocking pool, which writes them in order and makes checkpoints durable.
+//! Buffers are reused.
 //!
 //! # Resume
 //!

@@ -249,6 +249,63 @@ async fn pipelined_sends_are_answered_in_order_before_the_next_request() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_refused_send_or_a_bad_line_is_answered_after_the_sends_before_it() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 10 << 20);
+    let mut raw = Raw::connect(&s).await;
+    raw.login("ann").await;
+    let mut wire = Vec::new();
+    for i in 0..20 {
+        wire.extend(send_request(&format!("f{i}"), &data(3000, i as u8)));
+    }
+    // Its end frame names another file's hash.
+    let mut bad = send_request("bad", &data(3000, 99));
+    let len = bad.len();
+    bad[len - 32..].copy_from_slice(blake3::hash(b"other").as_bytes());
+    wire.extend(bad);
+    wire.extend(b"FROB\n");
+    wire.extend(send_request("last", b"last"));
+    raw.send(&wire).await;
+    for i in 0..20 {
+        let r = raw.reply().await.unwrap();
+        assert!(r.starts_with("226 "), "reply {i}: {r}");
+    }
+    let r = raw.reply().await.unwrap();
+    assert!(r.starts_with("454 "), "{r}");
+    let r = raw.reply().await.unwrap();
+    assert!(r.starts_with("500 "), "{r}");
+    let r = raw.reply().await.unwrap();
+    assert_eq!(r, format!("226 {} 4", blake3::hash(b"last")));
+    assert!(!s.home("ann").join("bad").exists());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_sending_still_gets_every_reply() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start().await;
+    s.add_user("ann", 10 << 20);
+    let mut raw = Raw::connect(&s).await;
+    raw.login("ann").await;
+    let mut wire = Vec::new();
+    for i in 0..30 {
+        wire.extend(send_request(&format!("f{i}"), &data(5000, i as u8)));
+    }
+    raw.send(&wire).await;
+    raw.stream.shutdown().await.unwrap();
+    for i in 0..30 {
+        let r = raw.reply().await;
+        assert_eq!(
+            r,
+            Some(format!("226 {} 5000", blake3::hash(&data(5000, i as u8)))),
+            "reply {i}"
+        );
+    }
+    assert_eq!(raw.line().await, None);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sends_in_flight_when_the_client_leaves_are_stored_and_counted() {
     let s = TestServer::start().await;
     s.add_user("ann", 10 << 20);
