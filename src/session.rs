@@ -1001,7 +1001,7 @@ enum Drain {
 
 impl Stores {
     const MAX_FILES: usize = 64;
-    const MAX_BYTES: u64 = 4 * protocol::MAX_SEND;
+    const MAX_BYTES: u64 = 2 * protocol::MAX_SEND;
 
     fn push(&mut self, store: Store) {
         let bytes = store.data.len() as u64;
