@@ -17,10 +17,8 @@
 //!
 //! Disk, hashing and TLS overlap: the sender reads and hashes the next chunk
 //! on the blocking pool while the current one goes to the connection; the
-//! receiver verifies each chunk as it comes off the connection and queues it
-//! (up to 1 MiB, or one chunk if chunks are larger) for one writer on the
-//! blocking pool, which writes them in order and makes checkpoints durable.
-//! Buffers are reused.
+//! receiver verifies and writes one chunk on the blocking pool while it reads
+//! the next from the connection. Two buffers per transfer, reused.
 //!
 //! # Resume
 //!
@@ -41,6 +39,7 @@ use blake3::hazmat::{
 };
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
@@ -331,22 +330,138 @@ pub struct Stopped {
     pub verified: u64,
 }
 
-/// Bytes of received chunks that may wait for the writer, beyond the one
-/// it is writing (at least one chunk).
-const WRITE_QUEUE_BYTES: u64 = 1 << 20;
-
-/// A verified chunk on its way to the writer.
-struct Verified {
-    at: u64,
+/// A write of one verified chunk on the blocking pool, and what it hands back.
+struct Write {
     buf: Vec<u8>,
+    journal: Option<Journal>,
+    result: std::io::Result<()>,
 }
 
-/// Where the writer stopped.
-struct Written {
-    journal: Option<Journal>,
+/// The receiving end of one transfer.
+struct Receiver<'a> {
+    plan: Plan,
+    journal: &'a mut Option<Journal>,
+    checkpoints: Checkpoints,
+    /// Bytes received from the sender so far.
+    pos: u64,
     /// Bytes verified and written.
     written: u64,
+    /// Bytes the journal claims (fsynced).
+    durable: u64,
+    last_checkpoint: Instant,
+    spare: Vec<u8>,
+    pending: Option<(JoinHandle<Write>, u64)>,
+    /// Once set, the rest of the stream is read and dropped.
     failed: Option<Error>,
+}
+
+impl Receiver<'_> {
+    /// Waits for the write under way and takes back its buffer and journal.
+    async fn settle(&mut self) {
+        let Some((task, end)) = self.pending.take() else {
+            return;
+        };
+        let done = match task.await {
+            Ok(done) => done,
+            Err(e) => {
+                self.failed
+                    .get_or_insert(Error::Storage(std::io::Error::other(e)));
+                return;
+            }
+        };
+        self.spare = done.buf;
+        let checkpointed = done.journal.is_some();
+        if let Some(j) = done.journal {
+            *self.journal = Some(j);
+        }
+        match done.result {
+            Ok(()) => {
+                self.written = end;
+                if checkpointed {
+                    self.durable = end;
+                }
+            }
+            Err(e) => {
+                self.failed.get_or_insert(Error::fs(e, "upload"));
+            }
+        }
+    }
+
+    /// Checks a chunk's place and size; an error here means the peer is out of step.
+    fn check_place(&self, header: &FrameHeader) -> Result<()> {
+        let len = u64::from(header.len);
+        let end = self.pos.checked_add(len);
+        let fits = end.is_some_and(|end| end <= self.plan.size);
+        let full_or_last =
+            len == self.plan.chunk || (len < self.plan.chunk && end == Some(self.plan.size));
+        if header.offset != self.pos || !fits || !full_or_last {
+            return Err(Error::Protocol(format!(
+                "chunk at {} of {} bytes does not follow {} in chunks of {} within {}",
+                header.offset, len, self.pos, self.plan.chunk, self.plan.size
+            )));
+        }
+        Ok(())
+    }
+
+    async fn chunk<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        header: &FrameHeader,
+        progress: &ProgressBar,
+    ) -> Result<()> {
+        self.check_place(header)?;
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.resize(header.len as usize, 0);
+        conn.read_payload(&mut buf).await?;
+        let at = self.pos;
+        self.pos += u64::from(header.len);
+        if self.failed.is_some() {
+            self.spare = buf;
+            return Ok(());
+        }
+        let hash = chunk_hash(self.plan.size, at, &buf);
+        if hash != header.hash {
+            self.failed = Some(Error::BadChunk(at));
+            self.spare = buf;
+            return Ok(());
+        }
+        self.plan.tree.push(hash);
+        self.settle().await;
+        if self.failed.is_some() {
+            return Ok(());
+        }
+        let end = self.pos;
+        let checkpoint = end - self.durable >= self.checkpoints.bytes
+            || self.last_checkpoint.elapsed() >= self.checkpoints.interval;
+        let mut journal = if checkpoint {
+            self.journal.take()
+        } else {
+            None
+        };
+        if checkpoint {
+            self.last_checkpoint = Instant::now();
+        }
+        let file = self.plan.file.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let result = file
+                .write_all_at(&buf, at)
+                .and_then(|()| match journal.as_mut() {
+                    Some(j) => {
+                        file.sync_data()?;
+                        j.save(end)
+                    }
+                    None => Ok(()),
+                });
+            Write {
+                buf,
+                journal,
+                result,
+            }
+        });
+        self.pending = Some((task, end));
+        progress.inc(u64::from(header.len));
+        Ok(())
+    }
 }
 
 /// Receives chunk frames into the plan's file from its offset until the end
@@ -365,25 +480,19 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     checkpoints: Checkpoints,
     progress: &ProgressBar,
 ) -> std::result::Result<blake3::Hash, Stopped> {
-    let Plan {
-        file,
-        size,
-        chunk,
-        offset,
-        mut tree,
-    } = plan;
-    let depth = usize::try_from((WRITE_QUEUE_BYTES / chunk).max(1)).unwrap_or(1);
-    let (chunks, queue) = tokio::sync::mpsc::channel(depth);
-    let (give_back, spares) = std::sync::mpsc::channel();
-    let writer = {
-        let journal = journal.take();
-        tokio::task::spawn_blocking(move || {
-            write_chunks(&file, offset, journal, checkpoints, queue, &give_back)
-        })
+    let offset = plan.offset;
+    let mut r = Receiver {
+        plan,
+        journal,
+        checkpoints,
+        pos: offset,
+        written: offset,
+        durable: offset,
+        last_checkpoint: Instant::now(),
+        spare: Vec::new(),
+        pending: None,
+        failed: None,
     };
-    let mut pos = offset;
-    // Once set, the rest of the stream is read and dropped.
-    let mut bad_chunk = None;
     let outcome = loop {
         let header = match conn.read_frame_header().await {
             Ok(h) => h,
@@ -391,131 +500,36 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match header.kind {
             FrameKind::Chunk => {
-                if let Err(e) = check_place(pos, size, chunk, &header) {
+                if let Err(e) = r.chunk(conn, &header, progress).await {
                     break Err(e);
                 }
-                let mut buf = spares.try_recv().unwrap_or_default();
-                buf.resize(header.len as usize, 0);
-                if let Err(e) = conn.read_payload(&mut buf).await {
+            }
+            FrameKind::End => {
+                r.settle().await;
+                if let Some(e) = r.failed.take() {
                     break Err(e);
                 }
-                let at = pos;
-                pos += u64::from(header.len);
-                progress.inc(u64::from(header.len));
-                if bad_chunk.is_some() {
-                    continue;
+                if header.offset != r.plan.size || r.pos != r.plan.size {
+                    break Err(Error::Protocol(format!(
+                        "end frame at {} but {} of {} bytes arrived",
+                        header.offset, r.pos, r.plan.size
+                    )));
                 }
-                let hash = chunk_hash(size, at, &buf);
-                if hash != header.hash {
-                    bad_chunk = Some(Error::BadChunk(at));
-                    continue;
+                let hash = r.plan.tree.finalize();
+                if hash.as_bytes() != &header.hash {
+                    break Err(Error::HashMismatch);
                 }
-                tree.push(hash);
-                if chunks.send(Verified { at, buf }).await.is_err() {
-                    break Err(Error::Storage(std::io::Error::other("the writer stopped")));
-                }
+                break Ok(hash);
             }
-            FrameKind::End if header.offset != size || pos != size => {
-                break Err(Error::Protocol(format!(
-                    "end frame at {} but {pos} of {size} bytes arrived",
-                    header.offset
-                )));
-            }
-            FrameKind::End => break Ok(header.hash),
             FrameKind::Abort => break Err(Error::Unavailable("the sender gave up".into())),
             FrameKind::Start => break Err(Error::Protocol("unexpected start frame".into())),
         }
     };
-    drop(chunks);
-    let done = match writer.await {
-        Ok(done) => done,
-        Err(e) => {
-            return Err(Stopped {
-                error: Error::Storage(std::io::Error::other(e)),
-                verified: offset,
-            });
-        }
-    };
-    *journal = done.journal;
-    let stopped = |error| Stopped {
+    r.settle().await;
+    outcome.map_err(|error| Stopped {
         error,
-        verified: done.written,
-    };
-    // A failed write came before the bad chunk, if both happened.
-    match (outcome, done.failed.or(bad_chunk)) {
-        (Err(e), _) | (Ok(_), Some(e)) => Err(stopped(e)),
-        (Ok(theirs), None) => {
-            let hash = tree.finalize();
-            if hash.as_bytes() == &theirs {
-                Ok(hash)
-            } else {
-                Err(stopped(Error::HashMismatch))
-            }
-        }
-    }
-}
-
-/// Checks a chunk's place and size; an error here means the peer is out of step.
-fn check_place(pos: u64, size: u64, chunk: u64, header: &FrameHeader) -> Result<()> {
-    let len = u64::from(header.len);
-    let end = pos.checked_add(len);
-    let fits = end.is_some_and(|end| end <= size);
-    let full_or_last = len == chunk || (len < chunk && end == Some(size));
-    if header.offset != pos || !fits || !full_or_last {
-        return Err(Error::Protocol(format!(
-            "chunk at {} of {len} bytes does not follow {pos} in chunks of {chunk} within {size}",
-            header.offset
-        )));
-    }
-    Ok(())
-}
-
-/// The writing half of [`receive`], on the blocking pool: writes verified
-/// chunks in order and makes the progress durable at checkpoints. After a
-/// write fails it writes nothing more. Buffers go back through `give_back`.
-fn write_chunks(
-    file: &File,
-    offset: u64,
-    mut journal: Option<Journal>,
-    checkpoints: Checkpoints,
-    mut queue: tokio::sync::mpsc::Receiver<Verified>,
-    give_back: &std::sync::mpsc::Sender<Vec<u8>>,
-) -> Written {
-    let (mut written, mut durable) = (offset, offset);
-    let mut last_checkpoint = Instant::now();
-    let mut failed = None;
-    while let Some(Verified { at, buf }) = queue.blocking_recv() {
-        if failed.is_none() {
-            let end = at + buf.len() as u64;
-            let checkpoint = end - durable >= checkpoints.bytes
-                || last_checkpoint.elapsed() >= checkpoints.interval;
-            let wrote = file
-                .write_all_at(&buf, at)
-                .and_then(|()| match &mut journal {
-                    Some(j) if checkpoint => {
-                        file.sync_data()?;
-                        j.save(end)
-                    }
-                    _ => Ok(()),
-                });
-            match wrote {
-                Ok(()) => {
-                    written = end;
-                    if checkpoint && journal.is_some() {
-                        durable = end;
-                        last_checkpoint = Instant::now();
-                    }
-                }
-                Err(e) => failed = Some(Error::fs(e, "upload")),
-            }
-        }
-        let _ = give_back.send(buf);
-    }
-    Written {
-        journal,
-        written,
-        failed,
-    }
+        verified: r.written,
+    })
 }
 
 #[cfg(test)]
