@@ -815,14 +815,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "the store task ended",
                 )))
             });
+            // A store that failed (quota, storage) leaves the stream in step:
+            // the session goes on.
             match outcome {
                 Ok(text) => self.conn.write_line(&format!("226 {text}")).await?,
-                Err(e) => {
-                    self.conn.reply(e.reply_code(), &e.to_string()).await?;
-                    if e.ends_session() {
-                        return Err(e);
-                    }
-                }
+                Err(e) => self.conn.reply(e.reply_code(), &e.to_string()).await?,
             }
         }
     }
