@@ -17,7 +17,11 @@ pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(),
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    crate::logging::init_server(&config.server.log_file, &config.server.log_level)?;
+    crate::logging::init_server(
+        &config.server.log_file,
+        &config.server.log_level,
+        config.server.log_max_lines_per_sec,
+    )?;
     // A file-size limit (ulimit -f) must fail the one write, not kill the server.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };

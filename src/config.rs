@@ -36,6 +36,9 @@ pub struct ServerSection {
     pub log_file: PathBuf,
     /// tracing filter for the log file: error, warn, info, debug or trace.
     pub log_level: String,
+    /// Lines the log file takes in one second, at most (0: no cap); the
+    /// rest are dropped and counted in the next line written.
+    pub log_max_lines_per_sec: u32,
 }
 
 impl Default for ServerSection {
@@ -46,6 +49,7 @@ impl Default for ServerSection {
             var_dir: "var".into(),
             log_file: "var/log/ftpx.log".into(),
             log_level: "info".into(),
+            log_max_lines_per_sec: 10_000,
         }
     }
 }

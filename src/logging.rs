@@ -4,23 +4,29 @@
 //! written with their escapes, so a hostile name can't forge a line.
 
 use std::fs::{self, OpenOptions};
+use std::io;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Server logging: `file` at `level`, and warnings to standard error.
-pub fn init_server(file: &Path, level: &str) -> Result<(), String> {
+/// Server logging: `file` at `level`, at most `max_lines_per_sec` lines a
+/// second (0: no cap), and warnings also to standard error.
+pub fn init_server(file: &Path, level: &str, max_lines_per_sec: u32) -> Result<(), String> {
     let filter = EnvFilter::try_new(level).map_err(|e| format!("bad log_level {level:?}: {e}"))?;
-    let writer = open(file)?;
+    let writer = CappedFile::new(open(file)?, max_lines_per_sec);
     let file_layer = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_target(false)
-        .with_writer(Mutex::new(writer))
+        .with_writer(writer)
         .with_filter(filter);
     let stderr_layer = tracing_subscriber::fmt::layer()
         .with_target(false)
@@ -31,6 +37,80 @@ pub fn init_server(file: &Path, level: &str) -> Result<(), String> {
         .with(stderr_layer)
         .try_init();
     Ok(())
+}
+
+/// A log file that takes at most `cap` lines a second. Lines past the cap
+/// are dropped and counted; the first line written after them is preceded
+/// by one that says how many were dropped. A flood of events (THREATS 90)
+/// then costs their formatting, not the disk.
+pub struct CappedFile {
+    state: Mutex<Capped>,
+}
+
+struct Capped {
+    file: fs::File,
+    cap: u32,
+    window_end: Instant,
+    in_window: u32,
+    dropped: u64,
+}
+
+impl CappedFile {
+    pub fn new(file: fs::File, cap: u32) -> CappedFile {
+        CappedFile {
+            state: Mutex::new(Capped {
+                file,
+                cap,
+                window_end: Instant::now(),
+                in_window: 0,
+                dropped: 0,
+            }),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for CappedFile {
+    type Writer = CappedLine<'a>;
+
+    fn make_writer(&'a self) -> CappedLine<'a> {
+        CappedLine(self)
+    }
+}
+
+/// One event's line on its way to a [`CappedFile`] (the formatter writes
+/// each event with one `write_all`).
+pub struct CappedLine<'a>(&'a CappedFile);
+
+impl io::Write for CappedLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now >= s.window_end {
+            s.window_end = now + Duration::from_secs(1);
+            s.in_window = 0;
+        }
+        if s.cap > 0 && s.in_window >= s.cap {
+            s.dropped += 1;
+            return Ok(buf.len());
+        }
+        s.in_window += 1;
+        if s.dropped > 0 {
+            let mut time = String::new();
+            let _ = SystemTime.format_time(&mut Writer::new(&mut time));
+            let line = format!(
+                "{time}  WARN log lines dropped dropped={} max_per_sec={}\n",
+                s.dropped, s.cap
+            );
+            s.dropped = 0;
+            s.file.write_all(line.as_bytes())?;
+        }
+        s.file.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Client logging to its state directory; silently off if that can't be written.

@@ -1,8 +1,8 @@
 //! Faults and load (THREATS.md 2.E and 2.F): a full disk under an upload,
 //! file descriptors run out, a listing past `max_list_entries`, peers that
 //! stop reading, a burst of expensive logins, a client killed while it
-//! registers, SIGTERM with sessions under way, and an office of users behind
-//! one address.
+//! registers, SIGTERM with sessions under way, an office of users behind
+//! one address, and a flood of failed handshakes against the log's cap.
 //!
 //! Most tests run the real `ftpx serve` process, because they need what only
 //! a process has: rlimits, its own memory and CPU figures in /proc, signals,
@@ -1003,4 +1003,61 @@ async fn a_hundred_sessions_from_one_address_all_log_in_with_the_default_limits(
         c.quit().await;
     }
     s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Log volume (THREATS 90)
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_failed_handshakes_fills_the_log_only_up_to_its_cap() {
+    let root = scratch();
+    let sdir = server_dir(root.path(), CHEAP_HASHES, "", "");
+    let config = fs::read_to_string(sdir.join("etc/ftpx.toml")).unwrap();
+    fs::write(
+        sdir.join("etc/ftpx.toml"),
+        config.replace("[server]\n", "[server]\nlog_max_lines_per_sec = 2\n"),
+    )
+    .unwrap();
+    let srv = BinServer::start(&sdir, 0);
+    let addr = SocketAddr::from(([127, 0, 0, 1], srv.port));
+    // 200 clients that speak anything but TLS: each is one log line.
+    let flood = 200;
+    let started = Instant::now();
+    for _ in 0..flood {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let _ = tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(GUARD, tcp.read_to_end(&mut sink)).await;
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    // In a later second the server still serves, and its next line says
+    // how many were dropped.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    srv.useradd("ann", "1MiB");
+    let work = root.path().join("client");
+    fs::create_dir_all(&work).unwrap();
+    let out = connect_c(&work, &srv.ca(), srv.port, "ann", "pwd");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let log = server_log(&sdir);
+    let written = log.matches("TLS handshake failed").count() as u64;
+    assert!(
+        written >= 1 && written <= 2 * (seconds + 1),
+        "{written} handshake lines in about {seconds} s with a cap of 2 a second"
+    );
+    let dropped: u64 = log
+        .lines()
+        .filter(|l| l.contains("log lines dropped"))
+        .filter_map(|l| {
+            l.split("dropped=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        written + dropped >= flood,
+        "{written} written and {dropped} counted as dropped of {flood}:\n{log}"
+    );
 }
