@@ -36,8 +36,9 @@ pub struct ServerSection {
     pub log_file: PathBuf,
     /// tracing filter for the log file: error, warn, info, debug or trace.
     pub log_level: String,
-    /// Lines the log file takes in one second, at most (0: no cap); the
-    /// rest are dropped and counted in the next line written.
+    /// Lines of info and below the log file takes in one second, about (0:
+    /// no cap); the rest are dropped and counted in the next line written.
+    /// Warnings and errors always go in.
     pub log_max_lines_per_sec: u32,
 }
 
@@ -122,7 +123,7 @@ pub struct LimitsSection {
     /// Time running sessions get to finish after SIGINT or SIGTERM.
     pub shutdown_grace_secs: u64,
     /// Malformed requests in one session, and requests refused before
-    /// login, after which the session is closed.
+    /// login, after which the session is closed (0: no limit).
     pub max_bad_requests: u32,
 }
 

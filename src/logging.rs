@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::LevelFilter;
@@ -39,10 +40,11 @@ pub fn init_server(file: &Path, level: &str, max_lines_per_sec: u32) -> Result<(
     Ok(())
 }
 
-/// A log file that takes at most `cap` lines a second. Lines past the cap
-/// are dropped and counted; the first line written after them is preceded
-/// by one that says how many were dropped. A flood of events (THREATS 90)
-/// then costs their formatting, not the disk.
+/// A log file that takes about `cap` lines of info and below a second (0: no
+/// cap); warnings and errors (bans, failures of the server itself) always go
+/// in. Lines past the cap are dropped and counted; the first line written
+/// after them is preceded by one that says how many were dropped. A flood of
+/// events (THREATS 90) then costs their formatting, not the disk.
 pub struct CappedFile {
     state: Mutex<Capped>,
 }
@@ -73,27 +75,43 @@ impl<'a> MakeWriter<'a> for CappedFile {
     type Writer = CappedLine<'a>;
 
     fn make_writer(&'a self) -> CappedLine<'a> {
-        CappedLine(self)
+        CappedLine {
+            file: self,
+            capped: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> CappedLine<'a> {
+        CappedLine {
+            file: self,
+            capped: *meta.level() > Level::WARN,
+        }
     }
 }
 
 /// One event's line on its way to a [`CappedFile`] (the formatter writes
 /// each event with one `write_all`).
-pub struct CappedLine<'a>(&'a CappedFile);
+pub struct CappedLine<'a> {
+    file: &'a CappedFile,
+    /// Whether the line counts against the cap (info and below).
+    capped: bool,
+}
 
 impl io::Write for CappedLine<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.file.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if now >= s.window_end {
             s.window_end = now + Duration::from_secs(1);
             s.in_window = 0;
         }
-        if s.cap > 0 && s.in_window >= s.cap {
-            s.dropped += 1;
-            return Ok(buf.len());
+        if self.capped {
+            if s.cap > 0 && s.in_window >= s.cap {
+                s.dropped += 1;
+                return Ok(buf.len());
+            }
+            s.in_window += 1;
         }
-        s.in_window += 1;
         if s.dropped > 0 {
             let mut time = String::new();
             let _ = SystemTime.format_time(&mut Writer::new(&mut time));
@@ -101,8 +119,8 @@ impl io::Write for CappedLine<'_> {
                 "{time}  WARN log lines dropped dropped={} max_per_sec={}\n",
                 s.dropped, s.cap
             );
-            s.dropped = 0;
             s.file.write_all(line.as_bytes())?;
+            s.dropped = 0;
         }
         s.file.write_all(buf)?;
         Ok(buf.len())
@@ -134,4 +152,40 @@ fn open(path: &Path) -> Result<fs::File, String> {
         .append(true)
         .open(path)
         .map_err(|e| format!("cannot open log file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_past_the_cap_are_counted_and_warnings_always_go_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ftpx.log");
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(CappedFile::new(open(&path).unwrap(), 2))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..5 {
+                tracing::info!(i, "event");
+            }
+            tracing::warn!("banned");
+        });
+        let log = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 4, "{log}");
+        assert!(
+            lines[0].contains("i=0") && lines[1].contains("i=1"),
+            "{log}"
+        );
+        assert!(
+            lines[2].contains("log lines dropped dropped=3 max_per_sec=2"),
+            "{log}"
+        );
+        assert!(
+            lines[3].contains("WARN") && lines[3].contains("banned"),
+            "{log}"
+        );
+    }
 }

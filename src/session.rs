@@ -167,8 +167,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             let verb = request.verb();
             let started = Instant::now();
+            let was_logged_in = self.user.is_some();
             let outcome = self.handle(request).await;
             match outcome {
+                Ok(()) if !was_logged_in && self.user.is_some() => strikes = 0,
                 Ok(()) => {}
                 Err(e) => {
                     let code = e.reply_code();
@@ -196,7 +198,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// client so and returns true: the session ends.
     async fn strike(&mut self, strikes: &mut u32) -> bool {
         *strikes += 1;
-        if *strikes < self.server.config.limits.max_bad_requests {
+        let max = self.server.config.limits.max_bad_requests;
+        if max == 0 || *strikes < max {
             return false;
         }
         info!(peer = %self.peer, user = self.user_name(), strikes = *strikes, "too many bad requests, closing");

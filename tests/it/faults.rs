@@ -1020,6 +1020,8 @@ async fn a_flood_of_failed_handshakes_fills_the_log_only_up_to_its_cap() {
     .unwrap();
     let srv = BinServer::start(&sdir, 0);
     let addr = SocketAddr::from(([127, 0, 0, 1], srv.port));
+    // The flood starts in a second of its own, with the whole cap to use.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     // 200 clients that speak anything but TLS: each is one log line.
     let flood = 200;
     let started = Instant::now();
@@ -1041,7 +1043,7 @@ async fn a_flood_of_failed_handshakes_fills_the_log_only_up_to_its_cap() {
     let log = server_log(&sdir);
     let written = log.matches("TLS handshake failed").count() as u64;
     assert!(
-        written >= 1 && written <= 2 * (seconds + 1),
+        written >= 2 && written <= 2 * (seconds + 1),
         "{written} handshake lines in about {seconds} s with a cap of 2 a second"
     );
     let dropped: u64 = log

@@ -427,8 +427,12 @@ async fn a_session_that_keeps_sending_bad_requests_is_closed() {
         Some("421 too many bad requests, closing")
     );
     assert!(raw.line().await.is_none(), "the session went on");
-    // After login, a request that fails is no strike; a malformed one is.
+    // Strikes before a login are forgotten once it succeeds. After login, a
+    // request that fails is no strike; a malformed one is.
     let mut raw = Raw::connect(&s).await;
+    for _ in 1..max {
+        assert!(raw.ask("PWD").await.starts_with("530 "));
+    }
     raw.login("ann").await;
     for _ in 0..2 * max {
         assert!(raw.ask("STAT nothing").await.starts_with("550 "));
