@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::DefenderSection;
 
@@ -66,6 +66,9 @@ struct State {
     banned_pairs: HashMap<(Source, String), Instant>,
     banned_sources: HashMap<Source, Instant>,
     registrations: HashMap<Source, Vec<Instant>>,
+    /// When a source was last warned about for registering too often: one
+    /// warning an hour, however often it tries.
+    registrations_warned: HashMap<Source, Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -188,7 +191,17 @@ impl Defender {
         let times = s.registrations.entry(source).or_default();
         times.retain(|t| now.duration_since(*t) < Duration::from_secs(3600));
         if times.len() as u32 >= self.settings.registrations_per_hour {
-            warn!(source = %source, limit = self.settings.registrations_per_hour, "throttled: registrations");
+            let limit = self.settings.registrations_per_hour;
+            let hour = Duration::from_secs(3600);
+            match s.registrations_warned.get(&source) {
+                Some(t) if now.duration_since(*t) < hour => {
+                    info!(source = %source, limit, "throttled: registrations");
+                }
+                _ => {
+                    warn!(source = %source, limit, "throttled: registrations");
+                    s.registrations_warned.insert(source, now);
+                }
+            }
             return false;
         }
         times.push(now);
@@ -207,6 +220,8 @@ fn prune(s: &mut State, now: Instant, window: Duration) {
     s.registrations.retain(|k, v| {
         keep.contains(k) || v.last().is_some_and(|t| now.duration_since(*t) < window)
     });
+    s.registrations_warned
+        .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
 }
 
 #[cfg(test)]
@@ -308,5 +323,37 @@ mod tests {
         assert!(d.register(ip("10.0.0.1")));
         assert!(!d.register(ip("10.0.0.1")));
         assert!(d.register(ip("10.0.0.2")));
+    }
+
+    #[test]
+    fn a_source_that_keeps_registering_is_warned_about_once_an_hour() {
+        let d = Defender::new(DefenderSection {
+            registrations_per_hour: 1,
+            ..DefenderSection::default()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let file = std::fs::File::create(&path).unwrap();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(d.register(ip("10.0.0.1")));
+            for _ in 0..5 {
+                assert!(!d.register(ip("10.0.0.1")));
+            }
+        });
+        let log = std::fs::read_to_string(&path).unwrap();
+        let refusals: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("throttled: registrations"))
+            .collect();
+        assert_eq!(refusals.len(), 5, "{log}");
+        assert_eq!(
+            refusals.iter().filter(|l| l.contains(" WARN ")).count(),
+            1,
+            "{log}"
+        );
     }
 }
