@@ -55,6 +55,9 @@ impl std::fmt::Display for Source {
     }
 }
 
+/// Registrations are counted, and a source over its limit warned about, per hour.
+const REGISTRATION_WINDOW: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Default)]
 struct State {
     /// Failure times per (source, account).
@@ -189,12 +192,11 @@ impl Defender {
         let now = Instant::now();
         let mut s = self.lock();
         let times = s.registrations.entry(source).or_default();
-        times.retain(|t| now.duration_since(*t) < Duration::from_secs(3600));
+        times.retain(|t| now.duration_since(*t) < REGISTRATION_WINDOW);
         if times.len() as u32 >= self.settings.registrations_per_hour {
             let limit = self.settings.registrations_per_hour;
-            let hour = Duration::from_secs(3600);
             match s.registrations_warned.get(&source) {
-                Some(t) if now.duration_since(*t) < hour => {
+                Some(t) if now.duration_since(*t) < REGISTRATION_WINDOW => {
                     info!(source = %source, limit, "throttled: registrations");
                 }
                 _ => {
@@ -221,7 +223,7 @@ fn prune(s: &mut State, now: Instant, window: Duration) {
         keep.contains(k) || v.last().is_some_and(|t| now.duration_since(*t) < window)
     });
     s.registrations_warned
-        .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
+        .retain(|_, t| now.duration_since(*t) < REGISTRATION_WINDOW);
 }
 
 #[cfg(test)]
