@@ -117,6 +117,7 @@ pub fn useradd(
     config_path: &Path,
     name: &str,
     quota: Option<&str>,
+    max_files: Option<u64>,
     password_stdin: bool,
 ) -> Result<(), String> {
     let config = Config::load(config_path)?;
@@ -132,16 +133,22 @@ pub fn useradd(
     let password = new_password(password_stdin)?;
     users::check_password(&password, &config.accounts)?;
     let hash = users::hash_password(&password, &config.accounts)?;
-    db.add(User {
+    let home = db.home(name);
+    let revived = home.exists();
+    let user = User {
         name: name.to_string(),
         quota,
         hash,
         created: users::now_secs(),
-    })?;
+        max_files,
+    };
+    let files = user.max_files(&config.accounts);
+    db.add(user)?;
     println!(
-        "added {name}: quota {quota} bytes ({}), home {}",
+        "added {name}: quota {quota} bytes ({}), at most {files} files and directories, home {}{}",
         human_bytes(quota),
-        db.home(name).display()
+        home.display(),
+        if revived { " (kept from before)" } else { "" }
     );
     Ok(())
 }
@@ -150,14 +157,31 @@ pub fn useradd(
 pub fn userdel(config_path: &Path, name: &str, remove_home: bool) -> Result<(), String> {
     let config = Config::load(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
-    db.remove(name, remove_home)?;
-    if remove_home {
-        let _ = std::fs::remove_dir_all(config.partial_dir().join(name));
+    users::check_name(name)?;
+    let (home, partial) = (db.home(name), config.partial_dir().join(name));
+    match db.remove(name, remove_home) {
+        Ok(()) => {}
+        // What an account deleted earlier left behind can still be removed.
+        Err(_) if remove_home && (home.exists() || partial.exists()) => {
+            db.remove_home(name)?;
+        }
+        Err(e) => return Err(e),
     }
-    println!(
-        "removed {name}{}",
-        if remove_home { " and its home" } else { "" }
-    );
+    if remove_home {
+        match std::fs::remove_dir_all(&partial) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", partial.display())),
+        }
+        println!("removed {name} and its home");
+    } else {
+        println!(
+            "removed {name}; its home {} is kept, and until it is removed \
+             (userdel --remove-home) the name can't be registered; \
+             useradd {name} revives it",
+            home.display()
+        );
+    }
     Ok(())
 }
 
@@ -166,6 +190,7 @@ pub fn usermod(
     config_path: &Path,
     name: &str,
     quota: Option<&str>,
+    max_files: Option<u64>,
     set_password: bool,
     password_stdin: bool,
 ) -> Result<(), String> {
@@ -174,8 +199,10 @@ pub fn usermod(
     if db.find(name)?.is_none() {
         return Err(format!("no user {name:?}"));
     }
-    if quota.is_none() && !set_password {
-        return Err("nothing to change: give --quota, --password or --password-stdin".into());
+    if quota.is_none() && max_files.is_none() && !set_password {
+        return Err(
+            "nothing to change: give --quota, --max-files, --password or --password-stdin".into(),
+        );
     }
     let quota = quota.map(parse_size).transpose()?;
     let hash = if set_password {
@@ -189,6 +216,9 @@ pub fn usermod(
         if let Some(q) = quota {
             u.quota = q;
         }
+        if max_files.is_some() {
+            u.max_files = max_files;
+        }
         if let Some(h) = &hash {
             u.hash = h.clone();
         }
@@ -197,26 +227,38 @@ pub fn usermod(
     Ok(())
 }
 
-/// `ftpx users`: name, quota and usage, one user a line.
+/// `ftpx users`: name, quota, usage and files, one user a line.
 pub fn users(config_path: &Path) -> Result<(), String> {
     let config = Config::load(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
-    println!("{:<32} {:>14} {:>14}", "USER", "QUOTA", "USED");
+    println!(
+        "{:<32} {:>14} {:>14} {:>10} {:>10}",
+        "USER", "QUOTA", "USED", "FILES", "MAX_FILES"
+    );
     for u in db.load()? {
-        // The same count as the server's quota: files plus unfinished uploads.
-        let used = crate::jail::Home::open(&db.home(&u.name))
-            .and_then(|h| crate::quota::scan(&h, &config.partial_dir().join(&u.name), None))
-            .map_or_else(
-                |_| "-".to_string(),
-                |s| {
-                    human_bytes(
-                        s.reserved
-                            .iter()
-                            .fold(s.stored, |a, (_, r)| a.saturating_add(*r)),
-                    )
-                },
-            );
-        println!("{:<32} {:>14} {:>14}", u.name, human_bytes(u.quota), used);
+        // The same count as the server's quota: the home plus unfinished uploads.
+        let used = crate::jail::Home::open(&db.home(&u.name)).and_then(|h| {
+            crate::quota::scan(
+                &h,
+                &config.partial_dir().join(&u.name),
+                config.partial_ttl(),
+            )
+        });
+        let (bytes, files) = match used {
+            Ok(s) => {
+                let total = s.total();
+                (human_bytes(total.bytes), total.entries.to_string())
+            }
+            Err(_) => ("-".to_string(), "-".to_string()),
+        };
+        println!(
+            "{:<32} {:>14} {:>14} {:>10} {:>10}",
+            u.name,
+            human_bytes(u.quota),
+            bytes,
+            files,
+            u.max_files(&config.accounts)
+        );
     }
     Ok(())
 }

@@ -53,26 +53,33 @@ pub enum Command {
         /// Quota, e.g. 500k, 15MiB, 2GB (default: default_quota from the config).
         #[arg(long, value_name = "SIZE")]
         quota: Option<String>,
+        /// Files plus directories the user may have (default: default_max_files from the config).
+        #[arg(long, value_name = "N")]
+        max_files: Option<u64>,
         /// Read the password as one line from standard input.
         #[arg(long)]
         password_stdin: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Remove a user.
+    /// Remove a user. The home is kept unless --remove-home is given; while
+    /// it is there, the name can't be registered by anyone else.
     Userdel {
         name: String,
-        /// Remove the user's home and everything in it too.
+        /// Remove the user's home, everything in it and its unfinished uploads too.
         #[arg(long)]
         remove_home: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Change a user's quota or password.
+    /// Change a user's quota, file limit or password.
     Usermod {
         name: String,
         #[arg(long, value_name = "SIZE")]
         quota: Option<String>,
+        /// Files plus directories the user may have.
+        #[arg(long, value_name = "N")]
+        max_files: Option<u64>,
         /// Set a new password, read as one line from standard input.
         #[arg(long)]
         password_stdin: bool,
@@ -82,7 +89,7 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// List users with their quota and usage.
+    /// List users with their quota, usage and files.
     Users {
         #[command(flatten)]
         config: ConfigArg,

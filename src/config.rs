@@ -65,6 +65,10 @@ pub struct AccountsSection {
     pub registered_quota_max: Size,
     /// Quota of a user made by `useradd` without `--quota`.
     pub default_quota: Size,
+    /// Files plus directories a self-registered user may have.
+    pub registered_max_files: u64,
+    /// Files plus directories of a user made by `useradd` without `--max-files`.
+    pub default_max_files: u64,
     /// Password length in characters.
     pub password_min_len: usize,
     pub password_max_len: usize,
@@ -87,6 +91,8 @@ impl Default for AccountsSection {
             registered_quota_min: Size(10 << 20),
             registered_quota_max: Size(20 << 20),
             default_quota: Size(100 << 20),
+            registered_max_files: 10_000,
+            default_max_files: 1_000_000,
             password_min_len: 8,
             password_max_len: 256,
             scrypt_log_n: 17,
@@ -156,6 +162,8 @@ pub struct TransferSection {
     pub checkpoint_secs: u64,
     /// Unfinished uploads not touched for this long are deleted.
     pub partial_ttl_hours: u64,
+    /// How often the sweeper looks for expired unfinished uploads.
+    pub partial_sweep_secs: u64,
 }
 
 impl Default for TransferSection {
@@ -165,6 +173,7 @@ impl Default for TransferSection {
             checkpoint_bytes: Size(64 << 20),
             checkpoint_secs: 2,
             partial_ttl_hours: 24 * 7,
+            partial_sweep_secs: 600,
         }
     }
 }
@@ -241,6 +250,9 @@ impl Config {
                 Size(crate::protocol::MAX_CHUNK.into())
             ));
         }
+        if self.transfer.partial_sweep_secs == 0 {
+            return Err("partial_sweep_secs must be at least 1".into());
+        }
         let l = &self.limits;
         if l.max_line < 256 || l.max_path == 0 || l.max_sessions == 0 || l.max_sessions_per_ip == 0
         {
@@ -269,6 +281,9 @@ impl Config {
     }
     pub fn partial_dir(&self) -> PathBuf {
         self.server.var_dir.join("partial")
+    }
+    pub fn partial_ttl(&self) -> Duration {
+        Duration::from_secs(self.transfer.partial_ttl_hours.saturating_mul(3600))
     }
 }
 
@@ -388,7 +403,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(format!("{parsed:?}"), format!("{d:?}"));
         assert!(
-            uncommented.matches(" = ").count() >= 38,
+            uncommented.matches(" = ").count() >= 41,
             "a key is missing from etc/ftpx.toml"
         );
     }

@@ -39,6 +39,8 @@ pub enum Error {
     PermissionDenied(String),
     #[error("quota exceeded: {needed} bytes needed, {available} available")]
     QuotaExceeded { needed: u64, available: u64 },
+    #[error("file limit reached: at most {0} files and directories")]
+    TooManyFiles(u64),
     #[error("server storage is full")]
     StorageFull,
     #[error("{0}")]
@@ -77,7 +79,7 @@ impl Error {
             | Error::NotAFile(_)
             | Error::NotEmpty(_)
             | Error::PermissionDenied(_) => 550,
-            Error::QuotaExceeded { .. } => 552,
+            Error::QuotaExceeded { .. } | Error::TooManyFiles(_) => 552,
             Error::Busy(_) | Error::Throttled(_) => 450,
             Error::StorageFull => 452,
             Error::BadChunk(_) => 453,

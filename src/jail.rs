@@ -298,8 +298,10 @@ impl Home {
     }
 
     /// Renames; onto an existing file replaces it, into an existing directory
-    /// moves inside it. Returns the final path and the size of a file it replaced.
-    pub fn rename(&self, from: &VPath, to: &VPath) -> Result<(VPath, u64)> {
+    /// moves inside it. Returns the final path and what it replaced: None
+    /// when the name was free, else the size of a regular file (0 for a
+    /// link or an empty directory).
+    pub fn rename(&self, from: &VPath, to: &VPath) -> Result<(VPath, Option<u64>)> {
         if from.is_root() {
             return Err(Error::PermissionDenied("/".into()));
         }
@@ -322,14 +324,21 @@ impl Home {
                 "cannot move {from} into itself"
             )));
         }
-        let replaced = match self.dir.symlink_metadata(target.rel()) {
-            Ok(m) if m.is_file() => m.len(),
-            _ => 0,
-        };
+        let replaced = self.existing(&target);
         self.dir
             .rename(from.rel(), &self.dir, target.rel())
             .map_err(|e| Error::fs(e, &target.to_string()))?;
         Ok((target, replaced))
+    }
+
+    /// What is at `path`, not following a final symlink: None when nothing
+    /// is, else the size of a regular file (0 for anything else).
+    fn existing(&self, path: &VPath) -> Option<u64> {
+        match self.dir.symlink_metadata(path.rel()) {
+            Ok(m) if m.is_file() => Some(m.len()),
+            Ok(_) => Some(0),
+            Err(_) => None,
+        }
     }
 
     /// Opens a regular file for reading. A FIFO or device is refused without
@@ -354,9 +363,10 @@ impl Home {
     }
 
     /// Checks that an upload may land at `path`: not the home itself, its
-    /// directory exists, and it is not a directory. Returns the size of the
-    /// file it would replace (0 if none).
-    pub fn upload_target(&self, path: &VPath) -> Result<u64> {
+    /// directory exists, and it is not a directory. Returns what it would
+    /// replace: None when the name is free, else the size of the file there
+    /// (0 for a link or another kind of file, which the upload replaces).
+    pub fn upload_target(&self, path: &VPath) -> Result<Option<u64>> {
         if path.is_root() {
             return Err(Error::IsADirectory("/".into()));
         }
@@ -364,7 +374,7 @@ impl Home {
         if self.dir.metadata(path.rel()).is_ok_and(|m| m.is_dir()) {
             return Err(Error::IsADirectory(path.to_string()));
         }
-        Ok(self.file_size(path))
+        Ok(self.existing(path))
     }
 
     /// Makes the entries of the directory at `path` durable, after a rename into it.
@@ -374,22 +384,16 @@ impl Home {
         self.dir.open_with(path.rel(), &options)?.sync_all()
     }
 
-    /// Size of the regular file at `path`, or 0 when there is none.
-    pub fn file_size(&self, path: &VPath) -> u64 {
-        match self.dir.symlink_metadata(path.rel()) {
-            Ok(m) if m.is_file() => m.len(),
-            _ => 0,
-        }
-    }
-
-    /// Bytes in regular files under the home. Iterative, so a deep tree
+    /// Bytes in regular files under the home, and the number of entries
+    /// (files, directories, links) below it. Iterative, so a deep tree
     /// cannot overflow the stack; symlinks are not followed.
-    pub fn usage(&self) -> io::Result<u64> {
-        let mut total = 0u64;
+    pub fn usage(&self) -> io::Result<(u64, u64)> {
+        let (mut bytes, mut entries) = (0u64, 0u64);
         let mut stack = vec![self.dir.try_clone()?];
         while let Some(dir) = stack.pop() {
             for item in dir.entries()? {
                 let item = item?;
+                entries += 1;
                 let Ok(ft) = item.file_type() else { continue };
                 if ft.is_dir() {
                     if let Ok(sub) = item.open_dir() {
@@ -398,11 +402,11 @@ impl Home {
                 } else if ft.is_file()
                     && let Ok(m) = item.metadata()
                 {
-                    total = total.saturating_add(m.len());
+                    bytes = bytes.saturating_add(m.len());
                 }
             }
         }
-        Ok(total)
+        Ok((bytes, entries))
     }
 }
 

@@ -34,9 +34,16 @@ fn main() -> ExitCode {
         Command::Useradd {
             name,
             quota,
+            max_files,
             password_stdin,
             config,
-        } => admin::useradd(&config.config, &name, quota.as_deref(), password_stdin),
+        } => admin::useradd(
+            &config.config,
+            &name,
+            quota.as_deref(),
+            max_files,
+            password_stdin,
+        ),
         Command::Userdel {
             name,
             remove_home,
@@ -45,6 +52,7 @@ fn main() -> ExitCode {
         Command::Usermod {
             name,
             quota,
+            max_files,
             password_stdin,
             password,
             config,
@@ -52,6 +60,7 @@ fn main() -> ExitCode {
             &config.config,
             &name,
             quota.as_deref(),
+            max_files,
             password_stdin || password,
             password_stdin,
         ),

@@ -71,7 +71,16 @@
 //! - `STAT PATH` → `213 TYPE SIZE MTIME NAME`.
 //! - `HASH PATH` → `213 HASH` (BLAKE3 of a regular file).
 //! - `MKD PATH` → 257. `RMD PATH`, `DELE PATH`, `RENAME FROM TO` → 200.
-//! - `QUOTA` → `213 USED LIMIT`.
+//! - `QUOTA` → `213 USED LIMIT FILES MAX_FILES UNFINISHED_BYTES UNFINISHED`:
+//!   bytes used (unfinished uploads included) and the quota; files and
+//!   directories (unfinished uploads included) and their limit; what the
+//!   unfinished uploads are charged, and how many there are.
+//! - `PARTS` → `213-SIZE VERIFIED UPDATED PATH` per unfinished upload (one
+//!   that stopped, waiting to be resumed, or one running now): its declared
+//!   size, the bytes stored so far, the Unix time of its last save and its
+//!   target, quoted as a word; then `213 N unfinished uploads`.
+//! - `DISCARD PATH` → 200: the unfinished upload to PATH is removed and
+//!   stops counting; 550 if there is none, 450 while it is running.
 //! - `PUT PATH SIZE [CHUNK]` (CHUNK defaults to 262144) → 150 with up to two resume candidates,
 //!   `150 ready [OFFSET PROOF]...`: offsets (whole chunks) up to which the
 //!   server holds a partial copy, each with the proof of its bytes
@@ -346,6 +355,8 @@ pub enum Request {
         to: String,
     },
     Quota,
+    Parts,
+    Discard(String),
     Put {
         path: String,
         size: u64,
@@ -391,6 +402,8 @@ impl Request {
             Request::Dele(_) => "DELE",
             Request::Rename { .. } => "RENAME",
             Request::Quota => "QUOTA",
+            Request::Parts => "PARTS",
+            Request::Discard(_) => "DISCARD",
             Request::Put { .. } => "PUT",
             Request::Send { .. } => "SEND",
             Request::Get { .. } => "GET",
@@ -458,6 +471,8 @@ impl Request {
                 _ => Err(wrong("RENAME", "FROM TO")),
             },
             "QUOTA" => none("QUOTA", Request::Quota),
+            "PARTS" => none("PARTS", Request::Parts),
+            "DISCARD" => Ok(Request::Discard(one("DISCARD")?)),
             "PUT" => match args {
                 [path, size, rest @ ..] if rest.len() <= 1 => Ok(Request::Put {
                     path: path.clone(),
@@ -505,6 +520,8 @@ impl Request {
             Request::Dele(p) => format!("DELE {}", q(p)),
             Request::Rename { from, to } => format!("RENAME {} {}", q(from), q(to)),
             Request::Quota => "QUOTA".into(),
+            Request::Parts => "PARTS".into(),
+            Request::Discard(p) => format!("DISCARD {}", q(p)),
             Request::Put { path, size, chunk } => format!("PUT {} {size} {chunk}", q(path)),
             Request::Send { path, size } => format!("SEND {} {size}", q(path)),
             Request::Get { path, candidates } => {
@@ -778,6 +795,8 @@ mod tests {
                 to: "b c".into(),
             },
             Request::Quota,
+            Request::Parts,
+            Request::Discard("a \"b\"".into()),
             Request::Put {
                 path: "p".into(),
                 size: u64::MAX,

@@ -1,62 +1,267 @@
-//! The quota ledger: how many bytes each user stores, and how many are
-//! promised to uploads under way.
+//! The quota ledger: what each user occupies on the server, in bytes and in
+//! entries (files and directories), and which uploads are under way.
 //!
-//! A user's usage is the bytes of the regular files in the home plus, for
-//! each unfinished upload (running or waiting to be resumed), what it will
-//! add: its declared size less the size of the file it replaces. Space is
-//! reserved when an upload starts, before its first byte, under one lock, so
-//! concurrent sessions of one user cannot together pass the limit. Usage may
-//! reach the limit exactly.
+//! A user's usage is what the home holds (the bytes of its regular files;
+//! every file, directory and link as one entry) plus a charge for each
+//! unfinished upload:
+//!
+//! - an upload that is running is charged what it will add when it lands:
+//!   its declared size less the size of the file it replaces, and one entry
+//!   if it makes a new name. Space is reserved before its first byte, under
+//!   the account's lock, so concurrent sessions of one user cannot together
+//!   pass the limit;
+//! - when it lands, the charge is settled against what it really replaces
+//!   at that moment, under the same lock as the rename: if the file it was
+//!   to replace has gone (moved, deleted), the new file must fit on its own;
+//! - a partial upload that outlives its session (kept to be resumed) is
+//!   charged in full, its declared size and one entry, until it is resumed,
+//!   discarded or expires: it occupies the disk beside whatever it was to
+//!   replace.
+//!
+//! Every change to a home that alters what it holds (an upload landing, a
+//! file removed or renamed, a directory made or removed) is made under the
+//! account's lock, so the numbers and the disk move together. Usage may
+//! reach a limit exactly.
 //!
 //! The ledger is rebuilt from disk (a walk of the home and the user's upload
 //! journals) when a user logs in with no other session open, so it stays
 //! right across restarts, crashes and changes made by an admin.
+//!
+//! The ledger also holds the upload locks: one upload per user and path.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-
-use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::jail::{Home, VPath};
 use crate::journal::Journal;
 
+/// What a user occupies, or what an upload will add.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    /// Files, directories and other names.
+    pub entries: u64,
+}
+
+impl Usage {
+    fn plus(self, other: Usage) -> Usage {
+        Usage {
+            bytes: self.bytes.saturating_add(other.bytes),
+            entries: self.entries.saturating_add(other.entries),
+        }
+    }
+
+    fn minus(self, other: Usage) -> Usage {
+        Usage {
+            bytes: self.bytes.saturating_sub(other.bytes),
+            entries: self.entries.saturating_sub(other.entries),
+        }
+    }
+
+    /// What an upload of `size` bytes adds when it lands where `replaced`
+    /// is (the size of a file there; None when the name is new).
+    pub fn landing(size: u64, replaced: Option<u64>) -> Usage {
+        Usage {
+            bytes: size.saturating_sub(replaced.unwrap_or(0)),
+            entries: u64::from(replaced.is_none()),
+        }
+    }
+
+    /// What a partial upload of `size` bytes is charged once its session is gone.
+    pub fn parked(size: u64) -> Usage {
+        Usage {
+            bytes: size,
+            entries: 1,
+        }
+    }
+}
+
+/// A user's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The quota, in bytes.
+    pub bytes: u64,
+    /// Files plus directories.
+    pub entries: u64,
+}
+
+/// One user's numbers.
 #[derive(Debug, Default)]
-struct Account {
-    /// Bytes in regular files in the home.
-    stored: u64,
-    /// Bytes promised to unfinished uploads, by target path.
-    reserved: HashMap<VPath, u64>,
+pub struct Account {
+    /// What the home holds.
+    stored: Usage,
+    /// Unfinished uploads (running or waiting to be resumed), by target path.
+    reserved: HashMap<VPath, Usage>,
     /// Open sessions of this user.
     sessions: usize,
 }
 
 impl Account {
-    fn used(&self) -> u64 {
-        self.reserved
+    /// Usage, unfinished uploads included.
+    pub fn used(&self) -> Usage {
+        self.reserved.values().fold(self.stored, |a, b| a.plus(*b))
+    }
+
+    /// What unfinished uploads are charged, and how many there are.
+    pub fn unfinished(&self) -> (Usage, usize) {
+        let charged = self
+            .reserved
             .values()
-            .fold(self.stored, |a, b| a.saturating_add(*b))
+            .fold(Usage::default(), |a, b| a.plus(*b));
+        (charged, self.reserved.len())
+    }
+
+    /// Usage without the reservation of the upload to `path`.
+    fn others(&self, path: &VPath) -> Usage {
+        self.used()
+            .minus(self.reserved.get(path).copied().unwrap_or_default())
+    }
+
+    /// Whether `base` plus `add` fits `limits`. Only what grows is checked:
+    /// a change that shrinks usage is allowed even over a lowered limit.
+    fn fits(base: Usage, add: Usage, limits: Limits) -> Result<()> {
+        if add.bytes > 0
+            && base
+                .bytes
+                .checked_add(add.bytes)
+                .is_none_or(|b| b > limits.bytes)
+        {
+            return Err(Error::QuotaExceeded {
+                needed: add.bytes,
+                available: limits.bytes.saturating_sub(base.bytes),
+            });
+        }
+        if add.entries > 0
+            && base
+                .entries
+                .checked_add(add.entries)
+                .is_none_or(|e| e > limits.entries)
+        {
+            return Err(Error::TooManyFiles(limits.entries));
+        }
+        Ok(())
+    }
+
+    /// Reserves `charge` for an upload to `path`, replacing what an earlier
+    /// attempt at the same path held.
+    pub fn reserve(&mut self, path: &VPath, charge: Usage, limits: Limits) -> Result<()> {
+        Account::fits(self.others(path), charge, limits)?;
+        self.reserved.insert(path.clone(), charge);
+        Ok(())
+    }
+
+    /// Charges a partial upload to `path` that waits to be resumed, without
+    /// a check: its bytes are already on the disk.
+    pub fn park(&mut self, path: &VPath, charge: Usage) {
+        self.reserved.insert(path.clone(), charge);
+    }
+
+    /// Drops the reservation for `path` (the partial upload is gone).
+    pub fn release(&mut self, path: &VPath) {
+        self.reserved.remove(path);
+    }
+
+    /// Whether an upload of `size` bytes may land on `path`, where
+    /// `replaced` is now (see [`Usage::landing`]).
+    pub fn check_landing(
+        &self,
+        path: &VPath,
+        size: u64,
+        replaced: Option<u64>,
+        limits: Limits,
+    ) -> Result<()> {
+        Account::fits(self.others(path), Usage::landing(size, replaced), limits)
+    }
+
+    /// An upload to `path` became a file of `size` bytes where `replaced` was.
+    pub fn landed(&mut self, path: &VPath, size: u64, replaced: Option<u64>) {
+        self.reserved.remove(path);
+        self.stored = self
+            .stored
+            .minus(Usage {
+                bytes: replaced.unwrap_or(0),
+                entries: 0,
+            })
+            .plus(Usage {
+                bytes: size,
+                entries: u64::from(replaced.is_none()),
+            });
+    }
+
+    /// Whether `add` more fits (a new directory, say).
+    pub fn check_add(&self, add: Usage, limits: Limits) -> Result<()> {
+        Account::fits(self.used(), add, limits)
+    }
+
+    /// The home holds `add` more.
+    pub fn added(&mut self, add: Usage) {
+        self.stored = self.stored.plus(add);
+    }
+
+    /// The home holds `removed` less.
+    pub fn removed(&mut self, removed: Usage) {
+        self.stored = self.stored.minus(removed);
+    }
+}
+
+/// A snapshot of what is on disk, to (re)build an account from.
+pub struct Scan {
+    pub stored: Usage,
+    pub reserved: Vec<(VPath, Usage)>,
+}
+
+impl Scan {
+    /// Usage, unfinished uploads included, as the ledger counts it.
+    pub fn total(&self) -> Usage {
+        self.reserved
+            .iter()
+            .fold(self.stored, |a, (_, r)| a.plus(*r))
     }
 }
 
 #[derive(Debug, Default)]
 pub struct Ledger {
-    accounts: Mutex<HashMap<String, Account>>,
+    accounts: Mutex<HashMap<String, Arc<Mutex<Account>>>>,
+    /// Uploads under way, by user and target: one writer per file.
+    uploads: Mutex<HashSet<(String, VPath)>>,
 }
 
-/// A snapshot of what is on disk, to (re)build an account from.
-pub struct Scan {
-    pub stored: u64,
-    pub reserved: Vec<(VPath, u64)>,
+/// Marks an upload target busy; frees it when dropped.
+#[derive(Debug)]
+pub struct UploadLock {
+    ledger: Arc<Ledger>,
+    key: (String, VPath),
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        lock(&self.ledger.uploads).remove(&self.key);
+    }
+}
+
+/// A poisoned lock leaves plain numbers behind, still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Ledger {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
-        // A panic while holding the lock leaves plain numbers behind, still usable.
-        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
+    fn account(&self, user: &str) -> Arc<Mutex<Account>> {
+        lock(&self.accounts)
+            .entry(user.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Runs `f` on `user`'s account under its lock. Changes to the home
+    /// that alter what it holds run inside `f`, so that nothing of the
+    /// same user moves between a check and the change.
+    pub fn with<R>(&self, user: &str, f: impl FnOnce(&mut Account) -> R) -> R {
+        let account = self.account(user);
+        let mut account = lock(&account);
+        f(&mut account)
     }
 
     /// Registers a session of `user`. When it is the user's first, the
@@ -66,122 +271,75 @@ impl Ledger {
         user: &str,
         scan: impl FnOnce() -> std::io::Result<Scan>,
     ) -> std::io::Result<()> {
-        let first = self.lock().get(user).is_none_or(|a| a.sessions == 0);
+        let first = self.with(user, |a| a.sessions == 0);
         // Scan outside the lock: a big home takes a while. Two first sessions
-        // at once both scan; the second result simply replaces the first.
+        // at once both scan; the second result is dropped.
         let fresh = if first { Some(scan()?) } else { None };
-        let mut accounts = self.lock();
-        let account = accounts.entry(user.to_string()).or_default();
-        if let Some(scan) = fresh
-            && account.sessions == 0
-        {
-            account.stored = scan.stored;
-            account.reserved = scan.reserved.into_iter().collect();
-        }
-        account.sessions += 1;
+        self.with(user, |account| {
+            if let Some(scan) = fresh
+                && account.sessions == 0
+            {
+                account.stored = scan.stored;
+                account.reserved = scan.reserved.into_iter().collect();
+            }
+            account.sessions += 1;
+        });
         Ok(())
     }
 
     pub fn close_session(&self, user: &str) {
-        if let Some(a) = self.lock().get_mut(user) {
-            a.sessions = a.sessions.saturating_sub(1);
-        }
+        self.with(user, |a| a.sessions = a.sessions.saturating_sub(1));
     }
 
-    /// Bytes used, reservations included.
-    pub fn used(&self, user: &str) -> u64 {
-        self.lock().get(user).map_or(0, Account::used)
+    /// Usage, reservations included.
+    pub fn used(&self, user: &str) -> Usage {
+        self.with(user, |a| a.used())
     }
 
-    /// Reserves `charge` bytes for an upload to `path`, replacing what an
-    /// earlier attempt at the same path had reserved.
-    pub fn reserve(&self, user: &str, path: &VPath, charge: u64, quota: u64) -> Result<()> {
-        let mut accounts = self.lock();
-        let account = accounts.entry(user.to_string()).or_default();
-        let others = account
-            .used()
-            .saturating_sub(account.reserved.get(path).copied().unwrap_or(0));
-        let available = quota.saturating_sub(others);
-        if charge > available {
-            return Err(Error::QuotaExceeded {
-                needed: charge,
-                available,
-            });
-        }
-        account.reserved.insert(path.clone(), charge);
-        Ok(())
-    }
-
-    /// Drops the reservation for `path` (the partial upload is gone).
+    /// Drops the reservation for `path` if the account is known (see [`Account::release`]).
     pub fn release(&self, user: &str, path: &VPath) {
-        if let Some(a) = self.lock().get_mut(user) {
-            a.reserved.remove(path);
+        let account = lock(&self.accounts).get(user).cloned();
+        if let Some(account) = account {
+            lock(&account).release(path);
         }
     }
 
-    /// An upload to `path` became a file of `size` bytes, replacing one of `replaced` bytes.
-    pub fn commit(&self, user: &str, path: &VPath, size: u64, replaced: u64) {
-        if let Some(a) = self.lock().get_mut(user) {
-            a.reserved.remove(path);
-            a.stored = a.stored.saturating_sub(replaced).saturating_add(size);
-        }
-    }
-
-    /// Files of `bytes` bytes were removed.
-    pub fn freed(&self, user: &str, bytes: u64) {
-        if let Some(a) = self.lock().get_mut(user) {
-            a.stored = a.stored.saturating_sub(bytes);
-        }
+    /// Takes the one upload lock of `path`, or None while another holds it.
+    pub fn lock_upload(self: &Arc<Self>, user: &str, path: &VPath) -> Option<UploadLock> {
+        let key = (user.to_string(), path.clone());
+        lock(&self.uploads).insert(key.clone()).then(|| UploadLock {
+            ledger: self.clone(),
+            key,
+        })
     }
 }
 
-/// What a user stores: the home's bytes and a reservation for each
-/// unfinished upload in `partial_dir`. With `ttl`, uploads untouched for
-/// that long, damaged journals and partial files without one are deleted on
-/// the way; without, nothing is changed.
-pub fn scan(home: &Home, partial_dir: &Path, ttl: Option<Duration>) -> std::io::Result<Scan> {
-    let stored = home.usage()?;
+/// What a user occupies: the home, and a full charge for each unfinished
+/// upload in `partial_dir` whose journal was saved less than `ttl` ago.
+/// Nothing is changed on disk (the sweeper removes what expired).
+pub fn scan(home: &Home, partial_dir: &Path, ttl: Duration) -> std::io::Result<Scan> {
+    let (bytes, entries) = home.usage()?;
+    let stored = Usage { bytes, entries };
     let mut reserved = vec![];
     let now = crate::users::now_secs();
-    let entries = match std::fs::read_dir(partial_dir) {
+    let items = match std::fs::read_dir(partial_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan { stored, reserved }),
         Err(e) => return Err(e),
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
+    for item in items.flatten() {
+        let path = item.path();
         if path.extension().is_none_or(|e| e != "journal") {
             continue;
         }
-        let part = path.with_extension("part");
-        let record = match Journal::load(&path) {
-            Ok(Some(r)) if ttl.is_none_or(|ttl| now.saturating_sub(r.updated) < ttl.as_secs()) => r,
-            _ if ttl.is_none() => continue,
-            other => {
-                if let Err(e) = other {
-                    warn!(error = %e, "removing a damaged upload journal");
-                } else {
-                    info!(journal = %path.display(), "removing an expired partial upload");
-                }
-                let _ = std::fs::remove_file(&part);
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
+        let Ok(Some(record)) = Journal::load(&path) else {
+            continue;
         };
-        if let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX) {
-            let charge = record.size.saturating_sub(home.file_size(&target));
-            reserved.push((target, charge));
+        if now.saturating_sub(record.updated) >= ttl.as_secs() {
+            continue;
         }
-    }
-    // Partial files with no journal are leftovers of a crash before the first save.
-    if let (Some(_), Ok(entries)) = (ttl, std::fs::read_dir(partial_dir)) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "part")
-                && !path.with_extension("journal").exists()
-            {
-                let _ = std::fs::remove_file(&path);
-            }
+        if let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX) {
+            reserved.push((target, Usage::parked(record.size)));
         }
     }
     Ok(Scan { stored, reserved })
@@ -195,11 +353,27 @@ mod tests {
         VPath::resolve(&VPath::root(), s, 100).unwrap()
     }
 
+    fn bytes(n: u64) -> Usage {
+        Usage {
+            bytes: n,
+            entries: 0,
+        }
+    }
+
+    const MANY: u64 = 1000;
+
+    fn limits(bytes: u64) -> Limits {
+        Limits {
+            bytes,
+            entries: MANY,
+        }
+    }
+
     fn ledger(stored: u64) -> Ledger {
         let l = Ledger::default();
         l.open_session("u", || {
             Ok(Scan {
-                stored,
+                stored: bytes(stored),
                 reserved: vec![],
             })
         })
@@ -210,40 +384,159 @@ mod tests {
     #[test]
     fn reservations_reach_the_limit_exactly() {
         let l = ledger(40);
-        l.reserve("u", &p("a"), 30, 100).unwrap();
-        l.reserve("u", &p("b"), 30, 100).unwrap();
-        assert!(matches!(
-            l.reserve("u", &p("c"), 1, 100),
-            Err(Error::QuotaExceeded {
-                needed: 1,
-                available: 0
-            })
-        ));
-        // A second attempt at the same path replaces its own reservation.
-        l.reserve("u", &p("b"), 29, 100).unwrap();
-        l.reserve("u", &p("c"), 1, 100).unwrap();
-        assert_eq!(l.used("u"), 100);
+        l.with("u", |a| {
+            a.reserve(&p("a"), bytes(30), limits(100)).unwrap();
+            a.reserve(&p("b"), bytes(30), limits(100)).unwrap();
+            assert!(matches!(
+                a.reserve(&p("c"), bytes(1), limits(100)),
+                Err(Error::QuotaExceeded {
+                    needed: 1,
+                    available: 0
+                })
+            ));
+            // A second attempt at the same path replaces its own reservation.
+            a.reserve(&p("b"), bytes(29), limits(100)).unwrap();
+            a.reserve(&p("c"), bytes(1), limits(100)).unwrap();
+        });
+        assert_eq!(l.used("u").bytes, 100);
     }
 
     #[test]
-    fn commit_counts_the_difference() {
+    fn landing_is_settled_against_what_is_replaced_then() {
         let l = ledger(60);
-        l.reserve("u", &p("f"), 10, 100).unwrap();
-        l.commit("u", &p("f"), 70, 60);
-        assert_eq!(l.used("u"), 70);
-        l.freed("u", 70);
-        assert_eq!(l.used("u"), 0);
-        l.release("u", &p("none"));
+        l.with("u", |a| {
+            // An upload of 60 that replaces the file of 60 is charged nothing...
+            a.reserve(&p("d/f"), Usage::landing(60, Some(60)), limits(64))
+                .unwrap();
+            assert_eq!(a.used().bytes, 60);
+            // ...but if the file it replaces has gone, 60 more don't fit.
+            assert!(matches!(
+                a.check_landing(&p("d/f"), 60, None, limits(64)),
+                Err(Error::QuotaExceeded { .. })
+            ));
+            a.check_landing(&p("d/f"), 60, Some(60), limits(64))
+                .unwrap();
+            a.landed(&p("d/f"), 60, Some(60));
+            assert_eq!(
+                a.used(),
+                Usage {
+                    bytes: 60,
+                    entries: 0
+                }
+            );
+            // A new name is one entry more.
+            a.reserve(&p("g"), Usage::landing(4, None), limits(64))
+                .unwrap();
+            a.landed(&p("g"), 4, None);
+            assert_eq!(
+                a.used(),
+                Usage {
+                    bytes: 64,
+                    entries: 1
+                }
+            );
+        });
+    }
+
+    #[test]
+    fn a_shrinking_change_is_allowed_over_a_lowered_limit() {
+        let l = ledger(100);
+        l.with("u", |a| {
+            a.check_landing(&p("f"), 10, Some(50), limits(60)).unwrap();
+            a.landed(&p("f"), 10, Some(50));
+            assert_eq!(a.used().bytes, 60);
+            assert!(a.check_landing(&p("f"), 11, Some(10), limits(60)).is_err());
+        });
+    }
+
+    #[test]
+    fn entries_are_limited_like_bytes() {
+        let l = ledger(0);
+        let two = Limits {
+            bytes: 100,
+            entries: 2,
+        };
+        l.with("u", |a| {
+            a.check_add(
+                Usage {
+                    bytes: 0,
+                    entries: 1,
+                },
+                two,
+            )
+            .unwrap();
+            a.added(Usage {
+                bytes: 0,
+                entries: 1,
+            });
+            a.reserve(&p("x"), Usage::landing(0, None), two).unwrap();
+            assert!(matches!(
+                a.reserve(&p("y"), Usage::landing(0, None), two),
+                Err(Error::TooManyFiles(2))
+            ));
+            assert!(
+                a.check_add(
+                    Usage {
+                        bytes: 0,
+                        entries: 1
+                    },
+                    two
+                )
+                .is_err()
+            );
+            // Replacing a file adds no entry.
+            a.reserve(&p("y"), Usage::landing(0, Some(0)), two).unwrap();
+            assert!(matches!(a.check_landing(&p("x"), 0, None, two), Ok(())));
+            a.removed(Usage {
+                bytes: 0,
+                entries: 1,
+            });
+            a.reserve(&p("z"), Usage::landing(0, None), two).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_parked_partial_counts_in_full() {
+        let l = ledger(60);
+        l.with("u", |a| {
+            a.reserve(&p("f"), Usage::landing(60, Some(60)), limits(64))
+                .unwrap();
+            a.park(&p("f"), Usage::parked(60));
+            assert_eq!(
+                a.used(),
+                Usage {
+                    bytes: 120,
+                    entries: 1
+                }
+            );
+            assert_eq!(a.unfinished(), (Usage::parked(60), 1));
+            // The file it was to replace is deleted: the partial still counts.
+            a.removed(Usage {
+                bytes: 60,
+                entries: 1,
+            });
+            assert!(a.reserve(&p("g"), bytes(5), limits(64)).is_err());
+            // Resuming it charges it as a running upload again.
+            a.reserve(&p("f"), Usage::landing(60, None), limits(64))
+                .unwrap();
+        });
     }
 
     #[test]
     fn no_overflow_at_the_edges() {
         let l = ledger(u64::MAX - 1);
-        assert!(l.reserve("u", &p("a"), u64::MAX, u64::MAX).is_err());
-        l.reserve("u", &p("a"), 1, u64::MAX).unwrap();
+        l.with("u", |a| {
+            assert!(
+                a.reserve(&p("a"), bytes(u64::MAX), limits(u64::MAX))
+                    .is_err()
+            );
+            a.reserve(&p("a"), bytes(1), limits(u64::MAX)).unwrap();
+        });
         let zero = ledger(0);
-        assert!(zero.reserve("u", &p("a"), 1, 0).is_err());
-        zero.reserve("u", &p("a"), 0, 0).unwrap();
+        zero.with("u", |a| {
+            assert!(a.reserve(&p("a"), bytes(1), limits(0)).is_err());
+            a.reserve(&p("a"), bytes(0), limits(0)).unwrap();
+        });
     }
 
     #[test]
@@ -255,11 +548,21 @@ mod tests {
         l.close_session("u");
         l.open_session("u", || {
             Ok(Scan {
-                stored: 9,
-                reserved: vec![(p("x"), 1)],
+                stored: bytes(9),
+                reserved: vec![(p("x"), bytes(1))],
             })
         })
         .unwrap();
-        assert_eq!(l.used("u"), 10);
+        assert_eq!(l.used("u").bytes, 10);
+    }
+
+    #[test]
+    fn one_upload_per_user_and_path() {
+        let l = Arc::new(Ledger::default());
+        let held = l.lock_upload("u", &p("a")).unwrap();
+        assert!(l.lock_upload("u", &p("a")).is_none());
+        assert!(l.lock_upload("v", &p("a")).is_some());
+        drop(held);
+        assert!(l.lock_upload("u", &p("a")).is_some());
     }
 }

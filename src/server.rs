@@ -1,9 +1,10 @@
 //! The server: accepts TCP connections, enforces the session limits, runs
 //! the TLS handshake under its deadline and hands each client to a
-//! [`session`](crate::session) task. On the stop signal it stops accepting,
+//! [`session`](crate::session) task. Beside them, the sweeper clears expired
+//! unfinished uploads on a timer. On the stop signal it stops accepting,
 //! tells idle sessions, gives running transfers a grace period, and returns.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,6 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::defender::Defender;
-use crate::jail::VPath;
 use crate::quota::Ledger;
 use crate::users::UserDb;
 
@@ -24,12 +24,11 @@ use crate::users::UserDb;
 pub struct Server {
     pub config: Config,
     pub users: UserDb,
-    pub ledger: Ledger,
+    /// Quotas, and the one upload lock per user and path.
+    pub ledger: Arc<Ledger>,
     pub defender: Defender,
     /// Bounds the password hashes computed at once (each takes 128 MiB at the default cost).
     pub hash_permits: Semaphore,
-    /// Uploads under way, by user and target: one writer per file.
-    uploads: Mutex<HashSet<(String, VPath)>>,
     sessions: Mutex<Sessions>,
     /// A hash with the configured cost, checked for unknown users so that
     /// they cost the same as a wrong password.
@@ -65,22 +64,6 @@ impl Drop for SessionSlot {
     }
 }
 
-/// Marks an upload target busy; frees it when dropped.
-pub struct UploadLock {
-    server: Arc<Server>,
-    key: (String, VPath),
-}
-
-impl Drop for UploadLock {
-    fn drop(&mut self) {
-        self.server
-            .uploads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
-}
-
 impl Server {
     pub fn new(config: Config) -> Result<Server, String> {
         let users = UserDb::new(&config.server.var_dir);
@@ -93,9 +76,8 @@ impl Server {
         Ok(Server {
             hash_permits: Semaphore::new(config.accounts.hash_concurrency),
             users,
-            ledger: Ledger::default(),
+            ledger: Arc::default(),
             defender: Defender::new(config.defender.clone()),
-            uploads: Mutex::new(HashSet::new()),
             sessions: Mutex::new(Sessions::default()),
             dummy_hash,
             config,
@@ -117,23 +99,6 @@ impl Server {
             server: self.clone(),
             ip,
         })
-    }
-
-    pub fn lock_upload(self: &Arc<Self>, user: &str, path: &VPath) -> Option<UploadLock> {
-        let key = (user.to_string(), path.clone());
-        if self
-            .uploads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone())
-        {
-            Some(UploadLock {
-                server: self.clone(),
-                key,
-            })
-        } else {
-            None
-        }
     }
 
     /// A turn to hash a password. A login that can't get one within the
@@ -166,6 +131,10 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Before the first client: no upload can be running, so whatever a
+    // crash left behind goes.
+    sweep(&server, true).await;
+    let sweeper = tokio::spawn(sweep_on_a_timer(server.clone()));
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -186,6 +155,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    sweeper.abort();
     info!(sessions = sessions.len(), "shutting down");
     let _ = stop_tx.send(true);
     let grace = std::time::Duration::from_secs(server.config.limits.shutdown_grace_secs);
@@ -202,6 +172,29 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Sweeps the unfinished uploads of every user (see [`crate::upload::sweep`]).
+async fn sweep(server: &Arc<Server>, at_start: bool) {
+    let s = server.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        crate::upload::sweep(
+            &s.ledger,
+            &s.config.partial_dir(),
+            s.config.partial_ttl(),
+            at_start,
+        )
+    })
+    .await;
+}
+
+/// Sweeps every `partial_sweep_secs`.
+async fn sweep_on_a_timer(server: Arc<Server>) {
+    let every = std::time::Duration::from_secs(server.config.transfer.partial_sweep_secs);
+    loop {
+        tokio::time::sleep(every).await;
+        sweep(&server, false).await;
+    }
 }
 
 async fn handle(

@@ -17,24 +17,18 @@ use crate::connection::Connection;
 use crate::defender::Verdict;
 use crate::error::{Error, Result};
 use crate::jail::{Home, VPath};
-use crate::journal::{self, Journal, Record};
 use crate::protocol::{self, FrameKind, ParseError, Request};
-use crate::quota;
-use crate::server::{Server, UploadLock};
+use crate::quota::{self, Limits, UploadLock, Usage};
+use crate::server::Server;
 use crate::transfer::{self, Checkpoints, Plan, Stopped};
+use crate::upload::{self, Owner, Upload};
 use crate::users::{self, Password, User};
-
-struct LoggedIn {
-    name: String,
-    quota: u64,
-    home: Home,
-}
 
 pub struct Session<S> {
     conn: Connection<S>,
     peer: SocketAddr,
     server: Arc<Server>,
-    user: Option<LoggedIn>,
+    user: Option<Owner>,
     cwd: VPath,
     stores: Stores,
 }
@@ -69,7 +63,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.user.as_ref().map_or("-", |u| u.name.as_str())
     }
 
-    fn logged_in(&self) -> Result<&LoggedIn> {
+    fn logged_in(&self) -> Result<&Owner> {
         self.user.as_ref().ok_or(Error::NotLoggedIn)
     }
 
@@ -290,9 +284,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Request::Mkd(arg) => {
                 let path = self.resolve(&arg)?;
-                let home = self.logged_in()?.home.clone();
+                let owner = self.logged_in()?.clone();
                 let p = path.clone();
-                blocking(move || home.mkdir(&p)).await?;
+                let one = Usage {
+                    bytes: 0,
+                    entries: 1,
+                };
+                blocking(move || {
+                    owner.ledger.with(&owner.name, |a| {
+                        a.check_add(one, owner.limits)?;
+                        owner.home.mkdir(&p)?;
+                        a.added(one);
+                        Ok(())
+                    })
+                })
+                .await?;
                 self.log_ok("MKD", &path, 0);
                 self.conn
                     .reply(257, &protocol::quote(&path.to_string()))
@@ -306,38 +312,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         "{path}: is the working directory"
                     )));
                 }
-                let home = self.logged_in()?.home.clone();
+                let owner = self.logged_in()?.clone();
                 let p = path.clone();
-                blocking(move || home.rmdir(&p)).await?;
+                blocking(move || {
+                    owner.ledger.with(&owner.name, |a| {
+                        owner.home.rmdir(&p)?;
+                        a.removed(Usage {
+                            bytes: 0,
+                            entries: 1,
+                        });
+                        Ok(())
+                    })
+                })
+                .await?;
                 self.log_ok("RMD", &path, 0);
                 self.conn.reply(200, "directory removed").await
             }
             Request::Dele(arg) => {
                 let path = self.resolve(&arg)?;
-                let user = self.logged_in()?;
-                let (home, name) = (user.home.clone(), user.name.clone());
-                let _busy = self
-                    .server
-                    .lock_upload(&name, &path)
-                    .ok_or_else(|| Error::Busy(path.to_string()))?;
+                let owner = self.logged_in()?.clone();
+                let _busy = self.lock_upload(&path)?;
                 let p = path.clone();
-                let freed = blocking(move || home.remove_file(&p)).await?;
-                self.server.ledger.freed(&name, freed);
+                let freed = blocking(move || {
+                    owner.ledger.with(&owner.name, |a| {
+                        let bytes = owner.home.remove_file(&p)?;
+                        a.removed(Usage { bytes, entries: 1 });
+                        Ok(bytes)
+                    })
+                })
+                .await?;
                 self.log_ok("DELE", &path, freed);
                 self.conn.reply(200, "file removed").await
             }
             Request::Rename { from, to } => {
                 let (from, to) = (self.resolve(&from)?, self.resolve(&to)?);
-                let user = self.logged_in()?;
-                let (home, name) = (user.home.clone(), user.name.clone());
-                let _busy = self
-                    .server
-                    .lock_upload(&name, &from)
-                    .ok_or_else(|| Error::Busy(from.to_string()))?;
+                let owner = self.logged_in()?.clone();
+                let _busy = self.lock_upload(&from)?;
                 let f = from.clone();
-                let (target, replaced) = blocking(move || home.rename(&f, &to)).await?;
-                self.server.ledger.freed(&name, replaced);
-                info!(peer = %self.peer, user = %name, request = "RENAME", from = %from, to = %target, result = "ok");
+                let target = blocking(move || {
+                    owner.ledger.with(&owner.name, |a| {
+                        let (target, replaced) = owner.home.rename(&f, &to)?;
+                        if let Some(bytes) = replaced {
+                            a.removed(Usage { bytes, entries: 1 });
+                        }
+                        Ok(target)
+                    })
+                })
+                .await?;
+                info!(peer = %self.peer, user = self.user_name(), request = "RENAME", from = %from, to = %target, result = "ok");
                 self.conn
                     .reply(
                         200,
@@ -346,10 +368,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .await
             }
             Request::Quota => {
-                let user = self.logged_in()?;
-                let used = self.server.ledger.used(&user.name);
-                let quota = user.quota;
-                self.conn.reply(213, &format!("{used} {quota}")).await
+                let owner = self.logged_in()?;
+                let (used, (unfinished, count)) = owner
+                    .ledger
+                    .with(&owner.name, |a| (a.used(), a.unfinished()));
+                let Limits { bytes, entries } = owner.limits;
+                self.conn
+                    .reply(
+                        213,
+                        &format!(
+                            "{} {bytes} {} {entries} {} {count}",
+                            used.bytes, used.entries, unfinished.bytes
+                        ),
+                    )
+                    .await
+            }
+            Request::Parts => {
+                let owner = self.logged_in()?.clone();
+                let parts =
+                    blocking(move || upload::unfinished(&owner).map_err(Error::Storage)).await?;
+                for p in &parts {
+                    self.conn
+                        .write_line(&format!(
+                            "213-{} {} {} {}",
+                            p.size,
+                            p.verified,
+                            p.updated,
+                            protocol::quote(&p.target)
+                        ))
+                        .await?;
+                }
+                self.conn
+                    .reply(213, &format!("{} unfinished uploads", parts.len()))
+                    .await
+            }
+            Request::Discard(arg) => {
+                let path = self.resolve(&arg)?;
+                let owner = self.logged_in()?.clone();
+                let p = path.clone();
+                let size = blocking(move || upload::discard(&owner, &p)).await?;
+                self.log_ok("DISCARD", &path, size);
+                self.conn.reply(200, "unfinished upload discarded").await
             }
             Request::Put { path, size, chunk } => {
                 let path = self.resolve(&path)?;
@@ -363,12 +422,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// The one upload lock of `path`: an upload, a removal or a rename of it.
+    fn lock_upload(&self, path: &VPath) -> Result<UploadLock> {
+        let owner = self.logged_in()?;
+        owner
+            .ledger
+            .lock_upload(&owner.name, path)
+            .ok_or_else(|| Error::Busy(path.to_string()))
+    }
+
     fn log_ok(&self, request: &'static str, path: &VPath, bytes: u64) {
         info!(peer = %self.peer, user = self.user_name(), request, path = %path, bytes, result = "ok");
     }
 
     async fn help(&mut self) -> Result<()> {
-        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PUT SEND GET NOOP HELP QUIT";
+        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PARTS DISCARD PUT SEND GET NOOP HELP QUIT";
         self.conn.write_line(&format!("211-{verbs}")).await?;
         self.conn
             .reply(211, "see the protocol documentation in src/protocol.rs")
@@ -400,6 +468,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
             let permit = server.hash_permit().await?;
             let (db, settings) = (server.users.clone(), accounts.clone());
+            let partial_root = server.config.partial_dir();
             let user = blocking(move || {
                 let hash = users::hash_password(&password, &settings)
                     .map_err(|e| Error::Storage(std::io::Error::other(e)))?;
@@ -408,8 +477,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     quota,
                     hash,
                     created: users::now_secs(),
+                    max_files: Some(settings.registered_max_files),
                 };
-                db.add(user.clone()).map_err(|e| {
+                db.register(user.clone(), &partial_root).map_err(|e| {
                     if e.contains("already exists") {
                         Error::NameRefused(format!("the name {:?} is taken", user.name))
                     } else {
@@ -450,8 +520,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let home_path = server.users.home(&user.name);
         let name = user.name.clone();
-        let partial_dir = server.partial_dir(&name);
-        let ttl = Duration::from_secs(server.config.transfer.partial_ttl_hours * 3600);
         let home = blocking(move || {
             if !home_path.exists() {
                 std::fs::create_dir_all(&home_path).map_err(Error::Storage)?;
@@ -460,24 +528,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await
         .inspect_err(|e| warn!(user = %name, error = %e, "cannot open home"))?;
-        let scan_home = home.clone();
-        let ledger_server = server.clone();
-        let ledger_name = name.clone();
+        let owner = Owner {
+            ledger: server.ledger.clone(),
+            staging: server.partial_dir(&name),
+            limits: Limits {
+                bytes: user.quota,
+                entries: user.max_files(accounts),
+            },
+            name,
+            home,
+        };
+        let (o, ttl) = (owner.clone(), server.config.partial_ttl());
         blocking(move || {
-            ledger_server
-                .ledger
-                .open_session(&ledger_name, || {
-                    quota::scan(&scan_home, &partial_dir, Some(ttl))
-                })
+            o.ledger
+                .open_session(&o.name, || quota::scan(&o.home, &o.staging, ttl))
                 .map_err(Error::Storage)
         })
         .await?;
-        info!(peer = %self.peer, user = %name, result = "ok", ms = started.elapsed().as_millis() as u64, "login");
-        self.user = Some(LoggedIn {
-            name,
-            quota: user.quota,
-            home,
-        });
+        info!(peer = %self.peer, user = %owner.name, result = "ok", ms = started.elapsed().as_millis() as u64, "login");
+        self.user = Some(owner);
         self.cwd = VPath::root();
         self.conn.reply(230, "logged in").await
     }
@@ -527,55 +596,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn put(&mut self, path: VPath, size: u64, chunk: u64) -> Result<()> {
-        let user = self.logged_in()?;
-        let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
+        let owner = self.logged_in()?.clone();
+        let name = owner.name.clone();
         if !transfer::valid_chunk_size(chunk) {
             return Err(Error::BadArgument(format!(
                 "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
             )));
         }
-        let lock = self
-            .server
-            .lock_upload(&name, &path)
-            .ok_or_else(|| Error::Busy(path.to_string()))?;
+        let lock = self.lock_upload(&path)?;
         let started = Instant::now();
-        let staging = self.server.partial_dir(&name);
-        let key = journal::key(&[&path.to_string()]);
-        let part_path = staging.join(format!("{key}.part"));
-        let journal_path = staging.join(format!("{key}.journal"));
 
-        // Check the target and find what can be resumed.
-        let (p, h, jp, pp) = (
-            path.clone(),
-            home.clone(),
-            journal_path.clone(),
-            part_path.clone(),
-        );
-        let (replaced, offers) = blocking(move || {
-            let replaced = h.upload_target(&p)?;
-            let offers = match Journal::load(&jp) {
-                Ok(Some(r))
-                    if r.kind == "upload" && r.target == p.to_string() && r.size == size =>
-                {
-                    std::fs::File::open(&pp)
-                        .and_then(|f| {
-                            let len = f.metadata()?.len();
-                            transfer::offer(&f, size, chunk, &[len, r.verified.min(len)])
-                        })
-                        .unwrap_or_default()
-                }
-                Ok(_) => vec![],
-                Err(e) => {
-                    warn!(error = %e, "discarding a damaged upload journal");
-                    vec![]
-                }
-            };
-            Ok((replaced, offers))
+        // Check the target, reserve the space before the first byte, and
+        // find what can be resumed.
+        let p = path.clone();
+        let (mut upload, offers) = blocking(move || {
+            let upload = Upload::begin(lock, &owner, p, size)?;
+            let offers = upload.offers(chunk);
+            Ok((upload, offers))
         })
-        .await?;
-        // Reserve the space before the first byte.
-        let charge = size.saturating_sub(replaced);
-        self.server.ledger.reserve(&name, &path, charge, quota).inspect_err(|e| {
+        .await
+        .inspect_err(|e| {
             info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, error = %e, "upload refused");
         })?;
         self.conn
@@ -585,54 +625,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .await?;
 
-        let start = self.conn.read_frame_header().await.and_then(|start| {
-            let offered = start.offset == 0 || offers.iter().any(|c| c.offset == start.offset);
-            if start.kind == FrameKind::Start && offered {
-                Ok(start)
-            } else {
-                Err(Error::Protocol(
-                    "expected a start frame at 0 or at an offered offset".into(),
-                ))
-            }
-        });
-        let resume_at = match start {
-            Ok(start) => start.offset,
-            Err(e) => {
-                if offers.is_empty() {
-                    // No partial file exists for this path: nothing to keep space for.
-                    self.server.ledger.release(&name, &path);
-                }
-                return Err(e);
-            }
-        };
+        // A wrong start frame ends the session; the upload, dropped, keeps
+        // an earlier partial of the path and frees the rest.
+        let start = self.conn.read_frame_header().await?;
+        let offered = start.offset == 0 || offers.iter().any(|c| c.offset == start.offset);
+        if start.kind != FrameKind::Start || !offered {
+            return Err(Error::Protocol(
+                "expected a start frame at 0 or at an offered offset".into(),
+            ));
+        }
+        let resume_at = start.offset;
 
-        // Open the partial file at the agreed offset. A file of one chunk
-        // is not worth a journal: after a failure it starts again.
-        let journaled = size > chunk;
-        let record = Record::new("upload", String::new(), path.to_string(), size, chunk);
-        let (pp, jp) = (part_path.clone(), journal_path.clone());
         let opened = blocking(move || {
-            let fail = Error::Storage;
-            if let Some(dir) = pp.parent() {
-                std::fs::create_dir_all(dir).map_err(fail)?;
-            }
-            let (file, tree) = transfer::open_partial(&pp, size, chunk, resume_at).map_err(fail)?;
-            let journal = if journaled {
-                file.sync_data().map_err(fail)?;
-                let mut j = Journal::new(jp, record);
-                j.save(resume_at).map_err(fail)?;
-                Some(j)
-            } else {
-                None
-            };
-            Ok((Arc::new(file), tree, journal))
+            let opened = upload.open(chunk, resume_at).map_err(Error::Storage);
+            Ok((upload, opened))
         })
         .await;
-        let (file, tree, mut journal) = match opened {
-            Ok(o) => o,
-            Err(e) => {
+        let (file, tree, mut journal, upload) = match opened {
+            Ok((upload, Ok((file, tree, journal)))) => (Arc::new(file), tree, journal, upload),
+            Ok((_, Err(e))) | Err(e) => {
                 // The client is already sending: the session can't stay in step.
-                self.server.ledger.release(&name, &path);
                 return Err(Error::Unavailable(format!("cannot store the upload: {e}")));
             }
         };
@@ -658,48 +670,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         .await;
         let outcome = match received {
             Ok(hash) => {
-                let (h, p, pp) = (home.clone(), path.clone(), part_path.clone());
-                let placed = blocking(move || {
+                let landed = blocking(move || {
                     file.sync_all().map_err(Error::Storage)?;
-                    place(&pp, &h, &p)
+                    let part = upload.files().part.clone();
+                    upload.land(&part)
                 })
                 .await;
-                if let Some(j) = &journal {
-                    j.remove();
-                }
-                match placed {
-                    Ok(replaced) => {
-                        self.server.ledger.commit(&name, &path, size, replaced);
-                        Ok((hash, size))
-                    }
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&part_path);
-                        self.server.ledger.release(&name, &path);
-                        Err((e, size))
-                    }
-                }
+                landed.map(|()| (hash, size)).map_err(|e| (e, size))
             }
             Err(Stopped { error, verified }) => {
                 let keep =
                     journal.is_some() && !matches!(error, Error::HashMismatch | Error::StorageFull);
-                if keep {
-                    // Keep what was verified for a later resume.
-                    let _ = blocking(move || {
-                        file.sync_data().map_err(Error::Storage)?;
-                        if let Some(mut j) = journal {
-                            j.save(verified).map_err(Error::Storage)?;
-                        }
-                        Ok(())
-                    })
-                    .await;
-                } else {
-                    // A wrong whole, a full disk or a small file: nothing worth resuming.
-                    let _ = std::fs::remove_file(&part_path);
-                    if let Some(j) = &journal {
-                        j.remove();
+                // Keep what was verified for a later resume; a wrong whole, a
+                // full disk or a small file is not worth resuming.
+                let _ = blocking(move || {
+                    if !keep {
+                        upload.discard();
+                        return Ok(());
                     }
-                    self.server.ledger.release(&name, &path);
-                }
+                    let saved = file.sync_data().and_then(|()| match journal {
+                        Some(mut j) => j.save(verified),
+                        None => Ok(()),
+                    });
+                    match saved {
+                        Ok(()) => upload.park(),
+                        Err(e) => {
+                            warn!(path = %upload.path(), error = %e, "cannot keep a partial upload");
+                            upload.park();
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
                 Err((error, verified))
             }
         };
@@ -708,7 +710,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok((hash, size)) => {
                 info!(peer = %self.peer, user = %name, request = "PUT", path = %path, size, resumed_from = resume_at,
                       bytes = size - resume_at, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
-                drop(lock);
                 self.conn
                     .reply(226, &format!("{} {size}", protocol::hex(&hash)))
                     .await
@@ -760,29 +761,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Error::HashMismatch);
         }
         let path = self.resolve(&arg)?;
-        let user = self.logged_in()?;
-        let (home, name, quota) = (user.home.clone(), user.name.clone(), user.quota);
-        let lock = match self.server.lock_upload(&name, &path) {
-            Some(lock) => lock,
-            None => {
+        let owner = self.logged_in()?.clone();
+        let lock = match self.lock_upload(&path) {
+            Ok(lock) => lock,
+            Err(_) => {
                 // Perhaps held by one of this session's own SENDs still being stored.
                 self.answer_stores(Drain::All).await?;
-                self.server
-                    .lock_upload(&name, &path)
-                    .ok_or_else(|| Error::Busy(path.to_string()))?
+                self.lock_upload(&path)?
             }
         };
         self.stores.push(Store {
-            server: self.server.clone(),
             peer: self.peer,
-            name,
-            quota,
-            home,
+            owner,
             path,
             data,
             hash,
             started,
-            _lock: lock,
+            lock,
         });
         self.answer_stores(Drain::ToBound).await
     }
@@ -869,40 +864,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-/// Moves a finished upload from the staging file `part` onto `target` in the
-/// home, atomically, and makes the rename durable. Returns the size of the
-/// file it replaced.
-fn place(part: &std::path::Path, home: &Home, target: &VPath) -> Result<u64> {
-    let staging_dir = part.parent().unwrap_or(std::path::Path::new("."));
-    let staging = cap_std::fs::Dir::open_ambient_dir(staging_dir, cap_std::ambient_authority())
-        .map_err(Error::Storage)?;
-    let replaced = home.file_size(target);
-    staging
-        .rename(
-            part.file_name().unwrap_or_default(),
-            home.dir(),
-            target.rel(),
-        )
-        .map_err(|e| Error::fs(e, &target.to_string()))?;
-    if let Err(e) = home.sync_dir(&target.parent()) {
-        warn!(path = %target, error = %e, "could not make the rename durable");
-    }
-    Ok(replaced)
-}
-
 /// A small upload (SEND) that arrived whole and verified, waiting to be
 /// written into its home.
 struct Store {
-    server: Arc<Server>,
     peer: SocketAddr,
-    name: String,
-    quota: u64,
-    home: Home,
+    owner: Owner,
     path: VPath,
     data: Vec<u8>,
     hash: blake3::Hash,
     started: Instant,
-    _lock: UploadLock,
+    lock: UploadLock,
 }
 
 impl Store {
@@ -910,48 +881,19 @@ impl Store {
     /// Returns the text of the 226 reply.
     fn write(self) -> Result<String> {
         let Store {
-            server,
             peer,
-            name,
-            quota,
-            home,
+            owner,
             path,
             data,
             hash,
             started,
-            _lock,
+            lock,
         } = self;
         let size = data.len() as u64;
-        let stored = home.upload_target(&path).and_then(|replaced| {
-            server
-                .ledger
-                .reserve(&name, &path, size.saturating_sub(replaced), quota)?;
-            let part = server
-                .partial_dir(&name)
-                .join(format!("{}.part", journal::key(&[&path.to_string()])));
-            let write = || -> std::io::Result<()> {
-                if let Some(dir) = part.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let mut f = std::fs::File::create(&part)?;
-                std::io::Write::write_all(&mut f, &data)?;
-                f.sync_all()
-            };
-            let placed = write()
-                .map_err(|e| Error::fs(e, &path.to_string()))
-                .and_then(|()| place(&part, &home, &path));
-            match placed {
-                Ok(replaced) => server.ledger.commit(&name, &path, size, replaced),
-                Err(_) => {
-                    let _ = std::fs::remove_file(&part);
-                    server.ledger.release(&name, &path);
-                }
-            }
-            placed
-        });
-        let ms = started.elapsed().as_millis() as u64;
+        let stored = Upload::begin(lock, &owner, path.clone(), size).and_then(|u| u.store(&data));
+        let (ms, name) = (started.elapsed().as_millis() as u64, &owner.name);
         match stored {
-            Ok(_) => {
+            Ok(()) => {
                 info!(peer = %peer, user = %name, request = "SEND", path = %path, size,
                       bytes = size, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
                 Ok(format!("{} {size}", protocol::hex(&hash)))

@@ -55,7 +55,11 @@ commands (remote paths are relative to the remote directory; / is your home):
   mv FROM TO               rename or move
   put [-r] LOCAL [REMOTE]  upload a file (-r: a directory tree)
   get [-r] REMOTE [LOCAL]  download a file (-r: a directory tree)
-  quota                    bytes used and the limit
+  quota                    bytes and files used, their limits, and what
+                           unfinished uploads hold of them
+  uploads                  list unfinished uploads (they count against the quota
+                           until they finish, are discarded or expire)
+  discard PATH             drop the unfinished upload to PATH
   lcd [DIR], lpwd          change or print the local directory
   help, exit";
 
@@ -450,9 +454,9 @@ async fn execute_one(remote: &mut Remote, words: &[String]) -> Result<Flow, Clie
             let nums: Vec<u64> = reply
                 .text
                 .split(' ')
-                .filter_map(|w| w.parse().ok())
+                .map_while(|w| w.parse().ok())
                 .collect();
-            let [used, limit] = nums[..] else {
+            let [used, limit, files, max_files, unfinished, count, ..] = nums[..] else {
                 return Err(ClientError::Protocol(format!(
                     "bad quota reply {:?}",
                     reply.text
@@ -463,6 +467,22 @@ async fn execute_one(remote: &mut Remote, words: &[String]) -> Result<Flow, Clie
                 human_bytes(used),
                 human_bytes(limit)
             );
+            out!("files {files} of {max_files}");
+            out!(
+                "unfinished uploads {count}, holding {unfinished} ({})",
+                human_bytes(unfinished)
+            );
+        }
+        ("uploads", []) => {
+            let reply = remote.client().await?.request(&Request::Parts).await?;
+            for line in &reply.lines {
+                out!("{}", format_unfinished(line)?);
+            }
+        }
+        ("discard", [path]) => {
+            let client = remote.client().await?;
+            let path = client.remote_path(path)?;
+            client.request(&Request::Discard(path.to_string())).await?;
         }
         ("put", ["-r", local, rest @ ..]) if rest.len() <= 1 => {
             put_tree(remote, Path::new(local), rest.first().copied()).await?
@@ -517,8 +537,8 @@ async fn execute_one(remote: &mut Remote, words: &[String]) -> Result<Flow, Clie
 }
 
 const KNOWN: &[&str] = &[
-    "pwd", "cd", "ls", "dir", "mkdir", "rmdir", "rm", "delete", "mv", "rename", "quota", "put",
-    "get", "exit", "quit", "bye", "lpwd",
+    "pwd", "cd", "ls", "dir", "mkdir", "rmdir", "rm", "delete", "mv", "rename", "quota", "uploads",
+    "discard", "put", "get", "exit", "quit", "bye", "lpwd",
 ];
 
 fn usage_of(cmd: &str) -> &'static str {
@@ -532,6 +552,8 @@ fn usage_of(cmd: &str) -> &'static str {
         "mv" | "rename" => "mv FROM TO",
         "put" => "put [-r] LOCAL [REMOTE]",
         "get" => "get [-r] REMOTE [LOCAL]",
+        "uploads" => "uploads",
+        "discard" => "discard PATH",
         _ => "see help",
     }
 }
@@ -561,6 +583,23 @@ fn format_entry(line: &str) -> Result<String, ClientError> {
     Ok(format!(
         "{kind} {size:>12}  {}  {name}{slash}",
         format_time(mtime)
+    ))
+}
+
+/// One line of `uploads`: size, bytes stored so far, last saved, target.
+fn format_unfinished(line: &str) -> Result<String, ClientError> {
+    let bad = || ClientError::Protocol(format!("bad unfinished upload line {line:?}"));
+    let words = protocol::split_commands(line, false).map_err(|_| bad())?;
+    let words = words.into_iter().next().ok_or_else(bad)?;
+    let [size, verified, updated, target] = &words[..] else {
+        return Err(bad());
+    };
+    let number = |w: &str| w.parse::<u64>().map_err(|_| bad());
+    let (size, verified, updated) = (number(size)?, number(verified)?, number(updated)?);
+    Ok(format!(
+        "{size:>12}  {:>12} stored  {}  {target}",
+        verified.min(size),
+        format_time(i64::try_from(updated).unwrap_or(i64::MAX))
     ))
 }
 

@@ -80,6 +80,17 @@ pub struct User {
     /// Unix time of creation.
     #[serde(default)]
     pub created: u64,
+    /// Files plus directories the user may have; none set: the server's
+    /// `default_max_files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
+}
+
+impl User {
+    /// The user's limit on files plus directories.
+    pub fn max_files(&self, settings: &AccountsSection) -> u64 {
+        self.max_files.unwrap_or(settings.default_max_files)
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -244,13 +255,37 @@ impl UserDb {
         Ok(self.load()?.into_iter().find(|u| u.name == name))
     }
 
-    /// Creates an account and its home. Fails if the name is taken.
+    /// Creates an account and its home, or takes over the home that is
+    /// already there (the admin reviving an account). Fails if the name is taken.
     pub fn add(&self, user: User) -> Result<(), String> {
+        self.add_checked(user, |_| Ok(()))
+    }
+
+    /// Creates an account for a stranger: also refused while anything of an
+    /// earlier account of that name is left (its home, or its unfinished
+    /// uploads in `partial_dir`), so nobody inherits another's files.
+    pub fn register(&self, user: User, partial_dir: &Path) -> Result<(), String> {
+        let home = self.home(&user.name);
+        let partial = partial_dir.join(&user.name);
+        self.add_checked(user, |name| {
+            if home.symlink_metadata().is_ok() || partial.symlink_metadata().is_ok() {
+                return Err(format!("user {name:?} already exists"));
+            }
+            Ok(())
+        })
+    }
+
+    fn add_checked(
+        &self,
+        user: User,
+        free: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<(), String> {
         check_name(&user.name)?;
         self.change(|users| {
             if users.iter().any(|u| u.name == user.name) {
                 return Err(format!("user {:?} already exists", user.name));
             }
+            free(&user.name)?;
             users.push(user.clone());
             Ok(())
         })?;
@@ -273,19 +308,21 @@ impl UserDb {
             Ok(())
         })?;
         if remove_home {
-            let home = self.home(name);
-            match fs::remove_dir_all(&home) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(format!(
-                        "account removed, but not its home {}: {e}",
-                        home.display()
-                    ));
-                }
-            }
+            self.remove_home(name)
+                .map_err(|e| format!("account removed, but not its home: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Removes a home and everything in it (nothing if there is none).
+    pub fn remove_home(&self, name: &str) -> Result<(), String> {
+        check_name(name)?;
+        let home = self.home(name);
+        match fs::remove_dir_all(&home) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {}: {e}", home.display())),
+        }
     }
 
     /// Changes one account in place.
@@ -436,6 +473,7 @@ mod tests {
             quota: 5,
             hash: "h".into(),
             created: 1,
+            max_files: None,
         };
         db.add(user("ann")).unwrap();
         assert!(db.home("ann").is_dir());
@@ -446,6 +484,16 @@ mod tests {
         assert_eq!(db.find("bob").unwrap().unwrap().quota, 9);
         db.remove("ann", true).unwrap();
         assert!(!db.home("ann").exists());
+        // A kept home (or unfinished uploads) keeps the name from strangers.
+        let partial = dir.path().join("partial");
+        db.remove("bob", false).unwrap();
+        assert!(db.register(user("bob"), &partial).is_err());
+        db.add(user("bob")).unwrap();
+        db.remove("bob", true).unwrap();
+        std::fs::create_dir_all(partial.join("bob")).unwrap();
+        assert!(db.register(user("bob"), &partial).is_err());
+        std::fs::remove_dir(partial.join("bob")).unwrap();
+        db.register(user("bob"), &partial).unwrap();
         assert!(db.remove("ann", false).is_err());
         assert_eq!(db.load().unwrap().len(), 1);
     }
@@ -479,6 +527,7 @@ mod tests {
                             quota: 1,
                             hash: "h".into(),
                             created: 0,
+                            max_files: None,
                         })
                         .unwrap();
                     }

@@ -73,10 +73,13 @@ fn serve_makes_certificates_registers_and_walks_through() {
     );
     assert!(lines[2].contains(" 6 "), "{}", lines[2]);
     assert!(lines[3].starts_with("used 6 (6 B) of "), "{}", lines[3]);
+    // A registered user's file limit; the directory and the file count.
+    assert_eq!(lines[4], "files 2 of 10000");
+    assert_eq!(lines[5], "unfinished uploads 0, holding 0 (0 B)");
     assert!(
-        lines[4].starts_with('d') && lines[4].ends_with(" my docs/"),
+        lines[6].starts_with('d') && lines[6].ends_with(" my docs/"),
         "{}",
-        lines[4]
+        lines[6]
     );
 
     // The registered quota is drawn from the shipped range.

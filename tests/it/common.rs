@@ -99,6 +99,7 @@ impl TestServer {
                 quota,
                 hash,
                 created: 0,
+                max_files: None,
             })
             .unwrap();
     }

@@ -162,7 +162,7 @@ async fn small_files_go_many_at_once_and_refusals_keep_the_session_in_step() {
     // Still in step.
     let used: u64 = (0..150).map(|i| (i * 7) as u64).sum();
     let q = c.request(&Request::Quota).await.unwrap();
-    assert_eq!(q.text, format!("{used} 100000"));
+    assert!(q.text.starts_with(&format!("{used} 100000 ")), "{}", q.text);
     s.stop().await;
 }
 
@@ -244,7 +244,11 @@ async fn pipelined_sends_are_answered_in_order_before_the_next_request() {
         .map(|i| 1000 + i)
         .sum::<usize>()
         + 6;
-    assert_eq!(raw.ask("QUOTA").await, format!("213 {used} {}", 10 << 20));
+    assert!(
+        raw.ask("QUOTA")
+            .await
+            .starts_with(&format!("213 {used} {} ", 10 << 20))
+    );
     s.stop().await;
 }
 
@@ -331,7 +335,11 @@ async fn sends_in_flight_when_the_client_leaves_are_stored_and_counted() {
         );
     }
     let q = c.request(&Request::Quota).await.unwrap();
-    assert_eq!(q.text, format!("{} {}", 50 * 2000, 10 << 20));
+    assert!(
+        q.text.starts_with(&format!("{} {} ", 50 * 2000, 10 << 20)),
+        "{}",
+        q.text
+    );
     let partial = s.config.partial_dir().join("ann");
     let left: Vec<_> = std::fs::read_dir(&partial)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())

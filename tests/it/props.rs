@@ -4,7 +4,7 @@
 
 use ftpx::jail::VPath;
 use ftpx::protocol::{FRAME_HEADER_LEN, FrameHeader, Request, quote, split_commands};
-use ftpx::quota::{Ledger, Scan};
+use ftpx::quota::{Ledger, Limits, Scan, Usage};
 use proptest::prelude::*;
 
 fn adversarial_part() -> impl Strategy<Value = String> {
@@ -101,30 +101,36 @@ proptest! {
         ops in proptest::collection::vec((0u8..4, 0u8..4, 0u64..600), 0..40),
     ) {
         let l = Ledger::default();
-        l.open_session("u", || Ok(Scan { stored: 0, reserved: vec![] })).unwrap();
+        let limits = Limits { bytes: quota, entries: u64::MAX };
+        let b = |bytes| Usage { bytes, entries: 0 };
+        l.open_session("u", || Ok(Scan { stored: b(0), reserved: vec![] })).unwrap();
         // Model: stored bytes and reservations by path.
         let mut stored = 0u64;
         let mut reserved = std::collections::HashMap::new();
         for (op, path, n) in ops {
             let p = VPath::resolve(&VPath::root(), &format!("f{path}"), 99).unwrap();
-            match op {
-                0 => {
-                    let others: u64 = reserved.iter().filter(|(k, _)| **k != path).map(|(_, v)| *v).sum();
-                    let fits = stored + others + n <= quota;
-                    prop_assert_eq!(l.reserve("u", &p, n, quota).is_ok(), fits);
-                    if fits { reserved.insert(path, n); }
-                }
-                1 => { l.release("u", &p); reserved.remove(&path); }
-                2 => {
-                    if let Some(r) = reserved.remove(&path) {
-                        l.commit("u", &p, r, 0);
-                        stored += r;
+            l.with("u", |a| -> Result<(), TestCaseError> {
+                match op {
+                    0 => {
+                        let others: u64 = reserved.iter().filter(|(k, _)| **k != path).map(|(_, v)| *v).sum();
+                        let fits = stored + others + n <= quota || n == 0;
+                        prop_assert_eq!(a.reserve(&p, b(n), limits).is_ok(), fits);
+                        if fits { reserved.insert(path, n); }
                     }
+                    1 => { a.release(&p); reserved.remove(&path); }
+                    2 => {
+                        if let Some(r) = reserved.remove(&path) {
+                            a.check_landing(&p, r, Some(0), limits).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                            a.landed(&p, r, Some(0));
+                            stored += r;
+                        }
+                    }
+                    _ => { let freed = n.min(stored); a.removed(b(freed)); stored -= freed; }
                 }
-                _ => { let freed = n.min(stored); l.freed("u", freed); stored -= freed; }
-            }
+                Ok(())
+            })?;
             let used = stored + reserved.values().sum::<u64>();
-            prop_assert_eq!(l.used("u"), used);
+            prop_assert_eq!(l.used("u").bytes, used);
             prop_assert!(used <= quota.max(stored));
         }
     }

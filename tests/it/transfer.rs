@@ -136,7 +136,7 @@ async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 async fn wait_upload_free(s: &TestServer, remote: &str) {
     let path = vp(remote);
     wait_for("the server to let go of the upload", || {
-        s.server.lock_upload("ann", &path).is_some()
+        s.server.ledger.lock_upload("ann", &path).is_some()
     })
     .await;
 }
@@ -1178,9 +1178,11 @@ async fn admin_listing_counts_partial_uploads_like_the_quota() {
         .lines()
         .find(|l| l.starts_with("ann "))
         .unwrap_or_else(|| panic!("{}", out.stdout));
-    assert!(
-        line.trim_end().ends_with("7.0 MiB"),
-        "usage listed is not the usage the quota counts (7.0 MiB): {line:?}"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        words[3..],
+        ["7.0", "MiB", "2", "1000000"],
+        "usage listed is not the usage the quota counts (7.0 MiB, 2 files): {line:?}"
     );
 }
 
