@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::jail::{Home, VPath};
-use crate::journal::Journal;
+use crate::journal::{self, Journal};
 
 /// What a user occupies, or what an upload will add.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -315,7 +315,8 @@ impl Ledger {
 }
 
 /// What a user occupies: the home, and a full charge for each unfinished
-/// upload in `partial_dir` whose journal was saved less than `ttl` ago.
+/// upload in `partial_dir` (a partial with its journal) whose journal was
+/// saved less than `ttl` ago.
 /// Nothing is changed on disk (the sweeper removes what expired).
 pub fn scan(home: &Home, partial_dir: &Path, ttl: Duration) -> std::io::Result<Scan> {
     let (bytes, entries) = home.usage()?;
@@ -329,7 +330,9 @@ pub fn scan(home: &Home, partial_dir: &Path, ttl: Duration) -> std::io::Result<S
     };
     for item in items.flatten() {
         let path = item.path();
-        if path.extension().is_none_or(|e| e != "journal") {
+        // A journal counts with its partial; one left alone is the sweeper's.
+        if path.extension().is_none_or(|e| e != "journal") || !path.with_extension("part").exists()
+        {
             continue;
         }
         let Ok(Some(record)) = Journal::load(&path) else {
@@ -338,7 +341,11 @@ pub fn scan(home: &Home, partial_dir: &Path, ttl: Duration) -> std::io::Result<S
         if now.saturating_sub(record.updated) >= ttl.as_secs() {
             continue;
         }
-        if let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX) {
+        // Only the journal filed under its own target's name is that upload's.
+        if let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX)
+            && path.file_stem().and_then(|s| s.to_str())
+                == Some(journal::key(&[&target.to_string()]).as_str())
+        {
             reserved.push((target, Usage::parked(record.size)));
         }
     }

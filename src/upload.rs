@@ -412,7 +412,15 @@ fn sweep_journal(
             return;
         }
     };
-    let Ok(target) = VPath::resolve(&VPath::root(), &record.target, usize::MAX) else {
+    let target = VPath::resolve(&VPath::root(), &record.target, usize::MAX).ok();
+    let Some(target) =
+        target.filter(|t| Staging::of(Path::new(""), t).journal.file_name() == journal.file_name())
+    else {
+        // Not the journal of the upload it names: nothing to resume, nothing charged.
+        warn!(user, journal = %journal.display(), "removing a journal filed under another upload's name");
+        remove_if_there(journal);
+        remove_if_there(&part);
+        swept.orphans += 1;
         return;
     };
     let expired = now.saturating_sub(record.updated) >= ttl.as_secs();

@@ -8,5 +8,6 @@ mod core;
 mod faults;
 mod jail;
 mod props;
+mod quota;
 mod transfer;
 mod wire;

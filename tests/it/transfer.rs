@@ -34,9 +34,9 @@ use crate::common::*;
 
 /// The default chunk size of client and server.
 const CHUNK: usize = 256 << 10;
-const MIB: usize = 1 << 20;
+pub(crate) const MIB: usize = 1 << 20;
 /// Chunk size used when the protocol is spoken by hand.
-const PIECE: usize = 64 << 10;
+pub(crate) const PIECE: usize = 64 << 10;
 
 // ---------------------------------------------------------------------------
 // Data, files and waiting
@@ -57,7 +57,7 @@ fn big_data(len: usize, seed: u8) -> Vec<u8> {
     out
 }
 
-fn vp(path: &str) -> VPath {
+pub(crate) fn vp(path: &str) -> VPath {
     VPath::resolve(&VPath::root(), path, 4096).unwrap()
 }
 
@@ -66,7 +66,7 @@ fn len_of(path: &Path) -> u64 {
 }
 
 /// The entries of `dir`, sorted; none if it does not exist.
-fn entries(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn entries(dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
         Err(_) => vec![],
@@ -76,7 +76,7 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Where the server stages an upload to `remote`: its partial file and journal.
-fn staged(staging: &Path, remote: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn staged(staging: &Path, remote: &str) -> (PathBuf, PathBuf) {
     let key = ftpx::journal::key(&[remote]);
     (
         staging.join(format!("{key}.part")),
@@ -84,7 +84,7 @@ fn staged(staging: &Path, remote: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-fn staging_of(s: &TestServer) -> PathBuf {
+pub(crate) fn staging_of(s: &TestServer) -> PathBuf {
     s.server.partial_dir("ann")
 }
 
@@ -124,7 +124,7 @@ fn flip_byte(path: &Path, at: u64) {
 }
 
 /// Polls `ready` until it holds; fails after a generous guard.
-async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ready() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -133,7 +133,7 @@ async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 }
 
 /// Waits until no session of `ann` is uploading to `remote` any more.
-async fn wait_upload_free(s: &TestServer, remote: &str) {
+pub(crate) async fn wait_upload_free(s: &TestServer, remote: &str) {
     let path = vp(remote);
     wait_for("the server to let go of the upload", || {
         s.server.ledger.lock_upload("ann", &path).is_some()
@@ -156,7 +156,7 @@ fn resumed_at(stdout: &str) -> Option<u64> {
 
 /// A session as `ann` with `PASSWORD` to `port` (a server's or a proxy's),
 /// keeping its resume journals in `journals`.
-async fn login_at(port: u16, ca: &Path, journals: &Path) -> Client {
+pub(crate) async fn login_at(port: u16, ca: &Path, journals: &Path) -> Client {
     let mut c = Client::connect("127.0.0.1", port, ca, Duration::from_secs(20))
         .await
         .unwrap()
@@ -165,7 +165,7 @@ async fn login_at(port: u16, ca: &Path, journals: &Path) -> Client {
     c
 }
 
-fn code(r: &Result<Reply, ClientError>) -> u16 {
+pub(crate) fn code(r: &Result<Reply, ClientError>) -> u16 {
     match r {
         Ok(reply) => reply.code,
         Err(ClientError::Server { code, .. }) => *code,
@@ -173,14 +173,14 @@ fn code(r: &Result<Reply, ClientError>) -> u16 {
     }
 }
 
-async fn quota(c: &mut Client) -> (u64, u64) {
+pub(crate) async fn quota(c: &mut Client) -> (u64, u64) {
     let r = c.request(&Request::Quota).await.unwrap();
     let n: Vec<u64> = r.text.split(' ').map(|w| w.parse().unwrap()).collect();
     (n[0], n[1])
 }
 
 /// `(type, size, name)` of each entry of a remote directory.
-async fn list(c: &mut Client, dir: &str) -> Vec<(String, u64, String)> {
+pub(crate) async fn list(c: &mut Client, dir: &str) -> Vec<(String, u64, String)> {
     let r = c.request(&Request::List(Some(dir.into()))).await.unwrap();
     r.lines
         .iter()
@@ -191,7 +191,11 @@ async fn list(c: &mut Client, dir: &str) -> Vec<(String, u64, String)> {
         .collect()
 }
 
-async fn put_request(c: &mut Client, path: &str, size: u64) -> Result<Reply, ClientError> {
+pub(crate) async fn put_request(
+    c: &mut Client,
+    path: &str,
+    size: u64,
+) -> Result<Reply, ClientError> {
     c.request(&Request::Put {
         path: path.into(),
         size,
@@ -235,13 +239,13 @@ fn chunk_header(size: usize, offset: usize, payload: &[u8]) -> FrameHeader {
 }
 
 /// Queues one frame and sends it; false if the connection is gone.
-async fn frame(c: &mut Client, header: FrameHeader, payload: &[u8]) -> bool {
+pub(crate) async fn frame(c: &mut Client, header: FrameHeader, payload: &[u8]) -> bool {
     let conn = c.connection();
     conn.write_frame(&header, payload).await.is_ok() && conn.flush().await.is_ok()
 }
 
 /// Sends `bytes[from..to]` as correct chunks of `PIECE` bytes.
-async fn send_chunks(c: &mut Client, bytes: &[u8], from: usize, to: usize) {
+pub(crate) async fn send_chunks(c: &mut Client, bytes: &[u8], from: usize, to: usize) {
     let conn = c.connection();
     let mut at = from;
     while at < to {
@@ -258,7 +262,11 @@ async fn send_chunks(c: &mut Client, bytes: &[u8], from: usize, to: usize) {
 }
 
 /// Sends the end frame and reads the server's verdict.
-async fn end(c: &mut Client, size: usize, hash: blake3::Hash) -> Result<Reply, ClientError> {
+pub(crate) async fn end(
+    c: &mut Client,
+    size: usize,
+    hash: blake3::Hash,
+) -> Result<Reply, ClientError> {
     if !frame(c, FrameHeader::end(size as u64, hash), &[]).await {
         return Err(ClientError::Connection(
             "closed before the end frame".into(),
