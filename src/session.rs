@@ -14,7 +14,6 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::connection::Connection;
-use crate::defender::Verdict;
 use crate::error::{Error, Result};
 use crate::jail::{Home, VPath};
 use crate::journal::{self, Journal, Record};
@@ -427,21 +426,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             let base = Duration::from_millis(accounts.login_failure_delay_ms);
             let ip = self.peer.ip();
-            if server.defender.check(ip, &name) == Verdict::Banned {
+            // Counted in flight from here until settled below; a login that
+            // ends in between (no hashing turn came) was never evaluated.
+            let Ok(attempt) = server.defender.admit(ip, &name) else {
                 // Refused without hashing, answered like any other failure.
                 tokio::time::sleep_until((started + base).into()).await;
                 info!(peer = %self.peer, user = ?name, result = "banned", "login");
                 return Err(Error::LoginFailed);
-            }
+            };
             match self.check_login(&name, password).await? {
                 Some(user) => {
-                    server.defender.succeeded(ip, &name);
+                    attempt.succeeded();
                     user
                 }
                 None => {
                     // Every failure, whatever its cause, is answered after the same delay,
                     // growing with repeated failures.
-                    let delay = server.defender.failed(ip, &name, base);
+                    let delay = attempt.failed(base);
                     tokio::time::sleep_until((started + delay).into()).await;
                     info!(peer = %self.peer, user = ?name, result = "failed", delay_ms = delay.as_millis() as u64, "login");
                     return Err(Error::LoginFailed);
