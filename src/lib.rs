@@ -38,4 +38,5 @@ pub mod session;
 pub mod shell;
 pub mod tls;
 pub mod transfer;
+pub mod turns;
 pub mod users;

@@ -9,15 +9,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::defender::Defender;
+use crate::defender::{Defender, Source};
 use crate::jail::VPath;
 use crate::quota::Ledger;
+use crate::turns::{Turn, Turns};
 use crate::users::UserDb;
 
 /// What all sessions share.
@@ -26,8 +27,9 @@ pub struct Server {
     pub users: UserDb,
     pub ledger: Ledger,
     pub defender: Defender,
-    /// Bounds the password hashes computed at once (each takes 128 MiB at the default cost).
-    pub hash_permits: Semaphore,
+    /// Turns to hash a password, shared fairly between sources: bounds the
+    /// hashes computed at once (each takes 128 MiB at the default cost).
+    pub turns: Turns,
     /// Uploads under way, by user and target: one writer per file.
     uploads: Mutex<HashSet<(String, VPath)>>,
     sessions: Mutex<Sessions>,
@@ -91,7 +93,7 @@ impl Server {
             &config.accounts,
         )?;
         Ok(Server {
-            hash_permits: Semaphore::new(config.accounts.hash_concurrency),
+            turns: Turns::new(config.accounts.hash_concurrency),
             users,
             ledger: Ledger::default(),
             defender: Defender::new(config.defender.clone()),
@@ -136,19 +138,19 @@ impl Server {
         }
     }
 
-    /// A turn to hash a password. A login that can't get one within the
-    /// login timeout is told the server is busy, rather than queueing on
-    /// after its client has given up.
-    pub async fn hash_permit(&self) -> crate::error::Result<tokio::sync::SemaphorePermit<'_>> {
+    /// A turn to hash a password for a client at `ip`, in its source's turn
+    /// (see [`crate::turns`]). A login that can't get one within the login
+    /// timeout is told the server is busy, rather than queueing on after its
+    /// client has given up.
+    pub async fn hash_permit(&self, ip: IpAddr) -> crate::error::Result<Turn<'_>> {
         let busy = || {
             crate::error::Error::Unavailable(
                 "server busy checking passwords; try again later".into(),
             )
         };
-        match tokio::time::timeout(self.config.login_timeout(), self.hash_permits.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(busy()),
-        }
+        tokio::time::timeout(self.config.login_timeout(), self.turns.take(Source::of(ip)))
+            .await
+            .map_err(|_| busy())
     }
 
     /// Where a user's unfinished uploads and their journals live.

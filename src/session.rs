@@ -397,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let quota = rand::random_range(
                 accounts.registered_quota_min.0..=accounts.registered_quota_max.0,
             );
-            let permit = server.hash_permit().await?;
+            let permit = server.hash_permit(self.peer.ip()).await?;
             let (db, settings) = (server.users.clone(), accounts.clone());
             let user = blocking(move || {
                 let hash = users::hash_password(&password, &settings)
@@ -511,7 +511,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .as_ref()
             .map_or(self.server.dummy_hash.clone(), |u| u.hash.clone());
         let max_log_n = accounts.scrypt_max_log_n;
-        let _permit = self.server.hash_permit().await?;
+        let _permit = self.server.hash_permit(self.peer.ip()).await?;
         let verdict = tokio::task::spawn_blocking(move || {
             users::verify_password(&password, &stored, max_log_n)
         })
