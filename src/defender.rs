@@ -243,7 +243,8 @@ impl Defender {
             .get(&key)
             .map_or(0, |v| v.iter().filter(|t| recent(t)).count());
         let in_flight = s.in_flight.get(&key).copied().unwrap_or(0) as usize;
-        if failures + in_flight >= self.settings.pair_max_failures as usize {
+        // A limit of 0 acts as 1, as it always did: one guess, then the ban.
+        if failures + in_flight >= self.settings.pair_max_failures.max(1) as usize {
             return Err(Banned);
         }
         let failed_accounts = s.sources.get(&source);
@@ -252,7 +253,7 @@ impl Defender {
             + s.sources_in_flight
                 .get(&source)
                 .map_or(0, |m| m.keys().filter(|a| !failed_recently(a)).count());
-        if spread >= self.settings.source_max_accounts {
+        if spread >= self.settings.source_max_accounts.max(1) {
             return Err(Banned);
         }
         *s.in_flight.entry(key.clone()).or_default() += 1;
