@@ -14,8 +14,9 @@
 //!
 //! Guesses still being evaluated count as failures to come: a login is
 //! admitted ([`Defender::admit`]) only if the failures and the guesses in
-//! flight leave room under these limits, so a burst of guesses sent at once
-//! gets no more evaluated than the same guesses sent one by one.
+//! flight leave room under these limits, and otherwise waits for the guesses
+//! in flight to land, so a burst of guesses sent at once gets no more
+//! evaluated than the same guesses sent one by one.
 //!
 //! A source is an IPv4 address or an IPv6 /64. Registrations are limited per
 //! source per hour. All times are monotonic. Every throttle, ban and release
@@ -25,6 +26,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use tracing::{info, warn};
 
@@ -142,12 +145,23 @@ impl State {
 pub struct Defender {
     settings: DefenderSection,
     state: Mutex<State>,
+    /// Woken whenever a guess in flight lands.
+    landed: Notify,
 }
 
 /// A login attempt refused without looking at its password (answered like
 /// any failure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Banned;
+
+/// Why a guess is not admitted at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotNow {
+    Banned,
+    /// Admitted or banned once guesses in flight land: with all of them
+    /// failing, this one would be over a limit.
+    Wait,
+}
 
 /// A guess admitted for evaluation, counted as in flight until it is
 /// settled by [`Attempt::succeeded`] or [`Attempt::failed`]. Dropped
@@ -167,6 +181,8 @@ impl Attempt<'_> {
         let mut s = self.defender.lock();
         s.land(&self.key);
         s.pairs.remove(&self.key);
+        drop(s);
+        self.defender.landed.notify_waiters();
     }
 
     /// The password was wrong (or could not be checked): records the
@@ -176,7 +192,10 @@ impl Attempt<'_> {
         self.settled = true;
         let mut s = self.defender.lock();
         s.land(&self.key);
-        self.defender.record_failure(&mut s, &self.key, base)
+        let delay = self.defender.record_failure(&mut s, &self.key, base);
+        drop(s);
+        self.defender.landed.notify_waiters();
+        delay
     }
 }
 
@@ -184,6 +203,7 @@ impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.settled {
             self.defender.lock().land(&self.key);
+            self.defender.landed.notify_waiters();
         }
     }
 }
@@ -193,6 +213,7 @@ impl Defender {
         Defender {
             settings,
             state: Mutex::default(),
+            landed: Notify::new(),
         }
     }
 
@@ -208,12 +229,31 @@ impl Defender {
         Duration::from_secs(self.settings.ban_secs)
     }
 
-    /// Admits a guess of `user`'s password from `ip`, or refuses it. Guesses
-    /// in flight count as failures to come: a pair with `pair_max_failures`
+    /// Admits a guess of `user`'s password from `ip`, or refuses it as
+    /// banned. A guess that would be over a limit if the guesses in flight
+    /// all failed waits for them to land, and is judged again: banned if
+    /// they failed, admitted if they succeeded. So a burst of guesses sent
+    /// at once gets no more of them evaluated than the same guesses sent one
+    /// by one, while many right passwords at once (an office behind one
+    /// address) all get in.
+    pub async fn admit(&self, ip: IpAddr, user: &str) -> Result<Attempt<'_>, Banned> {
+        loop {
+            // Listening before looking, so that no landing is missed.
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            match self.try_admit(ip, user) {
+                Ok(attempt) => return Ok(attempt),
+                Err(NotNow::Banned) => return Err(Banned),
+                Err(NotNow::Wait) => landed.await,
+            }
+        }
+    }
+
+    /// [`Defender::admit`] without the wait: a pair with `pair_max_failures`
     /// failures and guesses in flight, or a source with
-    /// `source_max_accounts` accounts failing or in flight, gets no more,
-    /// however many arrive at once.
-    pub fn admit(&self, ip: IpAddr, user: &str) -> Result<Attempt<'_>, Banned> {
+    /// `source_max_accounts` accounts failing or in flight, gets no more now.
+    pub fn try_admit(&self, ip: IpAddr, user: &str) -> Result<Attempt<'_>, NotNow> {
         let source = Source::of(ip);
         let account = account_key(user);
         let now = Instant::now();
@@ -222,7 +262,7 @@ impl Defender {
         let mut s = self.lock();
         if let Some(&since) = s.banned_sources.get(&source) {
             if now.duration_since(since) < ban {
-                return Err(Banned);
+                return Err(NotNow::Banned);
             }
             s.banned_sources.remove(&source);
             s.sources.remove(&source);
@@ -231,7 +271,7 @@ impl Defender {
         let key = (source, account.to_string());
         if let Some(&since) = s.banned_pairs.get(&key) {
             if now.duration_since(since) < ban {
-                return Err(Banned);
+                return Err(NotNow::Banned);
             }
             s.banned_pairs.remove(&key);
             s.pairs.remove(&key);
@@ -244,17 +284,26 @@ impl Defender {
             .map_or(0, |v| v.iter().filter(|t| recent(t)).count());
         let in_flight = s.in_flight.get(&key).copied().unwrap_or(0) as usize;
         // A limit of 0 acts as 1, as it always did: one guess, then the ban.
-        if failures + in_flight >= self.settings.pair_max_failures.max(1) as usize {
-            return Err(Banned);
+        let pair_max = self.settings.pair_max_failures.max(1) as usize;
+        if failures >= pair_max {
+            return Err(NotNow::Banned);
+        }
+        if failures + in_flight >= pair_max {
+            return Err(NotNow::Wait);
         }
         let failed_accounts = s.sources.get(&source);
         let failed_recently = |a: &str| failed_accounts.and_then(|m| m.get(a)).is_some_and(recent);
-        let spread = failed_accounts.map_or(0, |m| m.values().filter(|t| recent(t)).count())
+        let failed = failed_accounts.map_or(0, |m| m.values().filter(|t| recent(t)).count());
+        let spread = failed
             + s.sources_in_flight
                 .get(&source)
                 .map_or(0, |m| m.keys().filter(|a| !failed_recently(a)).count());
-        if spread >= self.settings.source_max_accounts.max(1) {
-            return Err(Banned);
+        let spread_max = self.settings.source_max_accounts.max(1);
+        if failed >= spread_max {
+            return Err(NotNow::Banned);
+        }
+        if spread >= spread_max {
+            return Err(NotNow::Wait);
         }
         *s.in_flight.entry(key.clone()).or_default() += 1;
         *s.sources_in_flight
@@ -365,6 +414,7 @@ fn prune(s: &mut State, now: Instant, window: Duration, ban: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn d(pair: u32, spread: usize) -> Defender {
         Defender::new(DefenderSection {
@@ -381,9 +431,10 @@ mod tests {
 
     /// Whether a guess would be admitted now (it is not kept in flight).
     fn check(d: &Defender, ip: IpAddr, user: &str) -> Verdict {
-        match d.admit(ip, user) {
+        match d.try_admit(ip, user) {
             Ok(_) => Verdict::Allow,
-            Err(Banned) => Verdict::Banned,
+            Err(NotNow::Banned) => Verdict::Banned,
+            Err(NotNow::Wait) => Verdict::Wait,
         }
     }
 
@@ -391,11 +442,12 @@ mod tests {
     enum Verdict {
         Allow,
         Banned,
+        Wait,
     }
 
     /// One guess admitted and failed.
     fn fail(d: &Defender, ip: IpAddr, user: &str, base: Duration) -> Duration {
-        d.admit(ip, user).expect("admitted").failed(base)
+        d.try_admit(ip, user).expect("admitted").failed(base)
     }
 
     #[test]
@@ -448,7 +500,7 @@ mod tests {
         for _ in 0..30 {
             assert!(fail(&d, ip("10.0.0.1"), "ann", base) <= Duration::from_millis(50));
         }
-        d.admit(ip("10.0.0.1"), "ann").unwrap().succeeded();
+        d.try_admit(ip("10.0.0.1"), "ann").unwrap().succeeded();
         assert_eq!(fail(&d, ip("10.0.0.1"), "ann", base), base);
     }
 
@@ -475,21 +527,21 @@ mod tests {
         let d = d(3, 100);
         let base = Duration::from_millis(1);
         let a = ip("10.0.0.1");
-        let first = d.admit(a, "ann").unwrap();
-        let second = d.admit(a, "ann").unwrap();
-        let third = d.admit(a, "ann").unwrap();
-        // Three in flight: a fourth is refused before any has failed.
-        assert_eq!(d.admit(a, "ann").unwrap_err(), Banned);
+        let first = d.try_admit(a, "ann").unwrap();
+        let second = d.try_admit(a, "ann").unwrap();
+        let third = d.try_admit(a, "ann").unwrap();
+        // Three in flight: a fourth waits for them before any has failed.
+        assert_eq!(d.try_admit(a, "ann").unwrap_err(), NotNow::Wait);
         // Others behind the address, and ann elsewhere, are not held up.
-        assert!(d.admit(a, "bob").is_ok());
-        assert!(d.admit(ip("10.0.0.2"), "ann").is_ok());
+        assert!(d.try_admit(a, "bob").is_ok());
+        assert!(d.try_admit(ip("10.0.0.2"), "ann").is_ok());
         // An attempt dropped unsettled (its client left) frees its place.
         drop(first);
-        let fourth = d.admit(a, "ann").unwrap();
+        let fourth = d.try_admit(a, "ann").unwrap();
         second.failed(base);
         third.failed(base);
         // Two failures and one in flight.
-        assert_eq!(d.admit(a, "ann").unwrap_err(), Banned);
+        assert_eq!(d.try_admit(a, "ann").unwrap_err(), NotNow::Wait);
         fourth.failed(base);
         assert_eq!(check(&d, a, "ann"), Verdict::Banned);
         assert!(
@@ -499,6 +551,41 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_guess_over_the_limit_waits_for_those_in_flight() {
+        let d = Arc::new(d(2, 100));
+        let a = ip("10.0.0.1");
+        let waiter = |d: &Arc<Defender>, user: &'static str| {
+            let d = d.clone();
+            tokio::spawn(async move { d.admit(a, user).await.map(|at| at.succeeded()) })
+        };
+        // Both in flight fail: the one waiting is banned without evaluation.
+        let (first, second) = (
+            d.try_admit(a, "ann").unwrap(),
+            d.try_admit(a, "ann").unwrap(),
+        );
+        let banned = waiter(&d, "ann");
+        tokio::task::yield_now().await;
+        first.failed(Duration::ZERO);
+        tokio::task::yield_now().await;
+        assert!(!banned.is_finished());
+        second.failed(Duration::ZERO);
+        assert_eq!(banned.await.unwrap(), Err(Banned));
+        // One in flight succeeds: the ones waiting are admitted.
+        let (first, second) = (
+            d.try_admit(a, "bob").unwrap(),
+            d.try_admit(a, "bob").unwrap(),
+        );
+        let admitted = [waiter(&d, "bob"), waiter(&d, "bob")];
+        tokio::task::yield_now().await;
+        first.succeeded();
+        drop(second);
+        for w in admitted {
+            assert_eq!(w.await.unwrap(), Ok(()));
+        }
+        assert!(d.lock().in_flight.is_empty());
+    }
+
     #[test]
     fn a_success_lands_its_guess_and_clears_the_pair() {
         let d = d(3, 100);
@@ -506,11 +593,11 @@ mod tests {
         let a = ip("10.0.0.1");
         fail(&d, a, "ann", base);
         fail(&d, a, "ann", base);
-        let other = d.admit(a, "ann").unwrap();
-        d.admit(a, "ann").unwrap_err();
+        let other = d.try_admit(a, "ann").unwrap();
+        d.try_admit(a, "ann").unwrap_err();
         other.succeeded();
         for _ in 0..3 {
-            drop(d.admit(a, "ann").unwrap());
+            drop(d.try_admit(a, "ann").unwrap());
         }
         let s = d.lock();
         assert!(s.pairs.is_empty() && s.in_flight.is_empty() && s.sources_in_flight.is_empty());
@@ -522,18 +609,21 @@ mod tests {
         let a = ip("2001:db8::1");
         let held: Vec<Attempt> = ["amy", "ben"]
             .iter()
-            .map(|u| d.admit(a, u).unwrap())
+            .map(|u| d.try_admit(a, u).unwrap())
             .collect();
         // Several guesses on one account are one account.
-        let again = d.admit(a, "ben").unwrap();
+        let again = d.try_admit(a, "ben").unwrap();
         fail(&d, a, "cid", Duration::ZERO);
         // Three accounts failing or in flight: the source gets no more.
-        assert_eq!(d.admit(ip("2001:db8::2"), "dan").unwrap_err(), Banned);
-        assert_eq!(d.admit(a, "amy").unwrap_err(), Banned);
-        assert!(d.admit(ip("2001:db8:1::1"), "dan").is_ok());
+        assert_eq!(
+            d.try_admit(ip("2001:db8::2"), "dan").unwrap_err(),
+            NotNow::Wait
+        );
+        assert_eq!(d.try_admit(a, "amy").unwrap_err(), NotNow::Wait);
+        assert!(d.try_admit(ip("2001:db8:1::1"), "dan").is_ok());
         drop(held);
         drop(again);
-        assert!(d.admit(a, "dan").is_ok());
+        assert!(d.try_admit(a, "dan").is_ok());
         assert!(d.lock().sources_in_flight.is_empty());
     }
 
@@ -545,10 +635,10 @@ mod tests {
         for name in [long.as_str(), "Ann", "../etc", "root"] {
             assert!(crate::users::check_name(name).is_err(), "{name}");
         }
-        let held = d.admit(a, &long).unwrap();
+        let held = d.try_admit(a, &long).unwrap();
         fail(&d, a, "Ann", Duration::ZERO);
         fail(&d, a, "../etc", Duration::ZERO);
-        assert_eq!(d.admit(a, "root").unwrap_err(), Banned);
+        assert_eq!(d.try_admit(a, "root").unwrap_err(), NotNow::Wait);
         drop(held);
         fail(&d, a, "x y", Duration::ZERO);
         assert_eq!(check(&d, a, &long), Verdict::Banned);
@@ -583,7 +673,7 @@ mod tests {
             let a = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
             fail(&d, a, &format!("u{i}"), Duration::ZERO);
             if i % 10_000 == 0 {
-                held.push(d.admit(a, "ann").unwrap());
+                held.push(d.try_admit(a, "ann").unwrap());
             }
             assert!(d.lock().entries() <= MAX_ENTRIES + 10, "at {i}");
         }

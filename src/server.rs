@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::defender::{Defender, Source};
+use crate::defender::{Attempt, Banned, Defender, Source};
 use crate::jail::VPath;
 use crate::quota::Ledger;
 use crate::turns::{Turn, Turns};
@@ -143,12 +143,20 @@ impl Server {
     /// timeout is told the server is busy, rather than queueing on after its
     /// client has given up.
     pub async fn hash_permit(&self, ip: IpAddr) -> crate::error::Result<Turn<'_>> {
-        let busy = || {
-            crate::error::Error::Unavailable(
-                "server busy checking passwords; try again later".into(),
-            )
-        };
         tokio::time::timeout(self.config.login_timeout(), self.turns.take(Source::of(ip)))
+            .await
+            .map_err(|_| busy())
+    }
+
+    /// Admits a guess of `user`'s password from `ip`, or refuses it as
+    /// banned (see [`Defender::admit`]). A guess that waits longer than the
+    /// login timeout for the guesses before it is told the server is busy.
+    pub async fn admit(
+        &self,
+        ip: IpAddr,
+        user: &str,
+    ) -> crate::error::Result<Result<Attempt<'_>, Banned>> {
+        tokio::time::timeout(self.config.login_timeout(), self.defender.admit(ip, user))
             .await
             .map_err(|_| busy())
     }
@@ -157,6 +165,10 @@ impl Server {
     pub fn partial_dir(&self, user: &str) -> PathBuf {
         self.config.partial_dir().join(user)
     }
+}
+
+fn busy() -> crate::error::Error {
+    crate::error::Error::Unavailable("server busy checking passwords; try again later".into())
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains sessions.

@@ -428,7 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let ip = self.peer.ip();
             // Counted in flight from here until settled below; a login that
             // ends in between (no hashing turn came) was never evaluated.
-            let Ok(attempt) = server.defender.admit(ip, &name) else {
+            let Ok(attempt) = server.admit(ip, &name).await? else {
                 // Refused without hashing, answered like any other failure.
                 tokio::time::sleep_until((started + base).into()).await;
                 info!(peer = %self.peer, user = ?name, result = "banned", "login");
