@@ -78,7 +78,8 @@ pub struct AccountsSection {
     pub scrypt_p: u32,
     /// Hashes with a higher cost than this are refused (a tampered database must not exhaust memory).
     pub scrypt_max_log_n: u8,
-    /// Password hashes computed at the same time, at most.
+    /// Password hashes computed at the same time, at most; the turns go
+    /// round-robin between sources.
     pub hash_concurrency: usize,
     /// Every failed login is answered after this long, whatever failed.
     pub login_failure_delay_ms: u64,

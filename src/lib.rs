@@ -15,6 +15,8 @@
 //!   `var/partial/`, journaled (`journal`), then renames it into the home
 //!   once the whole-file hash matched.
 //!
+//! `defender` throttles password guessing and registrations, and `turns`
+//! shares the password-hashing turns fairly between client addresses.
 //! `config` holds every setting, `error` the server's errors and their reply
 //! codes, `admin` the user-management and `serve` commands, `logging` the
 //! log files of both ends, `alloc` the memory allocator (huge pages for
@@ -38,5 +40,6 @@ pub mod session;
 pub mod shell;
 pub mod tls;
 pub mod transfer;
+pub mod turns;
 pub mod upload;
 pub mod users;

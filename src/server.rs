@@ -10,14 +10,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::defender::Defender;
+use crate::defender::{Attempt, Banned, Defender, Source};
 use crate::quota::Ledger;
+use crate::turns::{Turn, Turns};
 use crate::users::UserDb;
 
 /// What all sessions share.
@@ -27,8 +28,9 @@ pub struct Server {
     /// Quotas, and the one upload lock per user and path.
     pub ledger: Arc<Ledger>,
     pub defender: Defender,
-    /// Bounds the password hashes computed at once (each takes 128 MiB at the default cost).
-    pub hash_permits: Semaphore,
+    /// Turns to hash a password, shared fairly between sources: bounds the
+    /// hashes computed at once (each takes 128 MiB at the default cost).
+    pub turns: Turns,
     sessions: Mutex<Sessions>,
     /// A hash with the configured cost, checked for unknown users so that
     /// they cost the same as a wrong password.
@@ -74,7 +76,7 @@ impl Server {
             &config.accounts,
         )?;
         Ok(Server {
-            hash_permits: Semaphore::new(config.accounts.hash_concurrency),
+            turns: Turns::new(config.accounts.hash_concurrency),
             users,
             ledger: Arc::default(),
             defender: Defender::new(config.defender.clone()),
@@ -101,25 +103,37 @@ impl Server {
         })
     }
 
-    /// A turn to hash a password. A login that can't get one within the
-    /// login timeout is told the server is busy, rather than queueing on
-    /// after its client has given up.
-    pub async fn hash_permit(&self) -> crate::error::Result<tokio::sync::SemaphorePermit<'_>> {
-        let busy = || {
-            crate::error::Error::Unavailable(
-                "server busy checking passwords; try again later".into(),
-            )
-        };
-        match tokio::time::timeout(self.config.login_timeout(), self.hash_permits.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(busy()),
-        }
+    /// A turn to hash a password for a client at `ip`, in its source's turn
+    /// (see [`crate::turns`]). A login that can't get one within the login
+    /// timeout is told the server is busy, rather than queueing on after its
+    /// client has given up.
+    pub async fn hash_permit(&self, ip: IpAddr) -> crate::error::Result<Turn<'_>> {
+        tokio::time::timeout(self.config.login_timeout(), self.turns.take(Source::of(ip)))
+            .await
+            .map_err(|_| busy())
+    }
+
+    /// Admits a guess of `user`'s password from `ip`, or refuses it as
+    /// banned (see [`Defender::admit`]). A guess that waits longer than the
+    /// login timeout for the guesses before it is told the server is busy.
+    pub async fn admit(
+        &self,
+        ip: IpAddr,
+        user: &str,
+    ) -> crate::error::Result<Result<Attempt<'_>, Banned>> {
+        tokio::time::timeout(self.config.login_timeout(), self.defender.admit(ip, user))
+            .await
+            .map_err(|_| busy())
     }
 
     /// Where a user's unfinished uploads and their journals live.
     pub fn partial_dir(&self, user: &str) -> PathBuf {
         self.config.partial_dir().join(user)
     }
+}
+
+fn busy() -> crate::error::Error {
+    crate::error::Error::Unavailable("server busy checking passwords; try again later".into())
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains sessions.

@@ -14,7 +14,6 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::connection::Connection;
-use crate::defender::Verdict;
 use crate::error::{Error, Result};
 use crate::jail::{Home, VPath};
 use crate::protocol::{self, FrameKind, ParseError, Request};
@@ -466,7 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let quota = rand::random_range(
                 accounts.registered_quota_min.0..=accounts.registered_quota_max.0,
             );
-            let permit = server.hash_permit().await?;
+            let permit = server.hash_permit(self.peer.ip()).await?;
             let (db, settings) = (server.users.clone(), accounts.clone());
             let partial_root = server.config.partial_dir();
             let user = blocking(move || {
@@ -497,21 +496,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             let base = Duration::from_millis(accounts.login_failure_delay_ms);
             let ip = self.peer.ip();
-            if server.defender.check(ip, &name) == Verdict::Banned {
+            // Counted in flight from here until settled below; a login that
+            // ends in between (no hashing turn came) was never evaluated.
+            let Ok(attempt) = server.admit(ip, &name).await? else {
                 // Refused without hashing, answered like any other failure.
                 tokio::time::sleep_until((started + base).into()).await;
                 info!(peer = %self.peer, user = ?name, result = "banned", "login");
                 return Err(Error::LoginFailed);
-            }
+            };
             match self.check_login(&name, password).await? {
                 Some(user) => {
-                    server.defender.succeeded(ip, &name);
+                    attempt.succeeded();
                     user
                 }
                 None => {
                     // Every failure, whatever its cause, is answered after the same delay,
                     // growing with repeated failures.
-                    let delay = server.defender.failed(ip, &name, base);
+                    let delay = attempt.failed(base);
                     tokio::time::sleep_until((started + delay).into()).await;
                     info!(peer = %self.peer, user = ?name, result = "failed", delay_ms = delay.as_millis() as u64, "login");
                     return Err(Error::LoginFailed);
@@ -579,7 +580,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .as_ref()
             .map_or(self.server.dummy_hash.clone(), |u| u.hash.clone());
         let max_log_n = accounts.scrypt_max_log_n;
-        let _permit = self.server.hash_permit().await?;
+        let _permit = self.server.hash_permit(self.peer.ip()).await?;
         let verdict = tokio::task::spawn_blocking(move || {
             users::verify_password(&password, &stored, max_log_n)
         })

@@ -357,7 +357,8 @@ async fn a_login_that_waits_too_long_for_hashing_is_told_the_server_is_busy() {
     .await;
     s.add_user("ann", 1 << 20);
     // Every hashing turn is taken.
-    let held = s.server.hash_permits.acquire().await.unwrap();
+    let elsewhere = ftpx::defender::Source::of("10.9.9.9".parse().unwrap());
+    let held = s.server.turns.take(elsewhere).await;
     let mut c = s.connect().await;
     let e = c.login("ann", PASSWORD, false).await.unwrap_err();
     assert!(

@@ -59,11 +59,21 @@ impl Tls {
 
     /// Sends a line and returns the final reply line ("" if the session ended).
     async fn ask(&mut self, line: &str) -> String {
+        self.send(line).await;
+        self.reply().await
+    }
+
+    /// Sends a line without waiting for its reply.
+    async fn send(&mut self, line: &str) {
         self.stream
             .write_all(format!("{line}\n").as_bytes())
             .await
             .unwrap();
         self.stream.flush().await.unwrap();
+    }
+
+    /// The next final reply line ("" if the session ended).
+    async fn reply(&mut self) -> String {
         loop {
             let Some(reply) = self.line().await else {
                 return String::new();
@@ -1200,5 +1210,108 @@ async fn registrations_are_limited_per_address() {
     assert_eq!(code(&reply), 230, "{reply}");
     assert_eq!(s.users().load().unwrap().len(), 3);
     drop((t, other));
+    s.stop().await;
+}
+
+/// `n` greeted sessions from the loopback address `from`.
+async fn sessions_from(s: &TestServer, from: &str, n: usize) -> Vec<Tls> {
+    let mut out = vec![];
+    for _ in 0..n {
+        out.push(Tls::greeted(s, from).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guesses_sent_at_once_are_evaluated_at_most_pair_max_failures_times() {
+    let s = TestServer::start_with(|c| {
+        // Hashes slow enough that every guess arrives before the first fails.
+        c.accounts.scrypt_log_n = 12;
+        c.accounts.scrypt_r = 8;
+        c.defender.max_delay_ms = c.accounts.login_failure_delay_ms;
+    })
+    .await;
+    s.add_user("ann", 1 << 20);
+    let max = s.config.defender.pair_max_failures as u64;
+    let mut guessers = sessions_from(&s, "127.0.0.1", 40).await;
+    for g in &mut guessers {
+        g.send("LOGIN ann \"wrong password\"").await;
+    }
+    let mut replies = vec![];
+    for g in &mut guessers {
+        replies.push(g.reply().await);
+    }
+    assert_eq!(code(&replies[0]), 430, "{}", replies[0]);
+    assert!(replies.iter().all(|r| *r == replies[0]), "{replies:?}");
+    // One hashing turn per password evaluated: no more than the ban allows.
+    let evaluated = s.server.turns.granted();
+    assert!(
+        (1..=max).contains(&evaluated),
+        "{evaluated} guesses evaluated"
+    );
+    // The pair is banned: the right password is refused, without a hash.
+    let mut late = Tls::greeted(&s, "127.0.0.1").await;
+    assert_eq!(
+        late.ask(&format!("LOGIN ann \"{PASSWORD}\"")).await,
+        replies[0]
+    );
+    assert_eq!(s.server.turns.granted(), evaluated);
+    // The owner, elsewhere, gets in.
+    let mut owner = Tls::greeted(&s, "127.0.0.2").await;
+    assert_eq!(
+        code(&owner.ask(&format!("LOGIN ann \"{PASSWORD}\"")).await),
+        230
+    );
+    drop((guessers, late, owner));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_flood_from_one_address_does_not_starve_another() {
+    const FLOOD: usize = 40;
+    let s = TestServer::start_with(|c| {
+        c.accounts.scrypt_log_n = 13;
+        c.accounts.scrypt_r = 8;
+        c.accounts.login_failure_delay_ms = 10;
+        c.defender.max_delay_ms = 10;
+        // Let the flood through the bans, so that it really queues for hashing.
+        c.defender.pair_max_failures = 1000;
+        c.defender.account_slow_after = 1000;
+    })
+    .await;
+    s.add_user("ann", 1 << 20);
+    s.add_user("bob", 1 << 20);
+    let flood = sessions_from(&s, "127.0.0.2", FLOOD).await;
+    let mut honest = Tls::greeted(&s, "127.0.0.1").await;
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut readers = vec![];
+    for mut f in flood {
+        f.send("LOGIN ann \"wrong password\"").await;
+        let answered = answered.clone();
+        readers.push(tokio::spawn(async move {
+            let reply = f.reply().await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            reply
+        }));
+    }
+    // Wait (without a clock) until most of the flood is queued for a turn.
+    let started = Instant::now();
+    while s.server.turns.waiting() < FLOOD / 2 {
+        assert!(started.elapsed() < GUARD, "the flood never queued");
+        tokio::task::yield_now().await;
+    }
+    let reply = honest.ask(&format!("LOGIN bob \"{PASSWORD}\"")).await;
+    assert_eq!(code(&reply), 230, "{reply}");
+    let before_honest = answered.load(std::sync::atomic::Ordering::SeqCst);
+    for r in readers {
+        assert_eq!(code(&r.await.unwrap()), 430);
+    }
+    // The honest login got one of the next turns, not the last.
+    assert!(
+        FLOOD - before_honest >= FLOOD / 4,
+        "only {} of {FLOOD} flood logins were still waiting when the honest one was answered",
+        FLOOD - before_honest
+    );
+    drop(honest);
     s.stop().await;
 }
