@@ -28,14 +28,56 @@ use crate::protocol::{self, Candidate, FrameHeader, ReplyLine, Request};
 use crate::tls::Trust;
 use crate::transfer::{self, Checkpoints, Plan, Stopped, Tree};
 
-/// Longest reply line the client accepts.
-const MAX_REPLY_LINE: usize = 64 * 1024;
+// What a server sends is bounded whatever it claims: a reply, a listing and
+// a download's plan are checked against these before anything is kept.
+
+/// Longest reply line the client accepts. An honest line is at most a
+/// quoted 4096-byte path and a few words.
+pub const MAX_REPLY_LINE: usize = 64 * 1024;
+/// Bytes of one reply other than a listing, all its lines together.
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+/// Continuation lines of one reply other than a listing.
+pub const MAX_REPLY_LINES: usize = 1024;
+/// Entries of one listing: the server's default `max_list_entries`.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+/// Bytes of one listing, all its lines together: [`MAX_LIST_ENTRIES`]
+/// lines of the longest entry an honest server writes (a 255-byte name
+/// quoted is at most 512 bytes, plus about 50 for the other words).
+pub const MAX_LIST_BYTES: usize = 64 << 20;
 /// Requests or small uploads sent before their replies are read.
 const PIPELINE_WINDOW: usize = 64;
 /// Files `send_many` reads ahead of the sending (each at most 1 MiB).
 const READ_AHEAD_FILES: usize = 16;
-/// Listing lines kept at most, whatever a server sends.
-const MAX_REPLY_LINES: usize = 1_000_000;
+
+/// How much of one reply the client reads before it gives up on the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyLimit {
+    /// Bytes of all the reply's lines together.
+    pub bytes: usize,
+    /// Continuation lines.
+    pub lines: usize,
+}
+
+impl ReplyLimit {
+    /// Any reply but a listing.
+    pub const REPLY: ReplyLimit = ReplyLimit {
+        bytes: MAX_REPLY_BYTES,
+        lines: MAX_REPLY_LINES,
+    };
+    /// The reply to `LIST`.
+    pub const LISTING: ReplyLimit = ReplyLimit {
+        bytes: MAX_LIST_BYTES,
+        lines: MAX_LIST_ENTRIES,
+    };
+
+    /// The limit for the reply to `request`.
+    pub fn of(request: &Request) -> ReplyLimit {
+        match request {
+            Request::List(_) => ReplyLimit::LISTING,
+            _ => ReplyLimit::REPLY,
+        }
+    }
+}
 
 /// What went wrong on the client side.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +147,51 @@ pub struct Reply {
     pub code: u16,
     pub text: String,
     pub lines: Vec<String>,
+}
+
+/// One entry of a listing or `STAT` reply: `TYPE SIZE MTIME NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `d`, `f`, `l` or `o`.
+    pub kind: char,
+    pub size: u64,
+    /// Unix seconds.
+    pub mtime: i64,
+    /// As the server sent it: to be checked before any local use, and
+    /// escaped before it is printed.
+    pub name: String,
+}
+
+impl Entry {
+    pub fn parse(line: &str) -> Result<Entry> {
+        let bad = || ClientError::Protocol(format!("bad listing line {line:?}"));
+        let words = protocol::split_commands(line, false).map_err(|_| bad())?;
+        let words = words.into_iter().next().ok_or_else(bad)?;
+        let [kind, size, mtime, name] = &words[..] else {
+            return Err(bad());
+        };
+        let kind = kind
+            .chars()
+            .next()
+            .filter(|_| kind.len() == 1)
+            .ok_or_else(bad)?;
+        Ok(Entry {
+            kind,
+            size: size.parse().map_err(|_| bad())?,
+            mtime: mtime.parse().map_err(|_| bad())?,
+            name: name.clone(),
+        })
+    }
+}
+
+/// A parsed `LIST` reply.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub entries: Vec<Entry>,
+    /// The server cut the listing at its own limit.
+    pub truncated: bool,
+    /// The final line's text (`N entries`).
+    pub text: String,
 }
 
 /// Where the client keeps journals, history and its log:
@@ -297,29 +384,59 @@ impl Client {
         &self.cwd
     }
 
-    /// Reads one whole reply.
+    /// Reads one whole reply of at most [`ReplyLimit::REPLY`].
     pub async fn read_reply(&mut self) -> Result<Reply> {
+        self.read_reply_within(ReplyLimit::REPLY).await
+    }
+
+    /// Reads one whole reply; a longer one is a protocol error.
+    pub async fn read_reply_within(&mut self, limit: ReplyLimit) -> Result<Reply> {
         let mut lines = vec![];
+        let (code, text) = self
+            .read_reply_lines(limit, |line| {
+                lines.push(line);
+                Ok(())
+            })
+            .await?;
+        Ok(Reply { code, text, lines })
+    }
+
+    /// Reads one reply, handing each continuation line's text to `each` as
+    /// it arrives, and returns the final line's code and text. Past `limit`
+    /// the reply is a protocol error, and the session is out of step.
+    async fn read_reply_lines(
+        &mut self,
+        limit: ReplyLimit,
+        mut each: impl FnMut(String) -> Result<()>,
+    ) -> Result<(u16, String)> {
+        let (mut count, mut bytes) = (0usize, 0usize);
         loop {
             // A server that goes silent mid-reply counts as a lost connection.
             let line = tokio::time::timeout(self.io_timeout, self.conn.read_line(MAX_REPLY_LINE))
                 .await
                 .map_err(|_| ClientError::Connection("no reply from the server".into()))??
                 .ok_or_else(|| ClientError::Connection("server closed the connection".into()))?;
+            bytes += line.len() + 1;
+            if bytes > limit.bytes {
+                return Err(ClientError::Protocol(format!(
+                    "reply longer than {} bytes",
+                    limit.bytes
+                )));
+            }
             let reply = ReplyLine::parse(&line)
                 .ok_or_else(|| ClientError::Protocol(format!("bad reply line {line:?}")))?;
             if reply.last {
                 self.closed |= reply.code == 421;
-                return Ok(Reply {
-                    code: reply.code,
-                    text: reply.text,
-                    lines,
-                });
+                return Ok((reply.code, reply.text));
             }
-            if lines.len() >= MAX_REPLY_LINES {
-                return Err(ClientError::Protocol("reply has too many lines".into()));
+            count += 1;
+            if count > limit.lines {
+                return Err(ClientError::Protocol(format!(
+                    "reply longer than {} lines",
+                    limit.lines
+                )));
             }
-            lines.push(reply.text);
+            each(reply.text)?;
         }
     }
 
@@ -327,7 +444,7 @@ impl Client {
     pub async fn request(&mut self, request: &Request) -> Result<Reply> {
         self.conn.write_line(&request.to_line()).await?;
         self.conn.flush().await?;
-        let reply = self.read_reply().await?;
+        let reply = self.read_reply_within(ReplyLimit::of(request)).await?;
         if reply.code >= 400 {
             return Err(ClientError::Server {
                 code: reply.code,
@@ -374,28 +491,70 @@ impl Client {
         self.conn.shutdown().await;
     }
 
-    /// Sends `requests` without waiting between them and returns their
-    /// replies in order; an error reply is an `Err` in its place.
-    pub async fn request_many(&mut self, requests: &[Request]) -> Result<Vec<Result<Reply>>> {
-        let mut replies = Vec::with_capacity(requests.len());
-        for batch in requests.chunks(PIPELINE_WINDOW) {
+    /// Sends `requests` without waiting between them and hands each reply,
+    /// in order, to `each` with its request's index; an error reply is an
+    /// `Err` there. Only one reply is held at a time. An error from `each`
+    /// stops the run and leaves the session out of step.
+    pub async fn request_many(
+        &mut self,
+        requests: &[Request],
+        mut each: impl FnMut(usize, Result<Reply>) -> Result<()>,
+    ) -> Result<()> {
+        for (b, batch) in requests.chunks(PIPELINE_WINDOW).enumerate() {
             for r in batch {
                 self.conn.write_line(&r.to_line()).await?;
             }
             self.conn.flush().await?;
-            for _ in batch {
-                let reply = self.read_reply().await?;
-                replies.push(if reply.code >= 400 {
+            for (i, r) in batch.iter().enumerate() {
+                let reply = self.read_reply_within(ReplyLimit::of(r)).await?;
+                let reply = if reply.code >= 400 {
                     Err(ClientError::Server {
                         code: reply.code,
                         text: reply.text,
                     })
                 } else {
                     Ok(reply)
-                });
+                };
+                if let Err(e) = each(b * PIPELINE_WINDOW + i, reply) {
+                    self.in_data = true;
+                    return Err(e);
+                }
             }
         }
-        Ok(replies)
+        Ok(())
+    }
+
+    /// Lists a remote directory (or describes a file), at most
+    /// [`MAX_LIST_ENTRIES`] entries in [`MAX_LIST_BYTES`]; each entry is
+    /// parsed as it arrives, so only the parsed entries are kept.
+    pub async fn list(&mut self, path: Option<&str>) -> Result<Listing> {
+        let request = Request::List(path.map(str::to_string));
+        self.conn.write_line(&request.to_line()).await?;
+        self.conn.flush().await?;
+        let mut entries = vec![];
+        let mut bad = None;
+        let (code, text) = self
+            .read_reply_lines(ReplyLimit::LISTING, |line| {
+                match Entry::parse(&line) {
+                    Ok(e) => entries.push(e),
+                    Err(e) => {
+                        bad.get_or_insert(e);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        if code >= 400 {
+            return Err(ClientError::Server { code, text });
+        }
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        Ok(Listing {
+            truncated: text.contains("truncated"),
+            entries,
+            text,
+        })
     }
 
     /// Uploads small files (each at most [`protocol::MAX_SEND`] bytes) with
@@ -681,28 +840,36 @@ impl Client {
         ));
 
         // Offer what an earlier attempt left, in that attempt's chunk size.
-        let candidates = match Journal::load(&journal_path) {
+        let (candidates, prior_chunk) = match Journal::load(&journal_path) {
             Ok(Some(prior))
                 if prior.kind == "download"
                     && prior.source == source
                     && prior.target == target_str =>
             {
                 let p = partial.clone();
-                tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Candidate>> {
-                    let f = File::open(&p)?;
-                    let len = f.metadata()?.len();
-                    transfer::offer(&f, prior.size, prior.chunk, &[len, prior.verified.min(len)])
-                })
-                .await
-                .map_err(|e| ClientError::Local(e.to_string()))?
-                .unwrap_or_default()
+                let offered =
+                    tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Candidate>> {
+                        let f = open_nofollow(&p, false)?;
+                        let len = f.metadata()?.len();
+                        transfer::offer(
+                            &f,
+                            prior.size,
+                            prior.chunk,
+                            &[len, prior.verified.min(len)],
+                        )
+                    })
+                    .await
+                    .map_err(|e| ClientError::Local(e.to_string()))?
+                    .unwrap_or_default();
+                (offered, prior.chunk)
             }
-            Ok(_) => vec![],
+            Ok(_) => (vec![], 0),
             Err(e) => {
                 warn!(error = %e, "ignoring a damaged journal");
-                vec![]
+                (vec![], 0)
             }
         };
+        let offered: Vec<u64> = candidates.iter().map(|c| c.offset).collect();
         let reply = self
             .request(&Request::Get {
                 path: source.clone(),
@@ -723,22 +890,29 @@ impl Client {
                 )));
             }
         };
+        // From here the server is sending: any error but a server reply
+        // tells the caller to drop this session.
         self.in_data = true;
-        if offset > size || !transfer::valid_chunk_size(chunk) || offset % chunk != 0 {
-            return Err(ClientError::Protocol(format!(
-                "bad download plan: {}",
-                reply.text
+        check_plan(size, offset, chunk, &offered, prior_chunk).map_err(|why| {
+            ClientError::Protocol(format!("bad download plan {:?}: {why}", reply.text))
+        })?;
+        let free = free_space(&dir).map_err(|e| local_err(&dir, e))?;
+        if size - offset > free {
+            return Err(ClientError::Local(format!(
+                "{}: the server offers {} bytes, but only {free} are free there",
+                dir.display(),
+                size - offset
             )));
         }
         let record = Record::new("download", source.clone(), target_str, size, chunk);
-        // Open the partial file at the agreed offset. If that fails, the
-        // server is already sending: the caller must drop this session (any
-        // error but a server reply tells it so).
+        // Open the partial file at the agreed offset, never through a link.
         let p = partial.clone();
-        let opened =
-            tokio::task::spawn_blocking(move || transfer::open_partial(&p, size, chunk, offset))
-                .await
-                .map_err(|e| ClientError::Local(e.to_string()))?;
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = open_nofollow(&p, offset == 0)?;
+            transfer::resume_partial(file, size, chunk, offset)
+        })
+        .await
+        .map_err(|e| ClientError::Local(e.to_string()))?;
         let (file, tree) = opened.map_err(|e| local_err(&partial, e))?;
         let mut journal = Journal::new(journal_path, record);
         if size > chunk {
@@ -826,6 +1000,84 @@ impl Client {
     }
 }
 
+/// Checks a `151 SIZE OFFSET CHUNK` plan against what the client asked:
+/// a valid chunk size, and an offset that is 0 or one of the `offered`
+/// candidates (made in chunks of `offered_chunk`), within the size.
+fn check_plan(
+    size: u64,
+    offset: u64,
+    chunk: u64,
+    offered: &[u64],
+    offered_chunk: u64,
+) -> std::result::Result<(), String> {
+    if !transfer::valid_chunk_size(chunk) {
+        return Err(format!(
+            "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
+        ));
+    }
+    if size > MAX_DOWNLOAD {
+        return Err(format!(
+            "size {size} is beyond any file this client can write"
+        ));
+    }
+    if offset > size {
+        return Err(format!("offset {offset} is beyond the size {size}"));
+    }
+    if offset != 0 && (!offered.contains(&offset) || chunk != offered_chunk) {
+        return Err(format!("offset {offset} was not offered"));
+    }
+    Ok(())
+}
+
+/// Largest file a download may declare: the largest a file offset can be.
+pub const MAX_DOWNLOAD: u64 = i64::MAX as u64;
+
+/// Bytes an unprivileged user may still write in the file system of `dir`.
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Opens a download's partial file for reading and writing without ever
+/// following a symbolic link at `path`. With `fresh`, whatever is there
+/// (our own leftover, or a link someone planted) is unlinked first and the
+/// file is created anew, so nothing outside is read, cut or written.
+fn open_nofollow(path: &Path, fresh: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = std::fs::OpenOptions::new();
+    options
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    if fresh {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // O_EXCL: a link planted again since is an error, not followed.
+        options.create_new(true);
+    }
+    let file = options.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            std::io::Error::other("is a symbolic link; refusing to follow it")
+        } else {
+            e
+        }
+    })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
 /// Reads a file for `SEND` and hashes it; a file too large for `SEND` is an error.
 fn read_small(local: &Path) -> Result<(Vec<u8>, blake3::Hash)> {
     use std::io::Read as _;
@@ -872,5 +1124,44 @@ fn parse_offers(text: &str) -> Result<Vec<Candidate>> {
     match Request::parse(&line) {
         Ok(Request::Get { candidates, .. }) => Ok(candidates),
         _ => Err(ClientError::Protocol(format!("bad resume offers {text:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_plans_are_checked() {
+        let ok = |size, offset, chunk| check_plan(size, offset, chunk, &[8192], 4096);
+        assert!(ok(10_000, 0, 4096).is_ok());
+        assert!(ok(10_000, 8192, 4096).is_ok());
+        assert!(ok(0, 0, 1024).is_ok());
+        // An offset not offered, or offered in another chunk size.
+        assert!(ok(10_000, 4096, 4096).is_err());
+        assert!(ok(10_000, 8192, 8192).is_err());
+        // Beyond the size, a bad chunk size, a size no file can have.
+        assert!(check_plan(4096, 8192, 4096, &[8192], 4096).is_err());
+        for chunk in [0, 1, 1000, 3 << 10, 8 << 20, u64::MAX] {
+            assert!(ok(10_000, 0, chunk).is_err(), "{chunk}");
+        }
+        assert!(ok(1 << 63, 0, 4096).is_err());
+        assert!(ok(MAX_DOWNLOAD, 0, 4096).is_ok());
+    }
+
+    #[test]
+    fn partial_files_never_follow_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let part = dir.path().join(".f.ftpx-part");
+        std::os::unix::fs::symlink(&victim, &part).unwrap();
+        // Resuming through the link is refused; starting afresh replaces it.
+        assert!(open_nofollow(&part, false).is_err());
+        let f = open_nofollow(&part, true).unwrap();
+        f.set_len(0).unwrap();
+        assert!(!std::fs::symlink_metadata(&part).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert!(free_space(dir.path()).unwrap() > 0);
     }
 }

@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tracing::info;
 
 use crate::cli::ConnectArgs;
-use crate::client::{Client, ClientError, Transferred, state_dir};
+use crate::client::{Client, ClientError, Entry, Transferred, state_dir};
 use crate::config::human_bytes;
 use crate::jail::VPath;
 use crate::protocol::{self, Request};
@@ -28,6 +28,30 @@ macro_rules! out {
             }
         }
     }};
+}
+
+/// `text` made safe for a terminal: control characters (C0, DEL, C1) and
+/// the bidirectional overrides are written as escapes (`\x1b`, `\u{9b}`),
+/// as OpenSSH's `fmprintf` does; printable text, UTF-8 included, is kept.
+/// Everything a server sent goes through here before it is printed.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write as _;
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(unsafe_char) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if !unsafe_char(c) {
+            out.push(c);
+        } else if c.is_ascii() {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+    }
+    out.into()
 }
 
 /// Exit statuses of `ftpx connect`.
@@ -195,7 +219,8 @@ impl Remote {
                     let wait = Duration::from_millis(500 * (1 << attempt.min(5)));
                     bar.suspend(|| {
                         eprintln!(
-                            "{e}; retrying in {:.1} s ({attempt}/{})",
+                            "{}; retrying in {:.1} s ({attempt}/{})",
+                            printable(&e.to_string()),
                             wait.as_secs_f32(),
                             self.retries
                         )
@@ -244,7 +269,7 @@ pub async fn run(args: ConnectArgs) -> u8 {
         cwd: "/".into(),
     };
     if let Err(e) = remote.open(args.register).await {
-        eprintln!("ftpx: {e}");
+        eprintln!("ftpx: {}", printable(&e.to_string()));
         info!(error = %e, "session not opened");
         return match e {
             ClientError::Server { code: 430, .. } => {
@@ -302,7 +327,11 @@ async fn run_script(
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Exit) => return exit::OK,
                 Err(e) => {
-                    eprintln!("ftpx: {}: {e}", words.join(" "));
+                    eprintln!(
+                        "ftpx: {}: {}",
+                        printable(&words.join(" ")),
+                        printable(&e.to_string())
+                    );
                     return exit::FAILED;
                 }
             }
@@ -323,7 +352,7 @@ async fn interactive(remote: &mut Remote) -> u8 {
     let _ = editor.load_history(&history);
     let mut status = exit::OK;
     loop {
-        let prompt = format!("ftpx:{}> ", remote.cwd);
+        let prompt = format!("ftpx:{}> ", printable(&remote.cwd));
         let line = match tokio::task::block_in_place(|| editor.readline(&prompt)) {
             Ok(l) => l,
             Err(rustyline::error::ReadlineError::Interrupted) => continue,
@@ -363,7 +392,7 @@ async fn interactive(remote: &mut Remote) -> u8 {
                     return exit::OK;
                 }
                 Err(e) => {
-                    eprintln!("ftpx: {e}");
+                    eprintln!("ftpx: {}", printable(&e.to_string()));
                     status = exit::FAILED;
                     break;
                 }
@@ -417,23 +446,22 @@ async fn execute_one(remote: &mut Remote, words: &[String]) -> Result<Flow, Clie
         }
         ("pwd", []) => {
             let reply = remote.client().await?.request(&Request::Pwd).await?;
-            out!("{}", crate::client::unquote(&reply.text)?);
+            out!("{}", printable(&crate::client::unquote(&reply.text)?));
         }
         ("cd", [] | [_]) => {
             let dir = remote.client().await?.cd(args.first().copied()).await?;
             remote.cwd = dir;
         }
         ("ls" | "dir", [] | [_]) => {
-            let reply = remote
-                .client()
-                .await?
-                .request(&Request::List(args.first().map(|s| s.to_string())))
-                .await?;
-            for line in &reply.lines {
-                out!("{}", format_entry(line)?);
+            let listing = remote.client().await?.list(args.first().copied()).await?;
+            for entry in &listing.entries {
+                out!("{}", format_entry(entry));
             }
-            if reply.text.contains("truncated") {
-                eprintln!("ftpx: listing truncated by the server ({})", reply.text);
+            if listing.truncated {
+                eprintln!(
+                    "ftpx: listing truncated by the server ({})",
+                    printable(&listing.text)
+                );
             }
         }
         ("mkdir", [p]) => simple(remote, Request::Mkd(p.to_string())).await?,
@@ -566,7 +594,7 @@ fn report(t: &Transferred, name: &str) {
     if t.resumed_at > 0 {
         out!("resumed at {} bytes", t.resumed_at);
     }
-    out!("{}  {name}", protocol::hex(&t.hash));
+    out!("{}  {}", protocol::hex(&t.hash), printable(name));
 }
 
 async fn remote_is_dir(client: &mut Client, path: &VPath) -> bool {
@@ -576,17 +604,21 @@ async fn remote_is_dir(client: &mut Client, path: &VPath) -> bool {
         .is_ok_and(|reply| reply.text.starts_with('d'))
 }
 
-/// `f 12 1700000000 "a b"` → `f         12  2023-11-14 22:13  a b`.
-fn format_entry(line: &str) -> Result<String, ClientError> {
-    let (kind, size, mtime, name) = parse_entry(line)?;
-    let slash = if kind == 'd' { "/" } else { "" };
-    Ok(format!(
-        "{kind} {size:>12}  {}  {name}{slash}",
-        format_time(mtime)
-    ))
+/// `f 12 1700000000 "a b"` → `f         12  2023-11-14 22:13  a b`, the
+/// name escaped for the terminal.
+fn format_entry(e: &Entry) -> String {
+    let slash = if e.kind == 'd' { "/" } else { "" };
+    format!(
+        "{} {:>12}  {}  {}{slash}",
+        printable(&e.kind.to_string()),
+        e.size,
+        format_time(e.mtime),
+        printable(&e.name)
+    )
 }
 
-/// One line of `uploads`: size, bytes stored so far, last saved, target.
+/// One line of `uploads`: size, bytes stored so far, last saved, target
+/// (escaped for the terminal).
 fn format_unfinished(line: &str) -> Result<String, ClientError> {
     let bad = || ClientError::Protocol(format!("bad unfinished upload line {line:?}"));
     let words = protocol::split_commands(line, false).map_err(|_| bad())?;
@@ -597,29 +629,10 @@ fn format_unfinished(line: &str) -> Result<String, ClientError> {
     let number = |w: &str| w.parse::<u64>().map_err(|_| bad());
     let (size, verified, updated) = (number(size)?, number(verified)?, number(updated)?);
     Ok(format!(
-        "{size:>12}  {:>12} stored  {}  {target}",
+        "{size:>12}  {:>12} stored  {}  {}",
         verified.min(size),
-        format_time(i64::try_from(updated).unwrap_or(i64::MAX))
-    ))
-}
-
-fn parse_entry(line: &str) -> Result<(char, u64, i64, String), ClientError> {
-    let bad = || ClientError::Protocol(format!("bad listing line {line:?}"));
-    let words = protocol::split_commands(line, false).map_err(|_| bad())?;
-    let words = words.into_iter().next().ok_or_else(bad)?;
-    let [kind, size, mtime, name] = &words[..] else {
-        return Err(bad());
-    };
-    let kind = kind
-        .chars()
-        .next()
-        .filter(|_| kind.len() == 1)
-        .ok_or_else(bad)?;
-    Ok((
-        kind,
-        size.parse().map_err(|_| bad())?,
-        mtime.parse().map_err(|_| bad())?,
-        name.clone(),
+        format_time(i64::try_from(updated).unwrap_or(i64::MAX)),
+        printable(target)
     ))
 }
 
@@ -659,7 +672,7 @@ fn file_bar(multi: Option<&MultiProgress>, name: &str) -> ProgressBar {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    bar.set_message(name.to_string());
+    bar.set_message(printable(name).into_owned());
     match multi {
         Some(m) => m.add(bar),
         None => bar,
@@ -679,9 +692,12 @@ fn total_bar(multi: &MultiProgress, total: u64) -> ProgressBar {
 }
 
 /// A name from a remote listing is used locally only if it is one plain
-/// path component: a hostile server can't make the client write elsewhere.
+/// path component of at most [`crate::jail::MAX_NAME`] bytes, without
+/// control characters (NUL included): a hostile server can't make the
+/// client write elsewhere.
 fn safe_name(name: &str) -> bool {
     !name.is_empty()
+        && name.len() <= crate::jail::MAX_NAME
         && name != "."
         && name != ".."
         && !name.contains('/')
@@ -705,10 +721,10 @@ async fn remote_matches(
     let Ok(stat) = client.request(&Request::Stat(path.to_string())).await else {
         return false;
     };
-    let Ok((kind, remote_size, _, _)) = parse_entry(&stat.text) else {
+    let Ok(entry) = Entry::parse(&stat.text) else {
         return false;
     };
-    if kind != 'f' || remote_size != size {
+    if entry.kind != 'f' || entry.size != size {
         return false;
     }
     let Ok(reply) = client.request(&Request::Hash(path.to_string())).await else {
@@ -772,24 +788,38 @@ async fn put_tree(
     // for all of them, not one per file.
     let client = remote.client().await?;
     let mkdirs: Vec<Request> = dirs.iter().map(|d| Request::Mkd(d.to_string())).collect();
-    for reply in client.request_many(&mkdirs).await? {
-        match reply {
-            Ok(_) | Err(ClientError::Server { code: 553, .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    client
+        .request_many(&mkdirs, |_, reply| match reply {
+            Ok(_) | Err(ClientError::Server { code: 553, .. }) => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await?;
     let lists: Vec<Request> = dirs
         .iter()
         .map(|d| Request::List(Some(d.to_string())))
         .collect();
+    // Only the sizes of files we would send are kept, whatever the listings hold.
+    let wanted: std::collections::HashSet<&VPath> = files.iter().map(|f| &f.1).collect();
     let mut there = std::collections::HashMap::new();
-    for (dir, reply) in dirs.iter().zip(client.request_many(&lists).await?) {
-        for line in reply.map(|r| r.lines).unwrap_or_default() {
-            if let Ok(('f', size, _, name)) = parse_entry(&line) {
-                there.insert(dir.join(&name), size);
+    client
+        .request_many(&lists, |i, reply| {
+            for line in reply.map(|r| r.lines).unwrap_or_default() {
+                if let Ok(Entry {
+                    kind: 'f',
+                    size,
+                    name,
+                    ..
+                }) = Entry::parse(&line)
+                {
+                    let path = dirs[i].join(&name);
+                    if wanted.contains(&path) {
+                        there.insert(path, size);
+                    }
+                }
             }
-        }
-    }
+            Ok(())
+        })
+        .await?;
     // A file of the same size is complete if its hash matches too.
     let same: Vec<usize> = (0..files.len())
         .filter(|&i| there.get(&files[i].1) == Some(&files[i].2))
@@ -799,12 +829,17 @@ async fn put_tree(
         .map(|&i| Request::Hash(files[i].1.to_string()))
         .collect();
     let mut complete = std::collections::HashSet::new();
-    for (&i, reply) in same.iter().zip(client.request_many(&hashes).await?) {
-        if reply.is_ok_and(|r| local_hash(&files[i].0).is_some_and(|h| protocol::hex(&h) == r.text))
-        {
-            complete.insert(i);
-        }
-    }
+    client
+        .request_many(&hashes, |k, reply| {
+            let i = same[k];
+            if reply
+                .is_ok_and(|r| local_hash(&files[i].0).is_some_and(|h| protocol::hex(&h) == r.text))
+            {
+                complete.insert(i);
+            }
+            Ok(())
+        })
+        .await?;
     let skipped = complete.len();
     let (small, big): (Vec<_>, Vec<_>) = files
         .into_iter()
@@ -844,7 +879,13 @@ async fn put_tree(
             Err(e) if e.is_retriable() && attempt < remote.retries => {
                 attempt += 1;
                 remote.client = None;
-                multi.suspend(|| eprintln!("ftpx: {e}; retrying ({attempt}/{})", remote.retries));
+                multi.suspend(|| {
+                    eprintln!(
+                        "ftpx: {}; retrying ({attempt}/{})",
+                        printable(&e.to_string()),
+                        remote.retries
+                    )
+                });
                 tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
                 let mut keep = stored.iter().map(|s| !s);
                 pending.retain(|_| keep.next().unwrap_or(true));
@@ -868,72 +909,201 @@ async fn put_tree(
     Ok(())
 }
 
+/// Levels below the directory `get -r` copies, at most: an honest server's
+/// paths have at most 4096 bytes, so at most 2048 levels.
+const MAX_TREE_DEPTH: usize = 2048;
+/// Entries (files, directories and others) `get -r` takes from the remote
+/// tree in one run, at most; beyond, copy the tree in parts.
+const MAX_TREE_ENTRIES: usize = 1_000_000;
+/// Directories `get -r` has found and not yet copied, at most. Each is kept
+/// as one name of at most [`crate::jail::MAX_NAME`] bytes.
+const MAX_TREE_PENDING: usize = 100_000;
+
+/// One directory of the tree `get -r` is copying, and its subdirectories
+/// still to copy.
+struct Level {
+    remote: VPath,
+    local: PathBuf,
+    subdirs: Vec<String>,
+}
+
+/// Copies a remote tree, one directory at a time as it walks: list it,
+/// make its local directory, fetch its files, then go down. Only the
+/// names of directories still to copy are kept, within the limits above.
 async fn get_tree(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<(), ClientError> {
     let root = remote.client().await?.remote_path(src)?;
     let name = root.file_name().unwrap_or("home").to_string();
     let local_root = PathBuf::from(dest.unwrap_or(&name));
+    let mut walk = Walk::default();
+    // The directory the user named is theirs to choose, even through a link.
+    let subdirs = walk
+        .copy_dir(remote, &root, &local_root, |d| std::fs::create_dir_all(d))
+        .await?;
+    let mut stack = vec![Level {
+        remote: root,
+        local: local_root,
+        subdirs,
+    }];
+    while let Some(top) = stack.last_mut() {
+        let Some(name) = top.subdirs.pop() else {
+            stack.pop();
+            continue;
+        };
+        walk.pending -= 1;
+        let (r, l) = (top.remote.join(&name), top.local.join(&name));
+        if stack.len() >= MAX_TREE_DEPTH {
+            return Err(ClientError::Protocol(format!(
+                "{}: the remote tree is more than {MAX_TREE_DEPTH} levels deep",
+                r
+            )));
+        }
+        let subdirs = walk.copy_dir(remote, &r, &l, make_local_dir).await?;
+        stack.push(Level {
+            remote: r,
+            local: l,
+            subdirs,
+        });
+    }
+    walk.total.finish_and_clear();
+    out!(
+        "{} files received, {} already complete",
+        walk.got,
+        walk.skipped
+    );
+    Ok(())
+}
 
-    // Walk the remote tree first.
-    let mut dirs = vec![local_root.clone()];
-    let mut files = vec![];
-    let mut stack = vec![(root.clone(), local_root.clone())];
-    while let Some((rdir, ldir)) = stack.pop() {
-        let reply = remote
-            .client()
-            .await?
-            .request(&Request::List(Some(rdir.to_string())))
-            .await?;
-        if reply.text.contains("truncated") {
+/// What `get -r` has done so far.
+struct Walk {
+    entries: usize,
+    pending: usize,
+    got: usize,
+    skipped: usize,
+    multi: MultiProgress,
+    total: ProgressBar,
+}
+
+impl Default for Walk {
+    fn default() -> Walk {
+        let multi = MultiProgress::new();
+        let total = total_bar(&multi, 0);
+        Walk {
+            entries: 0,
+            pending: 0,
+            got: 0,
+            skipped: 0,
+            multi,
+            total,
+        }
+    }
+}
+
+impl Walk {
+    /// Copies the files of the remote directory `rdir` into `ldir` (made
+    /// by `make`) and returns the names of its subdirectories, last first.
+    async fn copy_dir(
+        &mut self,
+        remote: &mut Remote,
+        rdir: &VPath,
+        ldir: &Path,
+        make: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<Vec<String>, ClientError> {
+        let listing = remote.client().await?.list(Some(&rdir.to_string())).await?;
+        if listing.truncated {
             return Err(ClientError::Local(format!(
                 "{rdir}: listing truncated by the server; copy it in parts"
             )));
         }
-        for line in &reply.lines {
-            let (kind, size, _, name) = parse_entry(line)?;
+        self.entries += listing.entries.len();
+        if self.entries > MAX_TREE_ENTRIES {
+            return Err(ClientError::Local(format!(
+                "the remote tree has more than {MAX_TREE_ENTRIES} entries; copy it in parts"
+            )));
+        }
+        make(ldir).map_err(|e| ClientError::Local(format!("{}: {e}", ldir.display())))?;
+        let mut subdirs = vec![];
+        let mut files = vec![];
+        for Entry {
+            kind, size, name, ..
+        } in listing.entries
+        {
             if !safe_name(&name) {
-                eprintln!("ftpx: skipping {name:?} in {rdir}: not a usable file name");
+                self.multi.suspend(|| {
+                    eprintln!(
+                        "ftpx: skipping {} in {}: not a usable file name",
+                        printable(&format!("{name:?}")),
+                        printable(&rdir.to_string())
+                    )
+                });
                 continue;
             }
             match kind {
-                'd' => {
-                    dirs.push(ldir.join(&name));
-                    stack.push((rdir.join(&name), ldir.join(&name)));
-                }
-                'f' => files.push((rdir.join(&name), ldir.join(&name), size)),
-                _ => eprintln!("ftpx: skipping {}: not a regular file", rdir.join(&name)),
+                'd' => subdirs.push(name),
+                'f' => files.push((name, size)),
+                _ => self.multi.suspend(|| {
+                    eprintln!(
+                        "ftpx: skipping {}: not a regular file",
+                        printable(&rdir.join(&name).to_string())
+                    )
+                }),
             }
         }
-    }
-    for d in &dirs {
-        std::fs::create_dir_all(d)
-            .map_err(|e| ClientError::Local(format!("{}: {e}", d.display())))?;
-    }
-    let multi = MultiProgress::new();
-    let total = total_bar(&multi, files.len() as u64);
-    let (mut got, mut skipped) = (0, 0);
-    for (rpath, lpath, size) in files {
-        let local_size = std::fs::metadata(&lpath).map(|m| m.len()).ok();
-        let lp = lpath.clone();
-        if local_size == Some(size)
-            && remote_matches(remote.client().await?, &rpath, size, || local_hash(&lp)).await
-        {
-            skipped += 1;
-            total.inc(1);
-            continue;
+        self.pending += subdirs.len();
+        if self.pending > MAX_TREE_PENDING {
+            return Err(ClientError::Local(format!(
+                "the remote tree has more than {MAX_TREE_PENDING} directories waiting to be copied; copy it in parts"
+            )));
         }
-        let bar = file_bar(Some(&multi), &rpath.to_string());
-        let t = remote
-            .transfer(&Transfer::Get(rpath, lpath.clone()), &bar)
-            .await;
-        bar.finish_and_clear();
-        let t = t?;
-        multi.suspend(|| report(&t, &lpath.display().to_string()));
-        got += 1;
-        total.inc(1);
+        self.total.inc_length(files.len() as u64);
+        for (name, size) in files {
+            let (rpath, lpath) = (rdir.join(&name), ldir.join(&name));
+            // Only a regular file (not a link) can already be complete.
+            let local_size = std::fs::symlink_metadata(&lpath)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            let lp = lpath.clone();
+            if local_size == Some(size)
+                && remote_matches(remote.client().await?, &rpath, size, || local_hash(&lp)).await
+            {
+                self.skipped += 1;
+                self.total.inc(1);
+                continue;
+            }
+            let bar = file_bar(Some(&self.multi), &rpath.to_string());
+            let t = remote
+                .transfer(&Transfer::Get(rpath, lpath.clone()), &bar)
+                .await;
+            bar.finish_and_clear();
+            let t = t?;
+            self.multi
+                .suspend(|| report(&t, &lpath.display().to_string()));
+            self.got += 1;
+            self.total.inc(1);
+        }
+        subdirs.reverse();
+        Ok(subdirs)
     }
-    total.finish_and_clear();
-    out!("{got} files received, {skipped} already complete");
-    Ok(())
+}
+
+/// Makes a directory below the one `get -r` copies into, or takes the one
+/// there, but never a symbolic link: nothing is written through a link.
+fn make_local_dir(path: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(path)?;
+            if meta.file_type().is_symlink() {
+                Err(std::io::Error::other(
+                    "is a symbolic link; refusing to write through it",
+                ))
+            } else if !meta.is_dir() {
+                Err(std::io::Error::other("exists and is not a directory"))
+            } else {
+                Ok(())
+            }
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -963,9 +1133,38 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01 00:00");
         assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13");
         assert_eq!(format_time(951_782_400), "2000-02-29 00:00");
-        let e = format_entry("d 0 1700000000 \"a b\"").unwrap();
+        let e = format_entry(&Entry::parse("d 0 1700000000 \"a b\"").unwrap());
         assert!(e.starts_with('d') && e.ends_with("a b/"), "{e}");
-        assert!(format_entry("x y").is_err());
+        assert!(Entry::parse("x y").is_err());
+        // The wire refuses control characters in words; a name is escaped all the same.
+        assert!(Entry::parse("f 1 0 \"\u{1b}[2J\"").is_err());
+        let e = format_entry(&Entry {
+            kind: 'f',
+            size: 1,
+            mtime: 0,
+            name: "\u{1b}]0;pwned\u{7}".into(),
+        });
+        assert!(
+            e.ends_with("\\x1b]0;pwned\\x07") && !e.contains('\u{1b}'),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn printable_escapes_controls_only() {
+        assert_eq!(printable("plain näme ✓.txt"), "plain näme ✓.txt");
+        assert!(matches!(printable("ok"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(printable("\u{1b}[2Jhi"), "\\x1b[2Jhi");
+        assert_eq!(
+            printable("a\nb\rc\td\0e\u{7f}"),
+            "a\\x0ab\\x0dc\\x09d\\x00e\\x7f"
+        );
+        // C1 controls (8-bit CSI) and bidirectional overrides.
+        assert_eq!(printable("\u{9b}31m\u{202e}x"), "\\u{9b}31m\\u{202e}x");
+        for c in (0u32..0x20).chain(0x7f..0xa0).filter_map(char::from_u32) {
+            let p = printable(&c.to_string()).into_owned();
+            assert!(!p.chars().any(char::is_control), "{c:?} -> {p:?}");
+        }
     }
 
     #[test]
@@ -980,9 +1179,12 @@ mod tests {
             "a\\b",
             "a\nb",
             "\u{1b}[2J",
+            "a\0b",
+            "\u{9b}",
+            &"n".repeat(256),
         ] {
             assert!(!safe_name(bad), "{bad:?}");
         }
-        assert!(safe_name("ok name.txt"));
+        assert!(safe_name("ok name.txt") && safe_name(&"n".repeat(255)));
     }
 }

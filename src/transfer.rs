@@ -170,6 +170,17 @@ pub fn open_partial(
         .create(true)
         .truncate(false)
         .open(path)?;
+    resume_partial(file, size, chunk, offset)
+}
+
+/// Cuts an opened partial file to `offset` and builds the tree of the
+/// bytes before it; for a receiver that opens its partial file itself.
+pub fn resume_partial(
+    file: File,
+    size: u64,
+    chunk: u64,
+    offset: u64,
+) -> std::io::Result<(File, Tree)> {
     file.set_len(offset)?;
     let tree = prefix_trees(&file, size, chunk, &[offset])?.remove(0);
     Ok((file, tree))

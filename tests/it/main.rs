@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod core;
 mod faults;
+mod hostile;
 mod jail;
 mod props;
 mod quota;

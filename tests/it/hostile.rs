@@ -1,0 +1,608 @@
+//! THREATS 86 and 87: the real client against a hostile server. A fake
+//! server speaks just enough ftpx over real TLS (ALPN `ftpx/1`) to log the
+//! client in, then answers each request as the test scripts it: endless
+//! listings, giant lines, escape sequences, names that climb out of the
+//! target directory, download plans that lie. The `ftpx` binary must end
+//! each command with a clear error, print nothing raw, keep its memory
+//! bounded and write only inside the directory the user named.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ftpx::protocol::{FrameHeader, FrameKind};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufStream};
+
+use crate::common::{BIN, PASSWORD};
+
+/// What the fake server does with one request line.
+enum Answer {
+    /// Writes these bytes and reads the next request.
+    Send(Vec<u8>),
+    /// Writes `first`, then `again` over and over until the client hangs
+    /// up or `cap` bytes are out.
+    Forever {
+        first: Vec<u8>,
+        again: Vec<u8>,
+        cap: u64,
+    },
+}
+
+type Script = dyn Fn(&str) -> Answer + Send + Sync;
+
+/// A fake server on 127.0.0.1:0 with its own certificates.
+struct Fake {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    port: u16,
+    /// Bytes written to clients after their login.
+    sent: Arc<AtomicU64>,
+}
+
+impl Fake {
+    /// Starts a server that greets with `greeting`, logs anyone in and
+    /// answers every later request line with `script`.
+    async fn start(
+        greeting: &str,
+        script: impl Fn(&str) -> Answer + Send + Sync + 'static,
+    ) -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        ftpx::tls::gen_cert(&certs, &ftpx::tls::default_hosts(), false).unwrap();
+        let tls = Arc::new(ftpx::tls::server_config(&certs).unwrap());
+        assert_eq!(tls.alpn_protocols, vec![b"ftpx/1".to_vec()]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(AtomicU64::new(0));
+        let script: Arc<Script> = Arc::new(script);
+        let greeting = format!("{greeting}\n");
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, script, counter) =
+                    (acceptor.clone(), script.clone(), counter.clone());
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = serve(BufStream::new(tls), &greeting, &*script, &counter).await;
+                });
+            }
+        });
+        Fake {
+            ca: certs.join("ca.pem"),
+            dir,
+            port,
+            sent,
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// A fresh working directory for the client, inside the fake's temp dir.
+    fn workdir(&self, name: &str) -> PathBuf {
+        let w = self.dir.path().join(name);
+        std::fs::create_dir_all(&w).unwrap();
+        w
+    }
+
+    /// Runs `ftpx connect ann@127.0.0.1:PORT -c COMMANDS` in `work` and waits.
+    async fn client(&self, work: &Path, commands: &str) -> Run {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(work)
+            .env("FTPX_STATE_DIR", work.join(".state"))
+            .env("FTPX_PASSWORD", PASSWORD)
+            .args(["connect", &format!("ann@127.0.0.1:{}", self.port), "--ca"])
+            .arg(&self.ca)
+            .args(["--timeout", "10", "--retries", "0", "-c", commands]);
+        tokio::task::spawn_blocking(move || run(cmd)).await.unwrap()
+    }
+}
+
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut conn: BufStream<S>,
+    greeting: &str,
+    script: &Script,
+    sent: &AtomicU64,
+) -> std::io::Result<()> {
+    conn.write_all(greeting.as_bytes()).await?;
+    conn.flush().await?;
+    let mut line = String::new();
+    let mut logged_in = false;
+    loop {
+        line.clear();
+        if conn.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let request = line.trim_end();
+        let answer = if !logged_in {
+            logged_in = request.starts_with("LOGIN ");
+            Answer::Send(b"230 welcome\n".to_vec())
+        } else if request == "QUIT" {
+            conn.write_all(b"221 bye\n").await?;
+            conn.flush().await?;
+            return Ok(());
+        } else {
+            script(request)
+        };
+        match answer {
+            Answer::Send(bytes) => {
+                conn.write_all(&bytes).await?;
+                conn.flush().await?;
+                sent.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+            }
+            Answer::Forever { first, again, cap } => {
+                conn.write_all(&first).await?;
+                let mut out = first.len() as u64;
+                while out < cap {
+                    conn.write_all(&again).await?;
+                    conn.flush().await?;
+                    out += again.len() as u64;
+                    sent.fetch_add(again.len() as u64, Ordering::SeqCst);
+                }
+                // Capped: let the client see the end of the stream.
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// How the client ended.
+struct Run {
+    status: i32,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    /// Peak resident memory of the client process, as last seen.
+    max_rss: u64,
+}
+
+impl Run {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    /// Nothing the server sent reached the terminal raw: no ESC, BEL or
+    /// other control byte but line ends, and no C1 control (U+0080..U+009F).
+    fn assert_nothing_raw(&self) {
+        for (what, bytes) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let text = String::from_utf8_lossy(bytes);
+            let raw = text.chars().find(|&c| c.is_control() && c != '\n');
+            assert!(raw.is_none(), "raw {raw:?} on {what}: {text:?}");
+        }
+    }
+}
+
+/// The peak resident memory of a running process (`VmHWM`), if it still runs.
+fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs a client process with a deadline and measures its peak memory:
+/// its own `VmHWM`, polled while it runs. (The `ru_maxrss` of `wait4`
+/// would count the test process's memory too, as the child had it
+/// before its exec.)
+fn run(mut cmd: Command) -> Run {
+    let out = tempfile::tempfile().unwrap();
+    let err = tempfile::tempfile().unwrap();
+    // Reaped by wait4 below, which also reports its peak memory.
+    #[allow(clippy::zombie_processes)]
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child; rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let mut max_rss = 0;
+    loop {
+        max_rss = max_rss.max(vm_hwm(pid).unwrap_or(0));
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break;
+        }
+        assert_eq!(r, 0, "wait4 failed");
+        if Instant::now() > deadline {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            panic!("the client hung");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let read = |mut f: std::fs::File| {
+        use std::io::{Read, Seek};
+        let mut v = vec![];
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    Run {
+        status: if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        },
+        stdout: read(out),
+        stderr: read(err),
+        max_rss,
+    }
+}
+
+// The client's documented limits, written out so that a test can't pass by
+// a change of the constant it checks.
+/// `client::MAX_LIST_BYTES`.
+const MAX_LIST_BYTES: usize = 64 << 20;
+/// `client::MAX_LIST_ENTRIES`.
+const MAX_LIST_ENTRIES: usize = 100_000;
+/// `client::MAX_REPLY_LINE`.
+const MAX_REPLY_LINE: usize = 64 << 10;
+
+/// Peak memory of a client that did little: the budgets come on top.
+const BASE_RSS: u64 = 64 << 20;
+
+/// Every file below `dir`, links included, relative to it.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The frames of a whole download of `body` in chunks of `chunk` bytes,
+/// after its `151` line.
+fn download(body: &[u8], chunk: usize) -> Vec<u8> {
+    let size = body.len() as u64;
+    let mut wire = format!("151 {size} 0 {chunk}\n").into_bytes();
+    for (i, c) in body.chunks(chunk).enumerate() {
+        let offset = (i * chunk) as u64;
+        let header = FrameHeader {
+            kind: FrameKind::Chunk,
+            offset,
+            len: c.len() as u32,
+            hash: ftpx::transfer::chunk_hash(size, offset, c),
+        };
+        wire.extend_from_slice(&header.encode());
+        wire.extend_from_slice(c);
+    }
+    wire.extend_from_slice(&FrameHeader::end(size, blake3::hash(body)).encode());
+    wire
+}
+
+fn verb(request: &str) -> &str {
+    request.split(' ').next().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_endless_listing_of_long_lines_stops_within_the_byte_budget() {
+    // Lines just under the line limit, so only the listing's byte budget stops them.
+    let name = "n".repeat(MAX_REPLY_LINE - 100);
+    let cap = (MAX_LIST_BYTES + (64 << 20)) as u64;
+    let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+        "LIST" => Answer::Forever {
+            first: vec![],
+            again: format!("213-f 1 0 {name}\n").into_bytes(),
+            cap,
+        },
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "ls").await;
+    assert_eq!(run.status, 1, "{}", run.err());
+    assert!(run.err().contains("reply longer than"), "{}", run.err());
+    // The budget, plus what the socket and TLS buffers held when the client hung up.
+    let sent = fake.sent();
+    assert!(
+        sent < (MAX_LIST_BYTES + (16 << 20)) as u64,
+        "the server sent {sent} bytes"
+    );
+    // The listing's names were kept: the peak shows them, within the budget.
+    assert!(run.max_rss > (MAX_LIST_BYTES / 2) as u64, "{}", run.max_rss);
+    assert!(
+        run.max_rss < MAX_LIST_BYTES as u64 + BASE_RSS,
+        "peak memory {} bytes",
+        run.max_rss
+    );
+}
+
+#[tokio::test]
+async fn an_endless_listing_of_short_lines_stops_at_the_entry_limit() {
+    let fake = Fake::start("220 fake ready", |req| match verb(req) {
+        "LIST" => Answer::Forever {
+            first: vec![],
+            again: b"213-f 1 0 n\n".to_vec(),
+            cap: 12 * 3_000_000,
+        },
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "ls").await;
+    assert_eq!(run.status, 1, "{}", run.err());
+    assert!(
+        run.err()
+            .contains(&format!("reply longer than {MAX_LIST_ENTRIES} lines")),
+        "{}",
+        run.err()
+    );
+    // Nothing was printed from a listing that never ended.
+    assert!(run.stdout.is_empty(), "{}", run.out());
+}
+
+#[tokio::test]
+async fn a_gigantic_reply_line_is_refused_early() {
+    let cap = 256u64 << 20;
+    let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+        "PWD" => Answer::Forever {
+            first: b"257 \"/".to_vec(),
+            again: vec![b'a'; 64 << 10],
+            cap,
+        },
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "pwd").await;
+    assert_eq!(run.status, 1, "{}", run.err());
+    assert!(run.err().contains("too long"), "{}", run.err());
+    let sent = fake.sent();
+    assert!(sent < 32 << 20, "the server sent {sent} bytes");
+    assert!(run.max_rss < BASE_RSS, "peak memory {} bytes", run.max_rss);
+}
+
+#[tokio::test]
+async fn escape_sequences_from_the_server_are_escaped_on_the_terminal() {
+    let fake = Fake::start("220 \x1b]0;owned\x07 ready", |req| match verb(req) {
+        // A path is a quoted word, which can't hold control characters, but
+        // it can hold a bidirectional override.
+        "PWD" => Answer::Send("257 \"/home\u{202e}txt.exe\"\n".into()),
+        "CWD" => Answer::Send("257 \"/\x1b[2J\"\n".into()),
+        "DELE" => Answer::Send(b"550 \x1b[31mno such file\x1b[0m\x07\n".to_vec()),
+        "LIST" if req.contains("bad") => Answer::Send(
+            "213-f 1 0 \"\x1b]0;title\x07\"\n213 1 entries\n"
+                .as_bytes()
+                .to_vec(),
+        ),
+        "LIST" => Answer::Send(
+            "213-f 1 0 plain\n213 1 entries (truncated) \x1b[2J\r\n"
+                .as_bytes()
+                .to_vec(),
+        ),
+        "STAT" => Answer::Send("213 f 1 0 \x1b[2J\n".into()),
+        _ => Answer::Send(b"500 \x1b[5mno\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    for (commands, status, shown) in [
+        ("pwd", 0, "/home\\u{202e}txt.exe"),
+        ("cd x", 1, "control characters"),
+        ("ls", 0, "(truncated) \\x1b[2J"),
+        ("ls bad", 1, "\\u{1b}]0;title\\u{7}"),
+        ("rm x", 1, "\\x1b[31mno such file\\x1b[0m\\x07"),
+        ("mkdir x", 1, "\\x1b[5mno"),
+    ] {
+        let run = fake.client(&work, commands).await;
+        assert_eq!(run.status, status, "{commands}: {}", run.err());
+        run.assert_nothing_raw();
+        let all = run.out() + &run.err();
+        assert!(all.contains(shown), "{commands}: {all}");
+    }
+    // A greeting that refuses the session is printed, escaped.
+    let busy = Fake::start("421 \x1b]0;owned\x07busy", |_| Answer::Send(vec![])).await;
+    let run = busy.client(&work, "pwd").await;
+    assert_eq!(run.status, 3, "{}", run.err());
+    run.assert_nothing_raw();
+    assert!(
+        run.err().contains("\\x1b]0;owned\\x07busy"),
+        "{}",
+        run.err()
+    );
+}
+
+/// A server whose tree `/tree` holds the names a hostile server would use
+/// to climb out, and whose every file is `hello`.
+fn climbing_server(names: &'static [&'static str]) -> impl Fn(&str) -> Answer + Send + Sync {
+    move |req| match verb(req) {
+        "LIST" => {
+            let mut text = String::new();
+            for name in names {
+                let quoted = ftpx::protocol::quote(name);
+                text += &format!("213-f 5 0 {quoted}\n213-d 0 0 {quoted}\n");
+            }
+            text += "213-f 5 0 ok\n213 many entries\n";
+            Answer::Send(text.into_bytes())
+        }
+        "GET" => Answer::Send(download(b"hello", 1024)),
+        "STAT" => Answer::Send(b"550 no\n".to_vec()),
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    }
+}
+
+#[tokio::test]
+async fn get_r_never_lets_a_name_from_the_wire_leave_the_target() {
+    const NAMES: &[&str] = &["..", ".", "../../x", "/etc/x", "a/b", "..\\x", "/", ""];
+    let fake = Fake::start("220 fake ready", climbing_server(NAMES)).await;
+    let root = fake.workdir("root");
+    let work = root.join("a/b/work");
+    std::fs::create_dir_all(&work).unwrap();
+    let before = tree(&root);
+    let run = fake.client(&work, "get -r tree dest").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    run.assert_nothing_raw();
+    assert!(
+        run.err().contains("not a usable file name"),
+        "{}",
+        run.err()
+    );
+    let mut after = tree(&root);
+    after.retain(|p| !p.starts_with("a/b/work/.state") && !before.contains(p));
+    assert_eq!(
+        after,
+        vec![
+            PathBuf::from("a/b/work/dest"),
+            PathBuf::from("a/b/work/dest/ok")
+        ]
+    );
+    assert_eq!(std::fs::read(work.join("dest/ok")).unwrap(), b"hello");
+}
+
+#[tokio::test]
+async fn get_r_refuses_names_with_control_characters() {
+    let fake = Fake::start("220 fake ready", |req| match verb(req) {
+        "LIST" => {
+            Answer::Send(b"213-f 5 0 \"a\x00b\"\n213-f 5 0 \"\x1b[2J\"\n213 2 entries\n".to_vec())
+        }
+        "GET" => Answer::Send(download(b"hello", 1024)),
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "get -r tree dest").await;
+    assert_eq!(run.status, 1, "{}", run.err());
+    run.assert_nothing_raw();
+    assert!(run.err().contains("bad listing line"), "{}", run.err());
+    assert!(!work.join("dest").exists());
+}
+
+#[tokio::test]
+async fn get_r_does_not_write_through_a_linked_directory() {
+    let fake = Fake::start("220 fake ready", |req| match verb(req) {
+        "LIST" if req.ends_with("/tree") => {
+            Answer::Send(b"213-d 0 0 sub\n213-f 5 0 top\n213 2 entries\n".to_vec())
+        }
+        "LIST" => Answer::Send(b"213-f 5 0 evil\n213 1 entries\n".to_vec()),
+        "GET" => Answer::Send(download(b"hello", 1024)),
+        _ => Answer::Send(b"550 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let outside = fake.workdir("outside");
+    std::fs::create_dir_all(work.join("dest")).unwrap();
+    std::os::unix::fs::symlink(&outside, work.join("dest/sub")).unwrap();
+    let run = fake.client(&work, "get -r tree dest").await;
+    assert_eq!(run.status, 1, "{}", run.err());
+    assert!(run.err().contains("symbolic link"), "{}", run.err());
+    assert!(tree(&outside).is_empty(), "{:?}", tree(&outside));
+    assert_eq!(std::fs::read(work.join("dest/top")).unwrap(), b"hello");
+}
+
+#[tokio::test]
+async fn a_planted_link_at_the_partial_file_or_target_is_replaced_not_followed() {
+    let fake = Fake::start("220 fake ready", |req| match verb(req) {
+        "GET" => Answer::Send(download(&[7u8; 5000], 1024)),
+        _ => Answer::Send(b"550 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let outside = fake.workdir("outside");
+    for victim in ["part-victim", "target-victim"] {
+        std::fs::write(outside.join(victim), b"keep me").unwrap();
+    }
+    std::os::unix::fs::symlink(outside.join("part-victim"), work.join(".f.ftpx-part")).unwrap();
+    std::os::unix::fs::symlink(outside.join("target-victim"), work.join("f")).unwrap();
+    let run = fake.client(&work, "get f").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    for victim in ["part-victim", "target-victim"] {
+        let kept = std::fs::read(outside.join(victim)).unwrap();
+        assert_eq!(String::from_utf8_lossy(&kept), "keep me", "{victim}");
+    }
+    assert!(!work.join("f").is_symlink());
+    assert_eq!(std::fs::read(work.join("f")).unwrap(), vec![7u8; 5000]);
+    assert!(!work.join(".f.ftpx-part").exists());
+}
+
+/// Runs `get f` against a server that answers GET with `reply` and then
+/// an end frame, and checks the client refused it cleanly.
+async fn refuses_plan(reply: &'static str, why: &str) {
+    let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+        "GET" => {
+            let mut wire = reply.as_bytes().to_vec();
+            wire.extend_from_slice(&FrameHeader::end(0, blake3::hash(b"")).encode());
+            Answer::Send(wire)
+        }
+        _ => Answer::Send(b"550 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "get f").await;
+    assert_eq!(run.status, 1, "{reply}: {}", run.err());
+    assert!(run.err().contains(why), "{reply}: {}", run.err());
+    assert!(
+        run.max_rss < BASE_RSS,
+        "{reply}: peak memory {}",
+        run.max_rss
+    );
+    let left: Vec<_> = tree(&work)
+        .into_iter()
+        .filter(|p| !p.starts_with(".state"))
+        .collect();
+    assert!(left.is_empty(), "{reply}: left {left:?}");
+}
+
+#[tokio::test]
+async fn download_plans_the_client_did_not_ask_for_are_refused() {
+    refuses_plan("151 10000 2048 1024\n", "not offered").await;
+    refuses_plan("151 10000 0 1000\n", "chunk size").await;
+    refuses_plan("151 10000 0 8388608\n", "chunk size").await;
+    refuses_plan("151 10000 20000 1024\n", "beyond the size").await;
+    refuses_plan("151 9223372036854775808 0 1024\n", "beyond any file").await;
+    refuses_plan("151 4611686018427387904 0 4194304\n", "free").await;
+}
+
+#[tokio::test]
+async fn frames_beyond_the_plan_are_refused() {
+    // A chunk frame claiming 2 GiB, one larger than the chunk size, and
+    // one running past the declared size: each refused before its payload.
+    for (size, len) in [(1u64 << 20, 1u32 << 31), (10_000, 2048), (100, 1024)] {
+        let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+            "GET" => {
+                let mut wire = format!("151 {size} 0 1024\n").into_bytes();
+                let header = FrameHeader {
+                    kind: FrameKind::Chunk,
+                    offset: 0,
+                    len,
+                    hash: [0; 32],
+                };
+                wire.extend_from_slice(&header.encode());
+                Answer::Send(wire)
+            }
+            _ => Answer::Send(b"550 no\n".to_vec()),
+        })
+        .await;
+        let work = fake.workdir("w");
+        let run = fake.client(&work, "get f").await;
+        assert_eq!(run.status, 1, "{size} {len}: {}", run.err());
+        assert!(
+            run.err().contains("server broke the protocol"),
+            "{}",
+            run.err()
+        );
+        assert!(run.max_rss < BASE_RSS, "peak memory {}", run.max_rss);
+        assert!(!work.join("f").exists());
+    }
+}
