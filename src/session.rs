@@ -221,6 +221,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Noop => self.conn.reply(200, "ok").await,
             Request::Help => self.help().await,
             Request::Quit => unreachable!("handled by the loop"),
+            // Its frames follow at once: they are read (and the SEND refused)
+            // before anything else, or they would be taken for request lines.
+            Request::Send { path, size } => self.send_small(path, size).await,
             _ if self.user.is_none() => Err(Error::NotLoggedIn),
             Request::Pwd => {
                 self.conn
@@ -413,7 +416,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let path = self.resolve(&path)?;
                 self.put(path, size, chunk).await
             }
-            Request::Send { path, size } => self.send_small(path, size).await,
             Request::Get { path, candidates } => {
                 let path = self.resolve(&path)?;
                 self.get(path, candidates).await
@@ -501,7 +503,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let Ok(attempt) = server.admit(ip, &name).await? else {
                 // Refused without hashing, answered like any other failure.
                 tokio::time::sleep_until((started + base).into()).await;
-                info!(peer = %self.peer, user = ?name, result = "banned", "login");
+                info!(peer = %self.peer, user = ?shown(&name), result = "banned", "login");
                 return Err(Error::LoginFailed);
             };
             match self.check_login(&name, password).await? {
@@ -514,7 +516,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // growing with repeated failures.
                     let delay = attempt.failed(base);
                     tokio::time::sleep_until((started + delay).into()).await;
-                    info!(peer = %self.peer, user = ?name, result = "failed", delay_ms = delay.as_millis() as u64, "login");
+                    info!(peer = %self.peer, user = ?shown(&name), result = "failed", delay_ms = delay.as_millis() as u64, "login");
                     return Err(Error::LoginFailed);
                 }
             }
@@ -589,7 +591,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(Ok(true)) => found,
             Ok(Ok(false)) => None,
             Ok(Err(e)) => {
-                warn!(user = ?name, error = %e, "stored password hash refused");
+                warn!(user = ?shown(name), error = %e, "stored password hash refused");
                 None
             }
             Err(_) => None,
@@ -1005,6 +1007,15 @@ fn write_stores(queue: &Mutex<StoreQueue>) {
         };
         let Some((store, done)) = next else { return };
         let _ = done.send(store.write());
+    }
+}
+
+/// A user name as sent, cut for a log line: a name that is not a valid user
+/// name can be as long as a request line.
+fn shown(name: &str) -> &str {
+    match name.char_indices().nth(users::MAX_NAME_LEN) {
+        Some((end, _)) => &name[..end],
+        None => name,
     }
 }
 

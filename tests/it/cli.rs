@@ -407,6 +407,29 @@ fn bans_are_logged_for_the_operator() {
 }
 
 #[test]
+fn a_name_as_long_as_a_request_line_is_cut_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    let name = "x".repeat(4000);
+    let out = connect_c(dir.path(), &server.ca(), server.port, &name, "pwd");
+    assert_eq!(out.status, exit::LOGIN, "{}", out.stderr);
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("var/log/ftpx.log")).unwrap();
+    let failed = log
+        .lines()
+        .find(|l| l.contains("result=\"failed\""))
+        .expect("no failed login line");
+    assert!(
+        failed.contains(&format!("user=\"{}\"", "x".repeat(32))),
+        "{failed}"
+    );
+    assert!(
+        !log.contains(&"x".repeat(33)),
+        "a whole name reached the log"
+    );
+}
+
+#[test]
 fn ctrl_c_stops_a_transfer_and_the_same_command_resumes_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = BinServer::start(dir.path(), 0);

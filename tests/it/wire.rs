@@ -241,6 +241,13 @@ async fn file_commands_before_login_get_530_and_change_nothing() {
         let reply = raw.ask(&line).await;
         assert_eq!(code(&reply), 530, "{line:?} got {reply:?}");
     }
+    // A SEND carries its frames: they are read before the 530, so that
+    // none of their bytes is taken for a request line.
+    let mut frames = send_request("up.txt", b"QUIT\nDELE keep.txt\n");
+    frames.extend_from_slice(b"NOOP\n");
+    raw.send(&frames).await;
+    assert_eq!(code(&raw.reply().await.unwrap()), 530);
+    assert_eq!(raw.reply().await.unwrap(), "200 ok");
     // Still reading lines: the refused PUT did not start a transfer.
     assert_eq!(raw.ask("NOOP").await, "200 ok");
     assert_eq!(tree(&var), before);
