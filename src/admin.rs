@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use crate::config::{Config, human_bytes, parse_size};
 use crate::server::Server;
+use crate::store::users::{self, Password, User, UserDb};
 use crate::tls;
-use crate::users::{self, Password, User, UserDb};
 
 /// `ftpx serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
@@ -97,7 +97,7 @@ pub fn gen_cert(dir: &Path, hosts: Vec<String>, force: bool) -> Result<(), Strin
 /// Reads a new password: one line of standard input, or twice on a terminal.
 fn new_password(from_stdin: bool) -> Result<Password, String> {
     if from_stdin {
-        return crate::shell::read_stdin_line().map(Password::new);
+        return crate::client::shell::read_stdin_line().map(Password::new);
     }
     if !std::io::stdin().is_terminal() {
         return Err("standard input is not a terminal: use --password-stdin".into());
@@ -139,7 +139,7 @@ pub fn useradd(
         name: name.to_string(),
         quota,
         hash,
-        created: users::now_secs(),
+        created: crate::clock::now_secs(),
         max_files,
     };
     let files = user.max_files(&config.accounts);
@@ -237,8 +237,8 @@ pub fn users(config_path: &Path) -> Result<(), String> {
     );
     for u in db.load()? {
         // The same count as the server's quota: the home plus unfinished uploads.
-        let used = crate::jail::Home::open(&db.home(&u.name)).and_then(|h| {
-            crate::quota::scan(
+        let used = crate::store::jail::Home::open(&db.home(&u.name)).and_then(|h| {
+            crate::store::quota::scan(
                 &h,
                 &config.partial_dir().join(&u.name),
                 config.partial_ttl(),

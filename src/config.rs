@@ -245,7 +245,7 @@ impl Config {
             return Err("hash_concurrency must be at least 1".into());
         }
         let chunk = self.transfer.chunk_size.0;
-        if !crate::transfer::valid_chunk_size(chunk) {
+        if !crate::protocol::valid_chunk_size(chunk) {
             return Err(format!(
                 "chunk_size must be a power of two from 1KiB to {}",
                 Size(crate::protocol::MAX_CHUNK.into())

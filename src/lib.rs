@@ -1,45 +1,54 @@
 //! ftpx: a TLS file transfer service with private homes, quotas, and
 //! verified, resumable transfers.
 //!
-//! How the pieces fit, following one upload from the client's shell to the
-//! server's disk:
+//! The folders are the layers, and imports point down: `client` and
+//! `server` (the two ends) use `store` (what the server keeps) and
+//! `transfer` (a verified transfer, both ends), which use `protocol` (the
+//! wire, pure).
 //!
-//! - `shell` (the `connect` command) parses `put a.bin` and calls
-//!   `client::Client::put`, which consults its resume `journal`, sends a
-//!   `PUT` request (`protocol`) over its TLS `connection` (`tls`) and streams
-//!   the file with `transfer::send`.
-//! - `server` accepts the connection, checks the session limits and hands it
-//!   to `session`, which logs the user in against `users`, resolves the path
-//!   inside the user's home (`jail`), reserves space (`quota`) and receives
-//!   the chunks with `transfer::receive` into a partial file under
-//!   `var/partial/`, journaled (`journal`), then renames it into the home
-//!   once the whole-file hash matched.
+//! - `protocol/`: the specification of the wire (its doc comment), requests,
+//!   replies, frames, and virtual paths (`protocol::path`). No I/O.
+//! - `transfer/`: both ends of a verified transfer: the BLAKE3 chunk tree and
+//!   resume proofs, `send` and `receive`, the resume `journal`, and the
+//!   framed `connection` they run over.
+//! - `store/`: what the server keeps: each user's home (`jail`), the
+//!   accounts (`users`), the quota ledger and its upload locks (`quota`),
+//!   and `upload`, which owns one upload's life from its reservation to the
+//!   file in the home, and sweeps what uploads left.
+//! - `server/`: the accept loop and what sessions share (`mod.rs`), one
+//!   client's `session`, the `defender` against password guessing, and the
+//!   fair hashing `turns`.
+//! - `client/`: `Client` (connect, log in, put, get, listings), and the
+//!   `shell` of `ftpx connect`.
 //!
-//! `defender` throttles password guessing and registrations, and `turns`
-//! shares the password-hashing turns fairly between client addresses.
-//! `config` holds every setting, `error` the server's errors and their reply
-//! codes, `admin` the user-management and `serve` commands, `logging` the
-//! log files of both ends, `alloc` the memory allocator (huge pages for
-//! password hashing).
+//! One upload, from the client's shell to the server's disk:
+//! `client::shell` parses `put a.bin` and calls `client::Client::put`, which
+//! consults its resume `transfer::journal`, sends a `PUT` (`protocol`) over
+//! its TLS `transfer::connection` and streams the file with
+//! `transfer::send`. On the server, `server` accepts the connection and
+//! hands it to `server::session`, which takes an `store::upload::Upload`
+//! (the path lock, the quota reservation in `store::quota`, the target
+//! checked in the home by `store::jail`), receives the chunks with
+//! `transfer::receive` into the upload's partial file, and has the upload
+//! land: renamed into the home once the whole-file hash matched, its charge
+//! settled under the account's lock.
+//!
+//! Beside them: `config` holds every setting, `error` the errors of the
+//! server side and their reply codes, `tls` the certificates and TLS set-up
+//! of both ends, `admin` the user-management and `serve` commands, `cli`
+//! the command line, `logging` the log files of both ends, `clock` the wall
+//! clock, `alloc` the memory allocator (huge pages for password hashing).
 
 pub mod admin;
 pub mod alloc;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
-pub mod connection;
-pub mod defender;
 pub mod error;
-pub mod jail;
-pub mod journal;
 pub mod logging;
 pub mod protocol;
-pub mod quota;
 pub mod server;
-pub mod session;
-pub mod shell;
+pub mod store;
 pub mod tls;
 pub mod transfer;
-pub mod turns;
-pub mod upload;
-pub mod users;

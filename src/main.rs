@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use ftpx::cli::{Cli, Command};
-use ftpx::{admin, logging, shell};
+use ftpx::client::shell;
+use ftpx::{admin, logging};
 
 #[global_allocator]
 static ALLOCATOR: ftpx::alloc::Allocator = ftpx::alloc::Allocator;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ftpx::client::Client;
 use ftpx::config::Config;
 use ftpx::server::Server;
-use ftpx::users::{Password, User, UserDb};
+use ftpx::store::users::{Password, User, UserDb};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
@@ -92,7 +92,8 @@ impl TestServer {
     /// Adds a user with `PASSWORD` and `quota` bytes.
     pub fn add_user(&self, name: &str, quota: u64) {
         let hash =
-            ftpx::users::hash_password(&Password::new(PASSWORD), &self.config.accounts).unwrap();
+            ftpx::store::users::hash_password(&Password::new(PASSWORD), &self.config.accounts)
+                .unwrap();
         self.users()
             .add(User {
                 name: name.into(),

@@ -103,7 +103,8 @@ async fn small_files_go_many_at_once_and_refusals_keep_the_session_in_step() {
         std::fs::write(&local, data(i * 7, i as u8)).unwrap();
         files.push((
             local,
-            ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), &format!("/f{i}"), 99).unwrap(),
+            ftpx::protocol::VPath::resolve(&ftpx::protocol::VPath::root(), &format!("/f{i}"), 99)
+                .unwrap(),
         ));
     }
     // One into a directory that does not exist, one that does not fit.
@@ -111,22 +112,22 @@ async fn small_files_go_many_at_once_and_refusals_keep_the_session_in_step() {
     std::fs::write(&big, data(90_000, 9)).unwrap();
     files.push((
         work.path().join("f1"),
-        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/no/such", 99).unwrap(),
+        ftpx::protocol::VPath::resolve(&ftpx::protocol::VPath::root(), "/no/such", 99).unwrap(),
     ));
     files.push((
         big,
-        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/big", 99).unwrap(),
+        ftpx::protocol::VPath::resolve(&ftpx::protocol::VPath::root(), "/big", 99).unwrap(),
     ));
     // One that can't be read here, and one too large for SEND.
     files.push((
         work.path().join("missing"),
-        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/missing", 99).unwrap(),
+        ftpx::protocol::VPath::resolve(&ftpx::protocol::VPath::root(), "/missing", 99).unwrap(),
     ));
     let huge = work.path().join("huge");
     std::fs::write(&huge, data(ftpx::protocol::MAX_SEND as usize + 1, 3)).unwrap();
     files.push((
         huge,
-        ftpx::jail::VPath::resolve(&ftpx::jail::VPath::root(), "/huge", 99).unwrap(),
+        ftpx::protocol::VPath::resolve(&ftpx::protocol::VPath::root(), "/huge", 99).unwrap(),
     ));
     let mut c = s.login("ann").await;
     let mut outcomes = vec![None; files.len()];
@@ -357,7 +358,7 @@ async fn a_login_that_waits_too_long_for_hashing_is_told_the_server_is_busy() {
     .await;
     s.add_user("ann", 1 << 20);
     // Every hashing turn is taken.
-    let elsewhere = ftpx::defender::Source::of("10.9.9.9".parse().unwrap());
+    let elsewhere = ftpx::server::defender::Source::of("10.9.9.9".parse().unwrap());
     let held = s.server.turns.take(elsewhere).await;
     let mut c = s.connect().await;
     let e = c.login("ann", PASSWORD, false).await.unwrap_err();

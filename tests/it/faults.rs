@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use ftpx::client::{Client, ClientError};
-use ftpx::jail::VPath;
 use ftpx::protocol::Request;
+use ftpx::protocol::VPath;
 use indicatif::ProgressBar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

@@ -2,9 +2,9 @@
 //! lines, frame headers, paths, journals and the quota ledger. They run a
 //! bounded number of cases, so CI time stays fixed.
 
-use ftpx::jail::VPath;
+use ftpx::protocol::VPath;
 use ftpx::protocol::{FRAME_HEADER_LEN, FrameHeader, Request, quote, split_commands};
-use ftpx::quota::{Ledger, Limits, Scan, Usage};
+use ftpx::store::quota::{Ledger, Limits, Scan, Usage};
 use proptest::prelude::*;
 
 fn adversarial_part() -> impl Strategy<Value = String> {
@@ -92,7 +92,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j.toml");
         std::fs::write(&p, &bytes).unwrap();
-        let _ = ftpx::journal::Journal::load(&p);
+        let _ = ftpx::transfer::journal::Journal::load(&p);
     }
 
     #[test]

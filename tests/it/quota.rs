@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use ftpx::client::Client;
-use ftpx::journal::Journal;
 use ftpx::protocol::{FrameHeader, Request};
+use ftpx::transfer::journal::Journal;
 use indicatif::ProgressBar;
 
 use crate::common::*;

@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use ftpx::client::{Client, ClientError, Reply};
-use ftpx::connection::Connection;
-use ftpx::jail::VPath;
-use ftpx::journal::Journal;
+use ftpx::protocol::VPath;
 use ftpx::protocol::{FrameHeader, FrameKind, Request};
+use ftpx::transfer::connection::Connection;
+use ftpx::transfer::journal::Journal;
 use indicatif::ProgressBar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -77,7 +77,7 @@ pub(crate) fn entries(dir: &Path) -> Vec<PathBuf> {
 
 /// Where the server stages an upload to `remote`: its partial file and journal.
 pub(crate) fn staged(staging: &Path, remote: &str) -> (PathBuf, PathBuf) {
-    let key = ftpx::journal::key(&[remote]);
+    let key = ftpx::transfer::journal::key(&[remote]);
     (
         staging.join(format!("{key}.part")),
         staging.join(format!("{key}.journal")),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ftpx::jail::VPath;
+use ftpx::protocol::VPath;
 use ftpx::protocol::{ALPN, FrameHeader, FrameKind};
 use indicatif::ProgressBar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

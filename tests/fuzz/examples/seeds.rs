@@ -10,10 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
-use ftpx::journal::{Journal, VERSION};
+use ftpx::transfer::journal::{Journal, VERSION};
 use ftpx::protocol::{FrameHeader, FrameKind, hex};
 use ftpx::transfer::{Tree, chunk_hash};
-use ftpx::users::{Password, verify_password};
+use ftpx::store::users::{Password, verify_password};
 use ftpx_fuzz::{CHUNK, DATA_LEN, RESUME_HELD, RESUME_LEN, RESUME_TARGET, pattern};
 
 fn main() {

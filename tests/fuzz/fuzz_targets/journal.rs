@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use ftpx::journal::{Journal, VERSION};
+use ftpx::transfer::journal::{Journal, VERSION};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -13,7 +13,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ftpx::users::{Password, verify_password};
+use ftpx::store::users::{Password, verify_password};
 use libfuzzer_sys::fuzz_target;
 
 /// Real PHC strings are about 100 bytes; longer ones only exercise the

@@ -24,12 +24,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ftpx::config::{Config, Size};
-use ftpx::connection::Connection;
-use ftpx::journal::{self, Journal};
+use ftpx::transfer::connection::Connection;
+use ftpx::transfer::journal::{self, Journal};
 use ftpx::protocol::{FRAME_HEADER_LEN, FrameHeader, FrameKind, ReplyLine};
 use ftpx::server::Server;
 use ftpx::transfer::{Tree, chunk_hash};
-use ftpx::users::{Password, User, UserDb};
+use ftpx::store::users::{Password, User, UserDb};
 use ftpx_fuzz::{CHUNK, DATA_LEN, PASSWORD, RESUME_HELD, RESUME_LEN, RESUME_TARGET, USER, pattern};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -125,7 +125,7 @@ impl Fixture {
             std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
             std::fs::write(&path, format!("{token} {what}\n")).expect("a canary");
         }
-        let hash = ftpx::users::hash_password(&Password::new(PASSWORD), &config.accounts)
+        let hash = ftpx::store::users::hash_password(&Password::new(PASSWORD), &config.accounts)
             .expect("a password hash");
         UserDb::new(&var)
             .add(User {
@@ -133,6 +133,7 @@ impl Fixture {
                 quota: QUOTA,
                 hash,
                 created: 0,
+                max_files: None,
             })
             .expect("the fuzz user");
         let db = UserDb::new(&var);
@@ -254,7 +255,7 @@ impl Fixture {
 
         let received = self.rt.block_on(async {
             let (mut rd, mut wr) = tokio::io::split(client);
-            let session = ftpx::session::run(conn, peer, server, stop_rx);
+            let session = ftpx::server::session::run(conn, peer, server, stop_rx);
             let write = async move {
                 // The session may end before it has read everything; the rest is dropped.
                 let _ = wr.write_all(&input).await;

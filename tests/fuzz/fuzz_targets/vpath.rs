@@ -11,7 +11,7 @@
 
 use std::path::Component;
 
-use ftpx::jail::VPath;
+use ftpx::protocol::VPath;
 use libfuzzer_sys::fuzz_target;
 
 const WORKING_DIRS: &[&str] = &["/", "/a", "/a/b/c", "/d ir/é/%2e%2e", "/．．/‥"];
@@ -53,7 +53,7 @@ fn check(path: &VPath, arg: &str, cwd: &VPath, max: usize) {
                 !matches!(part, "" | "." | ".."),
                 "component {part:?} survived: {ctx}"
             );
-            assert!(part.len() <= ftpx::jail::MAX_NAME, "long name: {ctx}");
+            assert!(part.len() <= ftpx::protocol::MAX_NAME, "long name: {ctx}");
         }
         let rel = path.rel();
         assert!(rel.is_relative(), "rel() is absolute: {ctx}");

@@ -29,6 +29,9 @@
 //! resumes at the highest offset whose proof matches, else at 0. Nothing is
 //! ever appended to bytes that were not proven equal to the source.
 
+pub mod connection;
+pub mod journal;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -41,16 +44,10 @@ use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
-use crate::connection::Connection;
 use crate::error::{Error, Result};
-use crate::journal::Journal;
-use crate::protocol::{Candidate, FrameHeader, FrameKind, MAX_CANDIDATES, MAX_CHUNK};
-
-/// Whether `chunk` can be a chunk size: a power of two from BLAKE3's own
-/// 1 KiB chunk up to [`MAX_CHUNK`].
-pub fn valid_chunk_size(chunk: u64) -> bool {
-    chunk.is_power_of_two() && (blake3::CHUNK_LEN as u64..=u64::from(MAX_CHUNK)).contains(&chunk)
-}
+use crate::protocol::{Candidate, FrameHeader, FrameKind, MAX_CANDIDATES, valid_chunk_size};
+use crate::transfer::connection::Connection;
+use crate::transfer::journal::Journal;
 
 /// The hash a chunk frame carries: the BLAKE3 chaining value of `data` as
 /// the subtree at `offset` of a file of `size` bytes, or, when `data` is the
@@ -594,18 +591,6 @@ mod tests {
         assert_eq!(chunk_hash(10_000, 1000, &[1; 10]), [0; 32]);
         assert_eq!(chunk_hash(1 << 20, 1024, &[1; 4096]), [0; 32]);
         assert_ne!(chunk_hash(1 << 20, 4096, &[1; 4096]), [0; 32]);
-    }
-
-    #[test]
-    fn chunk_sizes() {
-        assert!(
-            valid_chunk_size(1024)
-                && valid_chunk_size(1 << 18)
-                && valid_chunk_size(MAX_CHUNK.into())
-        );
-        for bad in [0, 1, 512, 1000, 3 << 10, u64::from(MAX_CHUNK) * 2] {
-            assert!(!valid_chunk_size(bad), "{bad}");
-        }
     }
 
     #[test]

@@ -30,10 +30,11 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::jail::{Home, VPath};
-use crate::journal::{self, Journal, Record};
 use crate::protocol::Candidate;
-use crate::quota::{Ledger, Limits, UploadLock, Usage};
+use crate::protocol::VPath;
+use crate::store::jail::Home;
+use crate::store::quota::{Ledger, Limits, UploadLock, Usage};
+use crate::transfer::journal::{self, Journal, Record};
 use crate::transfer::{self, Tree};
 
 /// Whose uploads these are: what every upload of one logged-in user needs.
@@ -347,7 +348,7 @@ pub fn sweep(ledger: &Arc<Ledger>, root: &Path, ttl: Duration, at_start: bool) -
     let Ok(users) = std::fs::read_dir(root) else {
         return swept;
     };
-    let now = crate::users::now_secs();
+    let now = crate::clock::now_secs();
     for user_dir in users.flatten() {
         let user = user_dir.file_name().to_string_lossy().into_owned();
         let Ok(items) = std::fs::read_dir(user_dir.path()) else {

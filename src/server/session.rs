@@ -13,15 +13,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
-use crate::connection::Connection;
 use crate::error::{Error, Result};
-use crate::jail::{Home, VPath};
+use crate::protocol::VPath;
 use crate::protocol::{self, FrameKind, ParseError, Request};
-use crate::quota::{self, Limits, UploadLock, Usage};
 use crate::server::Server;
+use crate::store::jail::Home;
+use crate::store::quota::{self, Limits, UploadLock, Usage};
+use crate::store::upload::{self, Owner, Upload};
+use crate::store::users::{self, Password, User};
+use crate::transfer::connection::Connection;
 use crate::transfer::{self, Checkpoints, Plan, Stopped};
-use crate::upload::{self, Owner, Upload};
-use crate::users::{self, Password, User};
 
 pub struct Session<S> {
     conn: Connection<S>,
@@ -440,7 +441,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PARTS DISCARD PUT SEND GET NOOP HELP QUIT";
         self.conn.write_line(&format!("211-{verbs}")).await?;
         self.conn
-            .reply(211, "see the protocol documentation in src/protocol.rs")
+            .reply(211, "see the protocol documentation in src/protocol/mod.rs")
             .await
     }
 
@@ -477,7 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     name,
                     quota,
                     hash,
-                    created: users::now_secs(),
+                    created: crate::clock::now_secs(),
                     max_files: Some(settings.registered_max_files),
                 };
                 db.register(user.clone(), &partial_root).map_err(|e| {
@@ -601,7 +602,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn put(&mut self, path: VPath, size: u64, chunk: u64) -> Result<()> {
         let owner = self.logged_in()?.clone();
         let name = owner.name.clone();
-        if !transfer::valid_chunk_size(chunk) {
+        if !protocol::valid_chunk_size(chunk) {
             return Err(Error::BadArgument(format!(
                 "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
             )));

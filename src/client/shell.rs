@@ -13,7 +13,7 @@ use tracing::info;
 use crate::cli::ConnectArgs;
 use crate::client::{Client, ClientError, Entry, Transferred, state_dir};
 use crate::config::human_bytes;
-use crate::jail::VPath;
+use crate::protocol::VPath;
 use crate::protocol::{self, Request};
 use crate::tls::Trust;
 
@@ -692,12 +692,12 @@ fn total_bar(multi: &MultiProgress, total: u64) -> ProgressBar {
 }
 
 /// A name from a remote listing is used locally only if it is one plain
-/// path component of at most [`crate::jail::MAX_NAME`] bytes, without
+/// path component of at most [`crate::protocol::MAX_NAME`] bytes, without
 /// control characters (NUL included): a hostile server can't make the
 /// client write elsewhere.
 fn safe_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= crate::jail::MAX_NAME
+        && name.len() <= crate::protocol::MAX_NAME
         && name != "."
         && name != ".."
         && !name.contains('/')
@@ -916,7 +916,7 @@ const MAX_TREE_DEPTH: usize = 2048;
 /// tree in one run, at most; beyond, copy the tree in parts.
 const MAX_TREE_ENTRIES: usize = 1_000_000;
 /// Directories `get -r` has found and not yet copied, at most. Each is kept
-/// as one name of at most [`crate::jail::MAX_NAME`] bytes.
+/// as one name of at most [`crate::protocol::MAX_NAME`] bytes.
 const MAX_TREE_PENDING: usize = 100_000;
 
 /// One directory of the tree `get -r` is copying, and its subdirectories

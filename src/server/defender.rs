@@ -78,7 +78,7 @@ const INVALID_NAME: &str = "(invalid name)";
 
 /// What the maps are keyed on for a login name: at most 32 bytes.
 fn account_key(user: &str) -> &str {
-    if crate::users::check_name(user).is_ok() {
+    if crate::store::users::check_name(user).is_ok() {
         user
     } else {
         INVALID_NAME
@@ -633,7 +633,7 @@ mod tests {
         let a = ip("10.0.0.1");
         let long = "a".repeat(8000);
         for name in [long.as_str(), "Ann", "../etc", "root"] {
-            assert!(crate::users::check_name(name).is_err(), "{name}");
+            assert!(crate::store::users::check_name(name).is_err(), "{name}");
         }
         let held = d.try_admit(a, &long).unwrap();
         fail(&d, a, "Ann", Duration::ZERO);
@@ -653,7 +653,7 @@ mod tests {
             .chain(s.accounts.keys())
             .chain(s.sources.values().flat_map(|m| m.keys()));
         for key in keys {
-            assert!(key.len() <= crate::users::MAX_NAME_LEN, "{key}");
+            assert!(key.len() <= crate::store::users::MAX_NAME_LEN, "{key}");
         }
         assert_eq!(s.accounts.len(), 1);
     }

@@ -124,6 +124,10 @@
 
 use std::fmt::Write as _;
 
+pub mod path;
+
+pub use path::{MAX_NAME, VPath};
+
 /// ALPN id both ends insist on.
 pub const ALPN: &[u8] = b"ftpx/1";
 /// Words after the verb, at most.
@@ -136,6 +140,12 @@ pub const MAX_CHUNK: u32 = 4 << 20;
 pub const MAX_SEND: u64 = 1 << 20;
 /// Chunk size of a `PUT` that names none.
 pub const DEFAULT_CHUNK: u64 = 256 << 10;
+
+/// Whether `chunk` can be a chunk size: a power of two from BLAKE3's own
+/// 1 KiB chunk up to [`MAX_CHUNK`].
+pub fn valid_chunk_size(chunk: u64) -> bool {
+    chunk.is_power_of_two() && (blake3::CHUNK_LEN as u64..=u64::from(MAX_CHUNK)).contains(&chunk)
+}
 /// Resume candidates in one `PUT` reply or `GET` request.
 pub const MAX_CANDIDATES: usize = 2;
 
@@ -845,6 +855,18 @@ mod tests {
         assert_eq!(ReplyLine::parse("200").unwrap().text, "");
         for bad in ["", "20", "abc", "2000 x", "099 x", "20x y"] {
             assert!(ReplyLine::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert!(
+            valid_chunk_size(1024)
+                && valid_chunk_size(1 << 18)
+                && valid_chunk_size(MAX_CHUNK.into())
+        );
+        for bad in [0, 1, 512, 1000, 3 << 10, u64::from(MAX_CHUNK) * 2] {
+            assert!(!valid_chunk_size(bad), "{bad}");
         }
     }
 

@@ -8,6 +8,8 @@
 //! `.NAME.ftpx-part`, and is renamed onto the target only after its
 //! whole-file hash matched.
 
+pub mod shell;
+
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,12 +22,12 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::{info, warn};
 
-use crate::connection::Connection;
 use crate::error::Error;
-use crate::jail::VPath;
-use crate::journal::{self, Journal, Record};
+use crate::protocol::VPath;
 use crate::protocol::{self, Candidate, FrameHeader, ReplyLine, Request};
 use crate::tls::Trust;
+use crate::transfer::connection::Connection;
+use crate::transfer::journal::{self, Journal, Record};
 use crate::transfer::{self, Checkpoints, Plan, Stopped, Tree};
 
 // What a server sends is bounded whatever it claims: a reply, a listing and
@@ -1010,7 +1012,7 @@ fn check_plan(
     offered: &[u64],
     offered_chunk: u64,
 ) -> std::result::Result<(), String> {
-    if !transfer::valid_chunk_size(chunk) {
+    if !protocol::valid_chunk_size(chunk) {
         return Err(format!(
             "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
         ));

@@ -1,8 +1,12 @@
 //! The server: accepts TCP connections, enforces the session limits, runs
 //! the TLS handshake under its deadline and hands each client to a
-//! [`session`](crate::session) task. Beside them, the sweeper clears expired
+//! [`session`](crate::server::session) task. Beside them, the sweeper clears expired
 //! unfinished uploads on a timer. On the stop signal it stops accepting,
 //! tells idle sessions, gives running transfers a grace period, and returns.
+
+pub mod defender;
+pub mod session;
+pub mod turns;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,10 +20,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::defender::{Attempt, Banned, Defender, Source};
-use crate::quota::Ledger;
-use crate::turns::{Turn, Turns};
-use crate::users::UserDb;
+use crate::server::defender::{Attempt, Banned, Defender, Source};
+use crate::server::turns::{Turn, Turns};
+use crate::store::quota::Ledger;
+use crate::store::users::UserDb;
 
 /// What all sessions share.
 pub struct Server {
@@ -71,8 +75,8 @@ impl Server {
         let users = UserDb::new(&config.server.var_dir);
         // A damaged user database stops the server at start, with the reason.
         users.load()?;
-        let dummy_hash = crate::users::hash_password(
-            &crate::users::Password::new("ftpx-dummy"),
+        let dummy_hash = crate::store::users::hash_password(
+            &crate::store::users::Password::new("ftpx-dummy"),
             &config.accounts,
         )?;
         Ok(Server {
@@ -104,7 +108,7 @@ impl Server {
     }
 
     /// A turn to hash a password for a client at `ip`, in its source's turn
-    /// (see [`crate::turns`]). A login that can't get one within the login
+    /// (see [`crate::server::turns`]). A login that can't get one within the login
     /// timeout is told the server is busy, rather than queueing on after its
     /// client has given up.
     pub async fn hash_permit(&self, ip: IpAddr) -> crate::error::Result<Turn<'_>> {
@@ -188,11 +192,11 @@ pub async fn run(
     Ok(())
 }
 
-/// Sweeps the unfinished uploads of every user (see [`crate::upload::sweep`]).
+/// Sweeps the unfinished uploads of every user (see [`crate::store::upload::sweep`]).
 async fn sweep(server: &Arc<Server>, at_start: bool) {
     let s = server.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        crate::upload::sweep(
+        crate::store::upload::sweep(
             &s.ledger,
             &s.config.partial_dir(),
             s.config.partial_ttl(),
@@ -238,7 +242,7 @@ async fn handle(
         info!(peer = %peer, "TLS client did not ask for the ftpx protocol (ALPN); closing");
         return;
     }
-    let mut conn = crate::connection::Connection::new(tls, server.config.io_timeout());
+    let mut conn = crate::transfer::connection::Connection::new(tls, server.config.io_timeout());
     let slot = match slot {
         Ok(slot) => slot,
         Err(why) => {
@@ -248,6 +252,6 @@ async fn handle(
             return;
         }
     };
-    crate::session::run(conn, peer, server, stop).await;
+    crate::server::session::run(conn, peer, server, stop).await;
     drop(slot);
 }

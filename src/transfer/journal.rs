@@ -108,7 +108,7 @@ impl Journal {
     /// Records `verified` bytes as durable. The caller has fsynced them.
     pub fn save(&mut self, verified: u64) -> io::Result<()> {
         self.record.verified = verified;
-        self.record.updated = crate::users::now_secs();
+        self.record.updated = crate::clock::now_secs();
         let text = toml::to_string(&self.record).map_err(io::Error::other)?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir)?;

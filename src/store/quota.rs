@@ -35,8 +35,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::jail::{Home, VPath};
-use crate::journal::{self, Journal};
+use crate::protocol::VPath;
+use crate::store::jail::Home;
+use crate::transfer::journal::{self, Journal};
 
 /// What a user occupies, or what an upload will add.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -322,7 +323,7 @@ pub fn scan(home: &Home, partial_dir: &Path, ttl: Duration) -> std::io::Result<S
     let (bytes, entries) = home.usage()?;
     let stored = Usage { bytes, entries };
     let mut reserved = vec![];
-    let now = crate::users::now_secs();
+    let now = crate::clock::now_secs();
     let items = match std::fs::read_dir(partial_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan { stored, reserved }),

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
-use crate::defender::Source;
+use crate::server::defender::Source;
 
 pub struct Turns {
     state: Mutex<State>,
