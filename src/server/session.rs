@@ -471,6 +471,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let permit = server.hash_permit(self.peer.ip()).await?;
             let (db, settings) = (server.users.clone(), accounts.clone());
             let partial_root = server.config.partial_dir();
+            // A session of a deleted account of that name may still be open.
+            if server.ledger.has_sessions(&name) {
+                return Err(Error::NameRefused(format!("the name {name:?} is taken")));
+            }
             let user = blocking(move || {
                 let hash = users::hash_password(&password, &settings)
                     .map_err(|e| Error::Storage(std::io::Error::other(e)))?;

@@ -16,7 +16,13 @@
 //! - a partial upload that outlives its session (kept to be resumed) is
 //!   charged in full, its declared size and one entry, until it is resumed,
 //!   discarded or expires: it occupies the disk beside whatever it was to
-//!   replace.
+//!   replace. It is kept only if that full charge fits; otherwise it is
+//!   removed when its session lets go of it.
+//!
+//! So at rest a user never occupies more than the limits. While uploads that
+//! replace files run, the files they replace are on the disk beside their
+//! partials: at most one running upload per path, so that is at most what
+//! the home holds.
 //!
 //! Every change to a home that alters what it holds (an upload landing, a
 //! file removed or renamed, a directory made or removed) is made under the
@@ -154,10 +160,13 @@ impl Account {
         Ok(())
     }
 
-    /// Charges a partial upload to `path` that waits to be resumed, without
-    /// a check: its bytes are already on the disk.
-    pub fn park(&mut self, path: &VPath, charge: Usage) {
+    /// Charges a partial upload to `path` that is to wait to be resumed, if
+    /// it fits with the rest: a replacement is charged only what it adds
+    /// while it runs, but kept alone it occupies its whole size.
+    pub fn park(&mut self, path: &VPath, charge: Usage, limits: Limits) -> Result<()> {
+        Account::fits(self.others(path), charge, limits)?;
         self.reserved.insert(path.clone(), charge);
+        Ok(())
     }
 
     /// Drops the reservation for `path` (the partial upload is gone).
@@ -290,6 +299,12 @@ impl Ledger {
 
     pub fn close_session(&self, user: &str) {
         self.with(user, |a| a.sessions = a.sessions.saturating_sub(1));
+    }
+
+    /// Whether `user` has a session open.
+    pub fn has_sessions(&self, user: &str) -> bool {
+        let account = lock(&self.accounts).get(user).cloned();
+        account.is_some_and(|a| lock(&a).sessions > 0)
     }
 
     /// Usage, reservations included.
@@ -509,7 +524,10 @@ mod tests {
         l.with("u", |a| {
             a.reserve(&p("f"), Usage::landing(60, Some(60)), limits(64))
                 .unwrap();
-            a.park(&p("f"), Usage::parked(60));
+            // Kept alone, it does not fit beside the file it was to replace...
+            assert!(a.park(&p("f"), Usage::parked(60), limits(64)).is_err());
+            // ...but it does where there is room for both.
+            a.park(&p("f"), Usage::parked(60), limits(120)).unwrap();
             assert_eq!(
                 a.used(),
                 Usage {

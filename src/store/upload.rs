@@ -12,7 +12,8 @@
 //! - [`Upload::land`]: the verified file is renamed onto its target, and the
 //!   charge settled against what it replaces at that moment, under the
 //!   account's lock; any other staging file of that path goes with it;
-//! - [`Upload::park`]: the partial stays to be resumed, charged in full;
+//! - [`Upload::park`]: the partial stays to be resumed, charged in full,
+//!   if that fits the user's limits (else it is discarded);
 //! - [`Upload::discard`]: its staging files are removed and its reservation
 //!   dropped.
 //!
@@ -232,7 +233,8 @@ impl Upload {
         Ok(())
     }
 
-    /// Keeps the partial to be resumed; from now on it is charged in full.
+    /// Keeps the partial to be resumed, charged in full from now on, if that
+    /// fits the user's limits; otherwise discards it.
     pub fn park(mut self) {
         self.park_or_discard();
     }
@@ -252,17 +254,23 @@ impl Upload {
             true => Journal::load(&self.files.journal).ok().flatten(),
             false => None,
         };
-        match record {
-            Some(r) => {
-                remove_if_there(&self.files.send);
-                self.owner.ledger.with(&self.owner.name, |a| {
-                    a.park(&self.path, Usage::parked(r.size))
-                });
-            }
-            None => {
-                self.files.remove();
-                self.owner.ledger.release(&self.owner.name, &self.path);
-            }
+        let Owner {
+            ledger,
+            name,
+            limits,
+            ..
+        } = &self.owner;
+        let kept = record.is_some_and(|r| {
+            ledger
+                .with(name, |a| a.park(&self.path, Usage::parked(r.size), *limits))
+                .inspect_err(|e| info!(user = %name, path = %self.path, error = %e, "not keeping a partial upload"))
+                .is_ok()
+        });
+        if kept {
+            remove_if_there(&self.files.send);
+        } else {
+            self.files.remove();
+            ledger.release(name, &self.path);
         }
     }
 }

@@ -111,12 +111,12 @@ async fn an_abandoned_replacement_counts_until_it_is_discarded() {
     let work = tempfile::tempdir().unwrap();
     // This session stays open, so usage is never rebuilt from disk in between.
     let mut watcher = s.login("ann").await;
-    let f = data(600_000, 1);
+    let f = data(400_000, 1);
     put_bytes(&mut watcher, work.path(), "/f0", &f).await;
 
     // Replace /f0, drop the connection half way, delete /f0.
     let mut c = s.login("ann").await;
-    start_put(&mut c, "/f0", &data(600_000, 2), 4 * PIECE).await;
+    start_put(&mut c, "/f0", &data(400_000, 2), 4 * PIECE).await;
     drop(c);
     wait_upload_free(&s, "/f0").await;
     watcher.request(&Request::Dele("f0".into())).await.unwrap();
@@ -126,16 +126,16 @@ async fn an_abandoned_replacement_counts_until_it_is_discarded() {
     assert!(part.exists() && journal.exists());
     assert_eq!(
         usage(&mut watcher).await,
-        [600_000, MIB as u64, 1, 1_000_000, 600_000, 1]
+        [400_000, MIB as u64, 1, 1_000_000, 400_000, 1]
     );
     // So the next round of the attack does not fit.
-    let r = put_request(&mut watcher, "/f1", 600_000).await;
+    let r = put_request(&mut watcher, "/f1", 700_000).await;
     assert_eq!(code(&r), 552, "{r:?}");
 
     // The user sees it and can drop it.
     let parts = watcher.request(&Request::Parts).await.unwrap();
     assert_eq!(parts.lines.len(), 1, "{parts:?}");
-    assert!(parts.lines[0].starts_with("600000 "), "{parts:?}");
+    assert!(parts.lines[0].starts_with("400000 "), "{parts:?}");
     assert!(parts.lines[0].ends_with(" /f0"), "{parts:?}");
     assert_eq!(parts.text, "1 unfinished uploads");
     watcher
@@ -149,7 +149,81 @@ async fn an_abandoned_replacement_counts_until_it_is_discarded() {
     );
     let again = watcher.request(&Request::Discard("/f0".into())).await;
     assert_eq!(code(&again), 550);
-    put_bytes(&mut watcher, work.path(), "/f1", &f).await;
+    put_bytes(&mut watcher, work.path(), "/f1", &data(700_000, 3)).await;
+    s.stop().await;
+}
+
+/// Bytes of every file under the home and the user's staging directory.
+fn occupied(s: &TestServer) -> u64 {
+    on_disk(&s.home("ann")).0 + on_disk(&staging_of(s)).0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replacements_abandoned_round_after_round_stay_within_the_limits() {
+    let s = TestServer::start().await;
+    s.add_user("ann", MIB as u64);
+    s.users().modify("ann", |u| u.max_files = Some(2)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut watcher = s.login("ann").await;
+    put_bytes(&mut watcher, work.path(), "/f0", &data(600_000, 1)).await;
+    // Each round: replace the file (charged nothing while it runs), drop
+    // the connection, then rename the file so that the next round has a
+    // fresh one to replace.
+    for round in 0..6 {
+        let name = format!("/f{round}");
+        let mut c = s.login("ann").await;
+        start_put(&mut c, &name, &data(600_000, 2 + round), 8 * PIECE).await;
+        drop(c);
+        wait_upload_free(&s, &name).await;
+        watcher
+            .request(&Request::Rename {
+                from: name.clone(),
+                to: format!("/f{}", round + 1),
+            })
+            .await
+            .unwrap();
+        let [used, limit, files, max_files, ..] = usage(&mut watcher).await;
+        assert!(
+            used <= limit && files <= max_files,
+            "round {round}: {used} of {limit}, {files} of {max_files}"
+        );
+        assert!(
+            occupied(&s) <= limit,
+            "round {round}: {} bytes on disk",
+            occupied(&s)
+        );
+    }
+    // A replacement that fits beside its file when kept is kept, to be resumed.
+    s.users()
+        .modify("ann", |u| u.quota = 2 * MIB as u64)
+        .unwrap();
+    let mut c = s.login("ann").await;
+    start_put(&mut c, "/f6", &data(600_000, 9), 8 * PIECE).await;
+    drop(c);
+    wait_upload_free(&s, "/f6").await;
+    assert!(staged(&staging_of(&s), "/f6").1.exists());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_is_not_registered_while_a_deleted_account_of_it_is_logged_in() {
+    let s = TestServer::start().await;
+    s.add_user("alice", MIB as u64);
+    let old = s.login("alice").await;
+    s.users().remove("alice", true).unwrap();
+    let register = || async {
+        let mut raw = Raw::connect(&s).await;
+        raw.ask("REGISTER alice \"a stranger's password\"").await
+    };
+    let refused = register().await;
+    assert!(refused.starts_with("553 "), "{refused}");
+    old.quit().await;
+    wait_for("the old session to end", || {
+        !s.server.ledger.has_sessions("alice")
+    })
+    .await;
+    let accepted = register().await;
+    assert!(accepted.starts_with("230 "), "{accepted}");
     s.stop().await;
 }
 
