@@ -1,9 +1,11 @@
-//! The server's error type: what went wrong, which reply code it becomes and
-//! whether the session can go on. `session.rs` turns every failure into a
-//! reply through [`Error::reply_code`] and [`Error::ends_session`], and
-//! nowhere else.
+//! The server's error type, and the one table of replies: what went wrong,
+//! which reply code it becomes and whether the session can go on. The
+//! session turns every failure into a reply through [`Error::reply_code`]
+//! and [`Error::ends_session`], and nowhere else.
 
 use std::io;
+
+use crate::protocol::{BadPath, Code, ParseError};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -63,30 +65,35 @@ pub enum Error {
     Connection(#[source] io::Error),
 }
 
+impl From<BadPath> for Error {
+    fn from(e: BadPath) -> Error {
+        Error::BadArgument(e.0)
+    }
+}
+
 impl Error {
     /// The reply code this error is sent as (see `protocol`).
-    pub fn reply_code(&self) -> u16 {
+    pub fn reply_code(&self) -> Code {
         match self {
-            Error::Syntax(_) | Error::LineTooLong | Error::Protocol(_) => 500,
-            Error::BadArgument(_) => 501,
-            Error::BadSequence(_) => 503,
-            Error::NotLoggedIn => 530,
-            Error::LoginFailed => 430,
-            Error::NameRefused(_) | Error::Exists(_) => 553,
+            Error::Syntax(_) | Error::LineTooLong | Error::Protocol(_) => Code::Syntax,
+            Error::BadArgument(_) => Code::BadArgument,
+            Error::BadSequence(_) => Code::BadSequence,
+            Error::NotLoggedIn => Code::NotLoggedIn,
+            Error::LoginFailed => Code::LoginFailed,
+            Error::NameRefused(_) | Error::Exists(_) => Code::NameRefused,
             Error::NotFound(_)
             | Error::NotADirectory(_)
             | Error::IsADirectory(_)
             | Error::NotAFile(_)
             | Error::NotEmpty(_)
-            | Error::PermissionDenied(_) => 550,
-            Error::QuotaExceeded { .. } | Error::TooManyFiles(_) => 552,
-            Error::Busy(_) | Error::Throttled(_) => 450,
-            Error::StorageFull => 452,
-            Error::BadChunk(_) => 453,
-            Error::HashMismatch => 454,
-            Error::Unavailable(_) | Error::Timeout(_) => 421,
-            Error::Storage(_) => 451,
-            Error::Connection(_) => 421,
+            | Error::PermissionDenied(_) => Code::NotFound,
+            Error::QuotaExceeded { .. } | Error::TooManyFiles(_) => Code::QuotaExceeded,
+            Error::Busy(_) | Error::Throttled(_) => Code::Busy,
+            Error::StorageFull => Code::StorageFull,
+            Error::BadChunk(_) => Code::BadChunk,
+            Error::HashMismatch => Code::HashMismatch,
+            Error::Unavailable(_) | Error::Timeout(_) | Error::Connection(_) => Code::Unavailable,
+            Error::Storage(_) => Code::LocalError,
         }
     }
 
@@ -100,6 +107,17 @@ impl Error {
                 | Error::Timeout(_)
                 | Error::Connection(_)
         )
+    }
+
+    /// The reply to a request line that does not parse: a syntax error (500)
+    /// when the line is no request at all, a bad argument (501) otherwise.
+    pub fn from_parse(e: ParseError) -> Error {
+        match e {
+            ParseError::UnknownVerb(_) | ParseError::Empty | ParseError::UnterminatedQuote => {
+                Error::Syntax(e.to_string())
+            }
+            _ => Error::BadArgument(e.to_string()),
+        }
     }
 
     /// Maps a filesystem error on virtual path `vpath` to what the client is

@@ -51,7 +51,7 @@
 //! | 503 | bad sequence (already logged in, frame out of order) |
 //! | 530 | not logged in |
 //! | 550 | no such file or directory, or wrong type |
-//! | 552 | quota exceeded |
+//! | 552 | quota or file limit exceeded |
 //! | 553 | name not allowed or already taken |
 //!
 //! # Requests
@@ -126,7 +126,76 @@ use std::fmt::Write as _;
 
 pub mod path;
 
-pub use path::{MAX_NAME, VPath};
+pub use path::{BadPath, MAX_NAME, VPath};
+
+/// The reply codes of the table above, by what they mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// 150: upload accepted; the frames may follow.
+    Ready = 150,
+    /// 151: a download's frames follow.
+    Sending = 151,
+    /// 200: done.
+    Ok = 200,
+    /// 211: help text.
+    Help = 211,
+    /// 213: status information.
+    Status = 213,
+    /// 220: greeting.
+    Greeting = 220,
+    /// 221: goodbye.
+    Goodbye = 221,
+    /// 226: transfer complete.
+    Stored = 226,
+    /// 230: logged in.
+    LoggedIn = 230,
+    /// 257: a path.
+    Path = 257,
+    /// 421: service not available; the server closes.
+    Unavailable = 421,
+    /// 430: login failed.
+    LoginFailed = 430,
+    /// 450: busy.
+    Busy = 450,
+    /// 451: local error on the server.
+    LocalError = 451,
+    /// 452: the server's disk is full.
+    StorageFull = 452,
+    /// 453: a chunk failed its hash check.
+    BadChunk = 453,
+    /// 454: the whole-file hash did not match.
+    HashMismatch = 454,
+    /// 500: syntax error or unknown verb.
+    Syntax = 500,
+    /// 501: bad argument.
+    BadArgument = 501,
+    /// 503: bad sequence.
+    BadSequence = 503,
+    /// 530: not logged in.
+    NotLoggedIn = 530,
+    /// 550: no such file or directory, or wrong type.
+    NotFound = 550,
+    /// 552: quota or file limit exceeded.
+    QuotaExceeded = 552,
+    /// 553: name not allowed or taken.
+    NameRefused = 553,
+}
+
+impl Code {
+    pub fn number(self) -> u16 {
+        self as u16
+    }
+
+    /// `CODE TEXT`, a final reply line.
+    pub fn line(self, text: &str) -> String {
+        format!("{} {text}", self.number())
+    }
+
+    /// `CODE-TEXT`, a line of a reply that goes on.
+    pub fn continued(self, text: &str) -> String {
+        format!("{}-{text}", self.number())
+    }
+}
 
 /// ALPN id both ends insist on.
 pub const ALPN: &[u8] = b"ftpx/1";

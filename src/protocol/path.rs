@@ -10,7 +10,12 @@
 
 use std::path::PathBuf;
 
-use crate::error::{Error, Result};
+/// Why a path string names no path: said to the client as a bad argument.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadPath(pub String);
+
+type Result<T> = std::result::Result<T, BadPath>;
 
 /// Longest single name in a path, as on Linux.
 pub const MAX_NAME: usize = 255;
@@ -29,20 +34,16 @@ impl VPath {
     /// Resolves `arg` against the working directory `cwd`.
     pub fn resolve(cwd: &VPath, arg: &str, max_path: usize) -> Result<VPath> {
         if arg.is_empty() {
-            return Err(Error::BadArgument("empty path".into()));
+            return Err(BadPath("empty path".into()));
         }
         if arg.len() > max_path {
-            return Err(Error::BadArgument(format!(
-                "path longer than {max_path} bytes"
-            )));
+            return Err(BadPath(format!("path longer than {max_path} bytes")));
         }
         if arg.contains('\\') {
-            return Err(Error::BadArgument(
-                "backslashes are not allowed in paths".into(),
-            ));
+            return Err(BadPath("backslashes are not allowed in paths".into()));
         }
         if arg.chars().any(char::is_control) {
-            return Err(Error::BadArgument(
+            return Err(BadPath(
                 "control characters are not allowed in paths".into(),
             ));
         }
@@ -58,7 +59,7 @@ impl VPath {
                     parts.pop();
                 }
                 name if name.len() > MAX_NAME => {
-                    return Err(Error::BadArgument(format!(
+                    return Err(BadPath(format!(
                         "a name in the path is longer than {MAX_NAME} bytes"
                     )));
                 }
@@ -67,9 +68,7 @@ impl VPath {
         }
         let path = VPath { parts };
         if path.to_string().len() > max_path {
-            return Err(Error::BadArgument(format!(
-                "path longer than {max_path} bytes"
-            )));
+            return Err(BadPath(format!("path longer than {max_path} bytes")));
         }
         Ok(path)
     }

@@ -247,7 +247,7 @@ async fn handle(
         Ok(slot) => slot,
         Err(why) => {
             info!(peer = %peer, reason = why, "session refused");
-            let _ = conn.reply(421, why).await;
+            let _ = conn.reply(crate::protocol::Code::Unavailable, why).await;
             conn.shutdown().await;
             return;
         }

@@ -119,6 +119,10 @@ impl Upload {
         &self.path
     }
 
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     pub fn files(&self) -> &Staging {
         &self.files
     }

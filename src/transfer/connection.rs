@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 
 use crate::error::{Error, Result};
-use crate::protocol::{FRAME_HEADER_LEN, FrameHeader};
+use crate::protocol::{Code, FRAME_HEADER_LEN, FrameHeader};
 
 pub struct Connection<S> {
     stream: BufStream<S>,
@@ -83,9 +83,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         timed(self.io_timeout, "write", self.stream.flush()).await
     }
 
-    /// Writes a reply line and sends it.
-    pub async fn reply(&mut self, code: u16, text: &str) -> Result<()> {
-        self.write_line(&format!("{code} {text}")).await?;
+    /// Writes a final reply line and sends it.
+    pub async fn reply(&mut self, code: Code, text: &str) -> Result<()> {
+        self.write_line(&code.line(text)).await?;
         self.flush().await
     }
 

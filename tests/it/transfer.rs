@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use ftpx::client::{Client, ClientError, Reply};
 use ftpx::protocol::VPath;
-use ftpx::protocol::{FrameHeader, FrameKind, Request};
+use ftpx::protocol::{Code, FrameHeader, FrameKind, Request};
 use ftpx::transfer::connection::Connection;
 use ftpx::transfer::journal::Journal;
 use indicatif::ProgressBar;
@@ -2049,11 +2049,11 @@ async fn a_spoiled_download_never_reaches_the_target() {
                 .await
                 .unwrap();
             let mut conn = Connection::new(stream, Duration::from_secs(20));
-            conn.reply(220, "ftpx 0 ready").await.unwrap();
+            conn.reply(Code::Greeting, "ftpx 0 ready").await.unwrap();
             conn.read_line(8192).await.unwrap();
-            conn.reply(230, "logged in").await.unwrap();
+            conn.reply(Code::LoggedIn, "logged in").await.unwrap();
             conn.read_line(8192).await.unwrap();
-            conn.reply(151, &format!("{} 0 {PIECE}", b.len()))
+            conn.reply(Code::Sending, &format!("{} 0 {PIECE}", b.len()))
                 .await
                 .unwrap();
             let mut at = 0;

@@ -1,0 +1,315 @@
+//! One client on the server: greeting, login or registration, then a loop of
+//! request → handler → reply until the client quits, idles out, breaks the
+//! protocol or the server stops. Every error becomes a reply in one place,
+//! [`Session::answer`], by [`Error::reply_code`] and [`Error::ends_session`].
+//!
+//! The handlers live beside this loop, by what they do: `auth` (login and
+//! registration), `files` (the file and directory commands), `upload` (PUT,
+//! and the SEND pipeline), `download` (GET).
+
+mod auth;
+mod download;
+mod files;
+mod upload;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::protocol::{self, Code, Request, VPath};
+use crate::server::Server;
+use crate::store::quota::UploadLock;
+use crate::store::upload::Owner;
+use crate::store::users::Password;
+use crate::transfer::connection::Connection;
+
+use upload::{Drain, Stores};
+
+pub struct Session<S> {
+    conn: Connection<S>,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    user: Option<Owner>,
+    cwd: VPath,
+    stores: Stores,
+}
+
+/// Runs a session to its end.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: Connection<S>,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    stop: watch::Receiver<bool>,
+) {
+    info!(peer = %peer, "connected");
+    let mut session = Session {
+        conn,
+        peer,
+        server,
+        user: None,
+        cwd: VPath::root(),
+        stores: Stores::default(),
+    };
+    let reason = session.run_loop(stop).await;
+    session.stores.finish().await;
+    if let Some(user) = &session.user {
+        session.server.ledger.close_session(&user.name);
+    }
+    session.conn.shutdown().await;
+    info!(peer = %peer, user = session.user_name(), reason, "disconnected");
+}
+
+/// What the client sent next.
+enum Next {
+    Request(Request),
+    /// A request that could not be read or parsed, already answered.
+    Bad,
+    /// The session ends, for this reason.
+    End(&'static str),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn user_name(&self) -> &str {
+        self.user.as_ref().map_or("-", |u| u.name.as_str())
+    }
+
+    fn logged_in(&self) -> Result<&Owner> {
+        self.user.as_ref().ok_or(Error::NotLoggedIn)
+    }
+
+    fn resolve(&self, arg: &str) -> Result<VPath> {
+        Ok(VPath::resolve(
+            &self.cwd,
+            arg,
+            self.server.config.limits.max_path,
+        )?)
+    }
+
+    /// The request loop; returns why the session ended.
+    async fn run_loop(&mut self, mut stop: watch::Receiver<bool>) -> &'static str {
+        let version = env!("CARGO_PKG_VERSION");
+        let greeting = format!("ftpx {version} ready");
+        if self.conn.reply(Code::Greeting, &greeting).await.is_err() {
+            return "greeting failed";
+        }
+        let login_deadline = Instant::now() + self.server.config.login_timeout();
+        // Malformed requests, and requests refused before login.
+        let mut strikes = 0;
+        loop {
+            let request = match self.next_request(&mut stop, login_deadline).await {
+                Next::Request(request) => request,
+                Next::Bad if self.strike(&mut strikes).await => return "too many bad requests",
+                Next::Bad => continue,
+                Next::End(why) => return why,
+            };
+            if !matches!(request, Request::Send { .. })
+                && let Err(e) = self.answer_stores(Drain::All).await
+            {
+                info!(peer = %self.peer, user = self.user_name(), error = %e, "could not answer uploads");
+                return "connection lost";
+            }
+            if request == Request::Quit {
+                let _ = self.conn.reply(Code::Goodbye, "goodbye").await;
+                return "quit";
+            }
+            let verb = request.verb();
+            let started = Instant::now();
+            let was_logged_in = self.user.is_some();
+            match self.handle(request).await {
+                Ok(()) if !was_logged_in && self.user.is_some() => strikes = 0,
+                Ok(()) => {}
+                Err(e) => {
+                    if !self.answer(verb, started, e).await {
+                        return "error ends session";
+                    }
+                    if self.user.is_none() && self.strike(&mut strikes).await {
+                        return "too many bad requests";
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads and parses the next request, waiting at most the idle (or,
+    /// before login, the login) timeout, and answering SENDs meanwhile.
+    async fn next_request(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        login_deadline: Instant,
+    ) -> Next {
+        let wait = match self.user {
+            Some(_) => self.server.config.idle_timeout(),
+            None => login_deadline.saturating_duration_since(Instant::now()),
+        };
+        let max_line = self.server.config.limits.max_line;
+        let next_line = async {
+            self.answer_stores(Drain::UntilInput).await?;
+            self.conn.read_line(max_line).await
+        };
+        let line = tokio::select! {
+            line = tokio::time::timeout(wait, next_line) => line,
+            _ = stopped(stop) => {
+                let _ = self.reply_in_turn(Code::Unavailable, "server shutting down").await;
+                return Next::End("server shutting down");
+            }
+        };
+        let line = match line {
+            Err(_) => {
+                let what = match self.user {
+                    Some(_) => "idle timeout",
+                    None => "login timeout",
+                };
+                let _ = self
+                    .reply_in_turn(Code::Unavailable, &format!("{what}, closing"))
+                    .await;
+                return Next::End(what);
+            }
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => {
+                // A client that closed only its sending side still gets its replies.
+                let _ = self.answer_stores(Drain::All).await;
+                return Next::End("client closed the connection");
+            }
+            Ok(Err(e)) => {
+                let sent = self.reply_in_turn(e.reply_code(), &e.to_string()).await;
+                info!(peer = %self.peer, user = self.user_name(), error = %e, "bad request line");
+                return match e.ends_session() || sent.is_err() {
+                    true => Next::End("bad request line"),
+                    false => Next::Bad,
+                };
+            }
+        };
+        match Request::parse(&line) {
+            Ok(request) => Next::Request(request),
+            Err(e) => {
+                info!(peer = %self.peer, user = self.user_name(), error = %e, "malformed request");
+                let e = Error::from_parse(e);
+                match self.reply_in_turn(e.reply_code(), &e.to_string()).await {
+                    Ok(()) => Next::Bad,
+                    Err(_) => Next::End("connection lost"),
+                }
+            }
+        }
+    }
+
+    /// Replies to a request that failed; false if the session must end.
+    async fn answer(&mut self, verb: &'static str, started: Instant, e: Error) -> bool {
+        let code = e.reply_code();
+        if !matches!(
+            e,
+            Error::LoginFailed | Error::BadChunk(_) | Error::HashMismatch
+        ) {
+            // Logins and transfers log their own line with more detail.
+            info!(peer = %self.peer, user = self.user_name(), request = verb, code = code.number(), error = %e,
+                  ms = started.elapsed().as_millis() as u64, "request failed");
+        }
+        let sent = self.reply_in_turn(code, &e.to_string()).await;
+        !e.ends_session() && sent.is_ok()
+    }
+
+    /// Counts a bad request. Once there were `max_bad_requests`, tells the
+    /// client so and returns true: the session ends.
+    async fn strike(&mut self, strikes: &mut u32) -> bool {
+        *strikes += 1;
+        let max = self.server.config.limits.max_bad_requests;
+        if max == 0 || *strikes < max {
+            return false;
+        }
+        info!(peer = %self.peer, user = self.user_name(), strikes = *strikes, "too many bad requests, closing");
+        let _ = self
+            .reply_in_turn(Code::Unavailable, "too many bad requests, closing")
+            .await;
+        true
+    }
+
+    /// Replies after every SEND before it has been answered: replies go
+    /// out in the order of the requests.
+    async fn reply_in_turn(&mut self, code: Code, text: &str) -> Result<()> {
+        self.answer_stores(Drain::All).await?;
+        self.conn.reply(code, text).await
+    }
+
+    /// The one match: each request to its handler.
+    async fn handle(&mut self, request: Request) -> Result<()> {
+        match request {
+            Request::Login { user, password } => {
+                self.login(user, Password::new(password), false).await
+            }
+            Request::Register { user, password } => {
+                self.login(user, Password::new(password), true).await
+            }
+            Request::Noop => self.conn.reply(Code::Ok, "ok").await,
+            Request::Help => self.help().await,
+            Request::Quit => unreachable!("handled by the loop"),
+            // Its frames follow at once: they are read (and the SEND refused)
+            // before anything else, or they would be taken for request lines.
+            Request::Send { path, size } => self.send_small(path, size).await,
+            _ if self.user.is_none() => Err(Error::NotLoggedIn),
+            Request::Pwd => self.pwd().await,
+            Request::Cwd(path) => self.cwd(path).await,
+            Request::List(path) => self.list(path).await,
+            Request::Stat(path) => self.stat(path).await,
+            Request::Hash(path) => self.hash(path).await,
+            Request::Mkd(path) => self.mkd(path).await,
+            Request::Rmd(path) => self.rmd(path).await,
+            Request::Dele(path) => self.dele(path).await,
+            Request::Rename { from, to } => self.rename(from, to).await,
+            Request::Quota => self.quota().await,
+            Request::Parts => self.parts().await,
+            Request::Discard(path) => self.discard(path).await,
+            Request::Put { path, size, chunk } => self.put(path, size, chunk).await,
+            Request::Get { path, candidates } => self.get(path, candidates).await,
+        }
+    }
+
+    /// The one upload lock of `path`: an upload, a removal or a rename of it.
+    fn lock_upload(&self, path: &VPath) -> Result<UploadLock> {
+        let owner = self.logged_in()?;
+        owner
+            .ledger
+            .lock_upload(&owner.name, path)
+            .ok_or_else(|| Error::Busy(path.to_string()))
+    }
+
+    fn log_ok(&self, request: &'static str, path: &VPath, bytes: u64) {
+        info!(peer = %self.peer, user = self.user_name(), request, path = %path, bytes, result = "ok");
+    }
+
+    async fn help(&mut self) -> Result<()> {
+        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PARTS DISCARD PUT SEND GET NOOP HELP QUIT";
+        self.conn.write_line(&Code::Help.continued(verbs)).await?;
+        self.conn
+            .reply(
+                Code::Help,
+                "see the protocol documentation in src/protocol/mod.rs",
+            )
+            .await
+    }
+}
+
+/// Runs filesystem work on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::Storage(std::io::Error::other(e))))
+}
+
+/// Resolves once the server is stopping.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            // The server is gone without a word: treat as stopping.
+            return;
+        }
+    }
+}
+
+/// `"PATH"`, as replies quote a path.
+fn quoted(path: &VPath) -> String {
+    protocol::quote(&path.to_string())
+}

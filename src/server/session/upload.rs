@@ -1,0 +1,395 @@
+//! Uploads: PUT, which streams a file of any size in verified chunks, and
+//! SEND, a small file whose frames follow the request with no round trip.
+//! Both hand the upload's life to a `store::upload::Upload`; SENDs are
+//! written by one blocking task per session while the session reads on,
+//! and answered in order.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::{Session, blocking};
+use crate::error::{Error, Result};
+use crate::protocol::{self, Code, FrameKind, VPath};
+use crate::store::quota::UploadLock;
+use crate::store::upload::{Owner, Upload};
+use crate::transfer::{self, Checkpoints, Plan, Stopped};
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub(super) async fn put(&mut self, arg: String, size: u64, chunk: u64) -> Result<()> {
+        let path = self.resolve(&arg)?;
+        let owner = self.logged_in()?.clone();
+        if !protocol::valid_chunk_size(chunk) {
+            return Err(Error::BadArgument(format!(
+                "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
+            )));
+        }
+        let lock = self.lock_upload(&path)?;
+        let started = Instant::now();
+
+        // Check the target, reserve the space before the first byte, and
+        // find what can be resumed.
+        let p = path.clone();
+        let (upload, offers) = blocking(move || {
+            let upload = Upload::begin(lock, &owner, p, size)?;
+            let offers = upload.offers(chunk);
+            Ok((upload, offers))
+        })
+        .await
+        .inspect_err(|e| {
+            info!(peer = %self.peer, user = self.user_name(), request = "PUT", path = %path, size, error = %e, "upload refused");
+        })?;
+        let ready = format!("ready{}", protocol::format_candidates(&offers));
+        self.conn.reply(Code::Ready, &ready).await?;
+
+        // A wrong start frame ends the session; the upload, dropped, keeps
+        // an earlier partial of the path and frees the rest.
+        let start = self.conn.read_frame_header().await?;
+        let offered = start.offset == 0 || offers.iter().any(|c| c.offset == start.offset);
+        if start.kind != FrameKind::Start || !offered {
+            return Err(Error::Protocol(
+                "expected a start frame at 0 or at an offered offset".into(),
+            ));
+        }
+        let resume_at = start.offset;
+        let outcome = self.receive(upload, chunk, resume_at).await;
+        let ms = started.elapsed().as_millis() as u64;
+        let name = self.user_name();
+        match outcome {
+            Ok(hash) => {
+                info!(peer = %self.peer, user = name, request = "PUT", path = %path, size, resumed_from = resume_at,
+                      bytes = size - resume_at, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
+                let stored = format!("{} {size}", protocol::hex(&hash));
+                self.conn.reply(Code::Stored, &stored).await
+            }
+            Err((error, verified)) => {
+                info!(peer = %self.peer, user = name, request = "PUT", path = %path, size, resumed_from = resume_at,
+                      bytes = verified.saturating_sub(resume_at), ms, result = "failed", error = %error, "upload");
+                Err(error)
+            }
+        }
+    }
+
+    /// Receives an upload's chunks from `resume_at` into its partial file,
+    /// then lands it, or keeps what was verified for a later resume. The
+    /// error comes with the bytes verified.
+    async fn receive(
+        &mut self,
+        mut upload: Upload,
+        chunk: u64,
+        resume_at: u64,
+    ) -> std::result::Result<blake3::Hash, (Error, u64)> {
+        let size = upload.size();
+        let opened = blocking(move || {
+            let opened = upload.open(chunk, resume_at).map_err(Error::Storage);
+            Ok((upload, opened))
+        })
+        .await;
+        let (file, tree, mut journal, upload) = match opened {
+            Ok((upload, Ok((file, tree, journal)))) => (Arc::new(file), tree, journal, upload),
+            Ok((_, Err(e))) | Err(e) => {
+                // The client is already sending: the session can't stay in step.
+                let e = Error::Unavailable(format!("cannot store the upload: {e}"));
+                return Err((e, resume_at));
+            }
+        };
+        let t = &self.server.config.transfer;
+        let checkpoints = Checkpoints {
+            bytes: t.checkpoint_bytes.0.max(1),
+            interval: Duration::from_secs(t.checkpoint_secs),
+        };
+        let plan = Plan {
+            file: file.clone(),
+            size,
+            chunk,
+            offset: resume_at,
+            tree,
+        };
+        let hidden = ProgressBar::hidden();
+        let received =
+            transfer::receive(&mut self.conn, plan, &mut journal, checkpoints, &hidden).await;
+        match received {
+            Ok(hash) => {
+                let landed = blocking(move || {
+                    file.sync_all().map_err(Error::Storage)?;
+                    let part = upload.files().part.clone();
+                    upload.land(&part)
+                })
+                .await;
+                landed.map(|()| hash).map_err(|e| (e, size))
+            }
+            Err(Stopped { error, verified }) => {
+                // Keep what was verified for a later resume; a wrong whole, a
+                // full disk or a small file is not worth resuming.
+                let keep =
+                    journal.is_some() && !matches!(error, Error::HashMismatch | Error::StorageFull);
+                let _ = blocking(move || {
+                    if !keep {
+                        upload.discard();
+                        return Ok(());
+                    }
+                    let saved = file.sync_data().and_then(|()| match journal {
+                        Some(mut j) => j.save(verified),
+                        None => Ok(()),
+                    });
+                    if let Err(e) = saved {
+                        warn!(path = %upload.path(), error = %e, "cannot save the journal of a partial upload");
+                    }
+                    upload.park();
+                    Ok(())
+                })
+                .await;
+                Err((error, verified))
+            }
+        }
+    }
+
+    /// `SEND`: a small upload whose frames follow the request at once. They
+    /// are all read first, so that any refusal leaves the session in step.
+    pub(super) async fn send_small(&mut self, arg: String, size: u64) -> Result<()> {
+        if size > protocol::MAX_SEND {
+            return Err(Error::Protocol(format!(
+                "SEND carries at most {} bytes",
+                protocol::MAX_SEND
+            )));
+        }
+        let started = Instant::now();
+        let start = self.conn.read_frame_header().await?;
+        if start.kind != FrameKind::Start || start.offset != 0 {
+            return Err(Error::Protocol(
+                "expected a start frame at 0 after SEND".into(),
+            ));
+        }
+        let mut data = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        let mut chunk_hash = *blake3::hash(b"").as_bytes();
+        if size > 0 {
+            let chunk = self.conn.read_frame_header().await?;
+            if chunk.kind != FrameKind::Chunk || chunk.offset != 0 || u64::from(chunk.len) != size {
+                return Err(Error::Protocol("SEND carries its file as one chunk".into()));
+            }
+            self.conn.read_payload(&mut data).await?;
+            chunk_hash = chunk.hash;
+        }
+        let end = self.conn.read_frame_header().await?;
+        if end.kind != FrameKind::End || end.offset != size {
+            return Err(Error::Protocol("expected the end frame of the SEND".into()));
+        }
+        // In step from here on, whatever happens.
+        let hash = blake3::hash(&data);
+        if hash.as_bytes() != &chunk_hash {
+            return Err(Error::BadChunk(0));
+        }
+        if hash.as_bytes() != &end.hash {
+            return Err(Error::HashMismatch);
+        }
+        let path = self.resolve(&arg)?;
+        let owner = self.logged_in()?.clone();
+        let lock = match self.lock_upload(&path) {
+            Ok(lock) => lock,
+            Err(_) => {
+                // Perhaps held by one of this session's own SENDs still being stored.
+                self.answer_stores(Drain::All).await?;
+                self.lock_upload(&path)?
+            }
+        };
+        self.stores.push(Store {
+            peer: self.peer,
+            owner,
+            path,
+            data,
+            hash,
+            started,
+            lock,
+        });
+        self.answer_stores(Drain::ToBound).await
+    }
+
+    /// Sends the replies of stored SENDs, in order, as they finish. Replies
+    /// ready together go out together: the stream is flushed before waiting
+    /// and when none is left, not per reply.
+    pub(super) async fn answer_stores(&mut self, drain: Drain) -> Result<()> {
+        loop {
+            if matches!(drain, Drain::ToBound) && !self.stores.over_bound() {
+                return Ok(());
+            }
+            let Some(reply) = self.stores.replies.front_mut() else {
+                return self.conn.flush().await;
+            };
+            let outcome = match reply.outcome.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    self.conn.flush().await?;
+                    match drain {
+                        Drain::UntilInput => tokio::select! {
+                            biased;
+                            () = self.conn.input() => return Ok(()),
+                            outcome = &mut reply.outcome => outcome.ok(),
+                        },
+                        _ => (&mut reply.outcome).await.ok(),
+                    }
+                }
+                ready => ready.ok(),
+            };
+            self.stores.pop();
+            let outcome = outcome.unwrap_or_else(|| {
+                Err(Error::Storage(std::io::Error::other(
+                    "the store task ended",
+                )))
+            });
+            // A store that failed (quota, storage) leaves the stream in step:
+            // the session goes on.
+            match outcome {
+                Ok(text) => self.conn.write_line(&Code::Stored.line(&text)).await?,
+                Err(e) => self.conn.reply(e.reply_code(), &e.to_string()).await?,
+            }
+        }
+    }
+}
+
+/// A small upload (SEND) that arrived whole and verified, waiting to be
+/// written into its home.
+struct Store {
+    peer: SocketAddr,
+    owner: Owner,
+    path: VPath,
+    data: Vec<u8>,
+    hash: blake3::Hash,
+    started: Instant,
+    lock: UploadLock,
+}
+
+impl Store {
+    /// Charges the quota, writes a staging file and moves it into place.
+    /// Returns the text of the 226 reply.
+    fn write(self) -> Result<String> {
+        let Store {
+            peer,
+            owner,
+            path,
+            data,
+            hash,
+            started,
+            lock,
+        } = self;
+        let size = data.len() as u64;
+        let stored = Upload::begin(lock, &owner, path.clone(), size).and_then(|u| u.store(&data));
+        let (ms, name) = (started.elapsed().as_millis() as u64, &owner.name);
+        match stored {
+            Ok(()) => {
+                info!(peer = %peer, user = %name, request = "SEND", path = %path, size,
+                      bytes = size, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
+                Ok(format!("{} {size}", protocol::hex(&hash)))
+            }
+            Err(e) => {
+                info!(peer = %peer, user = %name, request = "SEND", path = %path, size,
+                      code = e.reply_code().number(), error = %e, ms, "request failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The SENDs of one session that are verified but not yet answered. One
+/// task on the blocking pool at a time writes them, in the order they came,
+/// while the session reads on; their replies go out in the same order,
+/// before any other request is handled. In flight: at most
+/// [`Stores::MAX_FILES`] files and [`Stores::MAX_BYTES`] bytes.
+#[derive(Default)]
+pub(super) struct Stores {
+    queue: Arc<Mutex<StoreQueue>>,
+    replies: VecDeque<StoreReply>,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct StoreQueue {
+    jobs: VecDeque<(Store, oneshot::Sender<Result<String>>)>,
+    writing: bool,
+}
+
+struct StoreReply {
+    outcome: oneshot::Receiver<Result<String>>,
+    bytes: u64,
+}
+
+/// How far [`Session::answer_stores`] goes.
+#[derive(Clone, Copy)]
+pub(super) enum Drain {
+    /// Every SEND is answered.
+    All,
+    /// Until the SENDs in flight are within bounds.
+    ToBound,
+    /// Until the client has sent more, or every SEND is answered.
+    UntilInput,
+}
+
+impl Stores {
+    const MAX_FILES: usize = 64;
+    const MAX_BYTES: u64 = 2 * protocol::MAX_SEND;
+
+    fn push(&mut self, store: Store) {
+        let bytes = store.data.len() as u64;
+        let (done, outcome) = oneshot::channel();
+        self.replies.push_back(StoreReply { outcome, bytes });
+        self.bytes += bytes;
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.jobs.push_back((store, done));
+        if !queue.writing {
+            queue.writing = true;
+            let queue = self.queue.clone();
+            tokio::task::spawn_blocking(move || write_stores(&queue));
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(reply) = self.replies.pop_front() {
+            self.bytes -= reply.bytes;
+        }
+    }
+
+    fn over_bound(&self) -> bool {
+        self.replies.len() > Self::MAX_FILES || self.bytes > Self::MAX_BYTES
+    }
+
+    /// Waits until every store handed over has finished, without answering.
+    pub(super) async fn finish(&mut self) {
+        while let Some(reply) = self.replies.pop_front() {
+            let _ = reply.outcome.await;
+        }
+        self.bytes = 0;
+    }
+}
+
+/// The blocking side of [`Stores`]: writes queued stores until none is left.
+fn write_stores(queue: &Mutex<StoreQueue>) {
+    let lock = || queue.lock().unwrap_or_else(|e| e.into_inner());
+    /// Should a store panic, the queue is left with no writer and no
+    /// orphaned job (their replies turn into errors).
+    struct Unwind<'a>(&'a Mutex<StoreQueue>);
+    impl Drop for Unwind<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                queue.writing = false;
+                queue.jobs.clear();
+            }
+        }
+    }
+    let _unwind = Unwind(queue);
+    loop {
+        let next = {
+            let mut queue = lock();
+            let next = queue.jobs.pop_front();
+            // Under the same lock as the pop, so a push never finds a writer that is leaving.
+            queue.writing = next.is_some();
+            next
+        };
+        let Some((store, done)) = next else { return };
+        let _ = done.send(store.write());
+    }
+}
