@@ -6,6 +6,7 @@
 use std::io;
 
 use crate::protocol::{BadPath, Code, ParseError};
+use crate::transfer;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -63,6 +64,24 @@ pub enum Error {
     Storage(#[source] io::Error),
     #[error("connection lost")]
     Connection(#[source] io::Error),
+}
+
+/// What stopped a transfer or the connection, as the server replies to it.
+impl From<transfer::Error> for Error {
+    fn from(e: transfer::Error) -> Error {
+        match e {
+            transfer::Error::Connection(io) => Error::Connection(io),
+            transfer::Error::Timeout(what) => Error::Timeout(what),
+            transfer::Error::LineTooLong => Error::LineTooLong,
+            transfer::Error::NotText => Error::Syntax("request is not valid UTF-8".into()),
+            transfer::Error::Protocol(p) => Error::Protocol(p),
+            transfer::Error::BadChunk(at) => Error::BadChunk(at),
+            transfer::Error::HashMismatch => Error::HashMismatch,
+            transfer::Error::Aborted => Error::Unavailable("the sender gave up".into()),
+            transfer::Error::File(io) if transfer::error::disk_full(&io) => Error::StorageFull,
+            transfer::Error::File(io) => Error::Storage(io),
+        }
+    }
 }
 
 impl From<BadPath> for Error {
@@ -135,13 +154,7 @@ impl Error {
             io::ErrorKind::PermissionDenied => Error::PermissionDenied(p),
             io::ErrorKind::InvalidFilename => Error::BadArgument(format!("{p}: invalid name")),
             _ if err.raw_os_error() == Some(libc::ELOOP) => Error::PermissionDenied(p),
-            _ if matches!(
-                err.raw_os_error(),
-                Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
-            ) =>
-            {
-                Error::StorageFull
-            }
+            _ if transfer::error::disk_full(&err) => Error::StorageFull,
             _ => Error::Storage(err),
         }
     }

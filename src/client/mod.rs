@@ -22,7 +22,6 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::{info, warn};
 
-use crate::error::Error;
 use crate::protocol::VPath;
 use crate::protocol::{self, Candidate, FrameHeader, ReplyLine, Request};
 use crate::tls::Trust;
@@ -122,21 +121,29 @@ impl ClientError {
     }
 }
 
-impl From<Error> for ClientError {
-    fn from(e: Error) -> ClientError {
+/// What stopped a transfer or the connection, as the client reports it.
+impl From<transfer::Error> for ClientError {
+    fn from(e: transfer::Error) -> ClientError {
+        use transfer::Error as T;
         match e {
-            Error::Connection(io) => ClientError::Connection(io.to_string()),
-            Error::Timeout(what) => ClientError::Connection(format!("{what} timed out")),
-            Error::LineTooLong => ClientError::Protocol("reply line too long".into()),
-            Error::Protocol(p) | Error::Syntax(p) => ClientError::Protocol(p),
-            Error::BadChunk(at) => ClientError::Server {
+            T::Connection(io) => ClientError::Connection(io.to_string()),
+            T::Timeout(what) => ClientError::Connection(format!("{what} timed out")),
+            T::LineTooLong => ClientError::Protocol("reply line too long".into()),
+            T::NotText => ClientError::Protocol("reply is not valid UTF-8".into()),
+            T::Protocol(p) => ClientError::Protocol(p),
+            // Like the server's 453: the next attempt resumes before it.
+            T::BadChunk(at) => ClientError::Server {
                 code: 453,
                 text: format!("chunk at offset {at} failed its hash check"),
             },
-            Error::HashMismatch => {
+            T::HashMismatch => {
                 ClientError::Verify("downloaded file's hash did not match the server's".into())
             }
-            other => ClientError::Local(other.to_string()),
+            T::Aborted => ClientError::Protocol("the server gave up sending the file".into()),
+            T::File(io) if transfer::error::disk_full(&io) => {
+                ClientError::Local(format!("the local disk is full: {io}"))
+            }
+            T::File(io) => ClientError::Local(format!("local file: {io}")),
         }
     }
 }
@@ -964,7 +971,7 @@ impl Client {
                 })
             }
             Err(Stopped { error, verified }) => {
-                if matches!(error, Error::HashMismatch) || journal.is_none() {
+                if matches!(error, transfer::Error::HashMismatch) || journal.is_none() {
                     let _ = std::fs::remove_file(&partial);
                     if let Some(j) = &journal {
                         j.remove();
@@ -976,18 +983,11 @@ impl Client {
                     }
                 }
                 info!(remote = %source, local = %target.display(), verified, error = %error, ms, "download stopped");
-                let out_of_step = matches!(
-                    error,
-                    Error::Connection(_)
-                        | Error::Timeout(_)
-                        | Error::Protocol(_)
-                        | Error::Unavailable(_)
-                );
-                if !out_of_step {
+                if error.in_step() {
                     // The stream was read to its end frame: still in step.
                     self.in_data = false;
                 }
-                if matches!(error, Error::Unavailable(_)) {
+                if matches!(error, transfer::Error::Aborted) {
                     // The server gave up mid-file (its read failed); its reply says why.
                     let reply = self.read_reply().await?;
                     self.in_data = false;

@@ -241,6 +241,9 @@ enum Transfer {
 
 /// Runs `ftpx connect`; returns the exit status.
 pub async fn run(args: ConnectArgs) -> u8 {
+    // A file-size limit (ulimit -f) must fail the one write, not kill the client.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let target = match parse_target(&args.target) {
         Ok(t) => t,
         Err(e) => {

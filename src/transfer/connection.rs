@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 
-use crate::error::{Error, Result};
 use crate::protocol::{Code, FRAME_HEADER_LEN, FrameHeader};
+use crate::transfer::error::{Error, Result};
 
 pub struct Connection<S> {
     stream: BufStream<S>,
@@ -61,7 +61,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         String::from_utf8(line)
             .map(Some)
-            .map_err(|_| Error::Syntax("request is not valid UTF-8".into()))
+            .map_err(|_| Error::NotText)
     }
 
     /// Waits until input is buffered, the stream has ended or it failed

@@ -30,6 +30,7 @@
 //! ever appended to bytes that were not proven equal to the source.
 
 pub mod connection;
+pub mod error;
 pub mod journal;
 
 use std::fs::File;
@@ -44,10 +45,11 @@ use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, Result};
 use crate::protocol::{Candidate, FrameHeader, FrameKind, MAX_CANDIDATES, valid_chunk_size};
 use crate::transfer::connection::Connection;
 use crate::transfer::journal::Journal;
+pub use error::Error;
+use error::Result;
 
 /// The hash a chunk frame carries: the BLAKE3 chaining value of `data` as
 /// the subtree at `offset` of a file of `size` bytes, or, when `data` is the
@@ -290,14 +292,14 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     while let Some(task) = pending.take() {
         let done = task
             .await
-            .map_err(|e| Error::Storage(std::io::Error::other(e)))?;
+            .map_err(|e| Error::File(std::io::Error::other(e)))?;
         let hash = match done.hash {
             Ok(hash) => hash,
             Err(e) => {
                 // The source shrank or can't be read: tell the receiver, then report.
                 let _ = conn.write_frame(&FrameHeader::abort(), &[]).await;
                 let _ = conn.flush().await;
-                return Err(Error::Storage(e));
+                return Err(Error::File(e));
             }
         };
         let at = pos;
@@ -373,7 +375,7 @@ impl Receiver<'_> {
             Ok(done) => done,
             Err(e) => {
                 self.failed
-                    .get_or_insert(Error::Storage(std::io::Error::other(e)));
+                    .get_or_insert(Error::File(std::io::Error::other(e)));
                 return;
             }
         };
@@ -390,7 +392,7 @@ impl Receiver<'_> {
                 }
             }
             Err(e) => {
-                self.failed.get_or_insert(Error::fs(e, "upload"));
+                self.failed.get_or_insert(Error::File(e));
             }
         }
     }
@@ -479,7 +481,7 @@ impl Receiver<'_> {
 /// A chunk whose hash does not match is never written, nor anything after
 /// it; a write that fails stops the writing too. Either way the rest of the
 /// stream is read and dropped, so the session stays in step, and the error
-/// ([`Error::BadChunk`], storage full...) returned with the good length. A
+/// ([`Error::BadChunk`], [`Error::File`]...) returned with the good length. A
 /// chunk out of place is a protocol error: the peer is out of step.
 pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
@@ -529,7 +531,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 break Ok(hash);
             }
-            FrameKind::Abort => break Err(Error::Unavailable("the sender gave up".into())),
+            FrameKind::Abort => break Err(Error::Aborted),
             FrameKind::Start => break Err(Error::Protocol("unexpected start frame".into())),
         }
     };

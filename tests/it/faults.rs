@@ -417,6 +417,53 @@ impl Drop for SmallDisk {
 }
 
 // ---------------------------------------------------------------------------
+// 2.E 62: disk full on the client
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_local_disk_during_get_is_said_to_be_the_local_disk() {
+    let root = scratch();
+    let sdir = server_dir(root.path(), CHEAP_HASHES, "", "");
+    let srv = BinServer::start(&sdir, 0);
+    srv.useradd("ann", "100MiB");
+    let work = root.path().join("client");
+    fs::create_dir_all(&work).unwrap();
+    fs::write(work.join("big"), data(4 * MIB as usize, 1)).unwrap();
+    let out = connect_c(&work, &srv.ca(), srv.port, "ann", "put big");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+
+    // The client may write files of at most 1 MiB: its disk fills under
+    // the download (EFBIG, as ENOSPC), after the check for free space.
+    let down = root.path().join("down");
+    fs::create_dir_all(&down).unwrap();
+    let mut get = ftpx(&down);
+    get.args(["connect", &format!("ann@127.0.0.1:{}", srv.port), "--ca"])
+        .arg(srv.ca())
+        .args(["--retries", "0", "-c", "get big"])
+        .env("FTPX_PASSWORD", PASSWORD)
+        .env("FTPX_STATE_DIR", work.join("state"));
+    // SAFETY: setrlimit only, in the child between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut get, || {
+            let limit = libc::rlimit {
+                rlim_cur: MIB,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            Ok(())
+        });
+    }
+    let out = run(&mut get);
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("the local disk is full"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("server"), "{}", out.stderr);
+    assert!(!down.join("big").exists());
+}
+
+// ---------------------------------------------------------------------------
 // 2.E 59: disk full under an upload
 
 #[tokio::test(flavor = "multi_thread")]

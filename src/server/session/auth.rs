@@ -34,7 +34,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         info!(peer = %self.peer, user = %owner.name, result = "ok", ms = started.elapsed().as_millis() as u64, "login");
         self.user = Some(owner);
         self.cwd = VPath::root();
-        self.conn.reply(Code::LoggedIn, "logged in").await
+        self.reply(Code::LoggedIn, "logged in").await
     }
 
     /// Creates an account for a stranger, with a quota drawn at random.

@@ -36,8 +36,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await?;
         let (size, offset) = (plan.size, plan.offset);
-        self.conn
-            .reply(Code::Sending, &format!("{size} {offset} {chunk}"))
+        self.reply(Code::Sending, &format!("{size} {offset} {chunk}"))
             .await?;
         let sent = transfer::send(&mut self.conn, plan, &ProgressBar::hidden()).await;
         let ms = started.elapsed().as_millis() as u64;

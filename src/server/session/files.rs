@@ -19,7 +19,7 @@ const ONE_ENTRY: Usage = Usage {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn pwd(&mut self) -> Result<()> {
-        self.conn.reply(Code::Path, &quoted(&self.cwd)).await
+        self.reply(Code::Path, &quoted(&self.cwd)).await
     }
 
     pub(super) async fn cwd(&mut self, arg: Option<String>) -> Result<()> {
@@ -32,7 +32,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         blocking(move || home.check_dir(&p)).await?;
         self.log_ok("CWD", &path, 0);
         self.cwd = path;
-        self.conn.reply(Code::Path, &quoted(&self.cwd)).await
+        self.reply(Code::Path, &quoted(&self.cwd)).await
     }
 
     pub(super) async fn list(&mut self, arg: Option<String>) -> Result<()> {
@@ -51,8 +51,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let more = if truncated { " (truncated)" } else { "" };
         self.log_ok("LIST", &path, entries.len() as u64);
-        self.conn
-            .reply(Code::Status, &format!("{} entries{more}", entries.len()))
+        self.reply(Code::Status, &format!("{} entries{more}", entries.len()))
             .await
     }
 
@@ -60,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
         let entry = blocking(move || home.stat(&path)).await?;
-        self.conn.reply(Code::Status, &entry.to_line()).await
+        self.reply(Code::Status, &entry.to_line()).await
     }
 
     pub(super) async fn hash(&mut self, arg: String) -> Result<()> {
@@ -76,7 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await?;
         self.log_ok("HASH", &path, 0);
-        self.conn.reply(Code::Status, &protocol::hex(&hash)).await
+        self.reply(Code::Status, &protocol::hex(&hash)).await
     }
 
     pub(super) async fn mkd(&mut self, arg: String) -> Result<()> {
@@ -93,7 +92,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await?;
         self.log_ok("MKD", &path, 0);
-        self.conn.reply(Code::Path, &quoted(&path)).await
+        self.reply(Code::Path, &quoted(&path)).await
     }
 
     pub(super) async fn rmd(&mut self, arg: String) -> Result<()> {
@@ -115,7 +114,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await?;
         self.log_ok("RMD", &path, 0);
-        self.conn.reply(Code::Ok, "directory removed").await
+        self.reply(Code::Ok, "directory removed").await
     }
 
     pub(super) async fn dele(&mut self, arg: String) -> Result<()> {
@@ -132,7 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await?;
         self.log_ok("DELE", &path, freed);
-        self.conn.reply(Code::Ok, "file removed").await
+        self.reply(Code::Ok, "file removed").await
     }
 
     pub(super) async fn rename(&mut self, from: String, to: String) -> Result<()> {
@@ -151,8 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await?;
         info!(peer = %self.peer, user = self.user_name(), request = "RENAME", from = %from, to = %target, result = "ok");
-        self.conn
-            .reply(Code::Ok, &format!("renamed to {}", quoted(&target)))
+        self.reply(Code::Ok, &format!("renamed to {}", quoted(&target)))
             .await
     }
 
@@ -166,7 +164,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "{} {bytes} {} {entries} {} {count}",
             used.bytes, used.entries, unfinished.bytes
         );
-        self.conn.reply(Code::Status, &text).await
+        self.reply(Code::Status, &text).await
     }
 
     pub(super) async fn parts(&mut self) -> Result<()> {
@@ -182,8 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
             self.conn.write_line(&Code::Status.continued(&line)).await?;
         }
-        self.conn
-            .reply(Code::Status, &format!("{} unfinished uploads", parts.len()))
+        self.reply(Code::Status, &format!("{} unfinished uploads", parts.len()))
             .await
     }
 
@@ -193,8 +190,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let p = path.clone();
         let size = blocking(move || upload::discard(&owner, &p)).await?;
         self.log_ok("DISCARD", &path, size);
-        self.conn
-            .reply(Code::Ok, "unfinished upload discarded")
-            .await
+        self.reply(Code::Ok, "unfinished upload discarded").await
     }
 }

@@ -94,7 +94,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn run_loop(&mut self, mut stop: watch::Receiver<bool>) -> &'static str {
         let version = env!("CARGO_PKG_VERSION");
         let greeting = format!("ftpx {version} ready");
-        if self.conn.reply(Code::Greeting, &greeting).await.is_err() {
+        if self.reply(Code::Greeting, &greeting).await.is_err() {
             return "greeting failed";
         }
         let login_deadline = Instant::now() + self.server.config.login_timeout();
@@ -114,7 +114,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return "connection lost";
             }
             if request == Request::Quit {
-                let _ = self.conn.reply(Code::Goodbye, "goodbye").await;
+                let _ = self.reply(Code::Goodbye, "goodbye").await;
                 return "quit";
             }
             let verb = request.verb();
@@ -149,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let max_line = self.server.config.limits.max_line;
         let next_line = async {
             self.answer_stores(Drain::UntilInput).await?;
-            self.conn.read_line(max_line).await
+            Ok::<_, Error>(self.conn.read_line(max_line).await?)
         };
         let line = tokio::select! {
             line = tokio::time::timeout(wait, next_line) => line,
@@ -227,11 +227,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         true
     }
 
+    /// Sends a final reply line.
+    async fn reply(&mut self, code: Code, text: &str) -> Result<()> {
+        Ok(self.conn.reply(code, text).await?)
+    }
+
     /// Replies after every SEND before it has been answered: replies go
     /// out in the order of the requests.
     async fn reply_in_turn(&mut self, code: Code, text: &str) -> Result<()> {
         self.answer_stores(Drain::All).await?;
-        self.conn.reply(code, text).await
+        self.reply(code, text).await
     }
 
     /// The one match: each request to its handler.
@@ -243,7 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Register { user, password } => {
                 self.login(user, Password::new(password), true).await
             }
-            Request::Noop => self.conn.reply(Code::Ok, "ok").await,
+            Request::Noop => self.reply(Code::Ok, "ok").await,
             Request::Help => self.help().await,
             Request::Quit => unreachable!("handled by the loop"),
             // Its frames follow at once: they are read (and the SEND refused)
@@ -283,12 +288,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn help(&mut self) -> Result<()> {
         let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PARTS DISCARD PUT SEND GET NOOP HELP QUIT";
         self.conn.write_line(&Code::Help.continued(verbs)).await?;
-        self.conn
-            .reply(
-                Code::Help,
-                "see the protocol documentation in src/protocol/mod.rs",
-            )
-            .await
+        self.reply(
+            Code::Help,
+            "see the protocol documentation in src/protocol/mod.rs",
+        )
+        .await
     }
 }
 

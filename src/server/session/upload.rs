@@ -46,7 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             info!(peer = %self.peer, user = self.user_name(), request = "PUT", path = %path, size, error = %e, "upload refused");
         })?;
         let ready = format!("ready{}", protocol::format_candidates(&offers));
-        self.conn.reply(Code::Ready, &ready).await?;
+        self.reply(Code::Ready, &ready).await?;
 
         // A wrong start frame ends the session; the upload, dropped, keeps
         // an earlier partial of the path and frees the rest.
@@ -66,7 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 info!(peer = %self.peer, user = name, request = "PUT", path = %path, size, resumed_from = resume_at,
                       bytes = size - resume_at, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
                 let stored = format!("{} {size}", protocol::hex(&hash));
-                self.conn.reply(Code::Stored, &stored).await
+                self.reply(Code::Stored, &stored).await
             }
             Err((error, verified)) => {
                 info!(peer = %self.peer, user = name, request = "PUT", path = %path, size, resumed_from = resume_at,
@@ -125,6 +125,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 landed.map(|()| hash).map_err(|e| (e, size))
             }
             Err(Stopped { error, verified }) => {
+                let error = Error::from(error);
                 // Keep what was verified for a later resume; a wrong whole, a
                 // full disk or a small file is not worth resuming.
                 let keep =
@@ -219,7 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(());
             }
             let Some(reply) = self.stores.replies.front_mut() else {
-                return self.conn.flush().await;
+                return Ok(self.conn.flush().await?);
             };
             let outcome = match reply.outcome.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => {
@@ -245,7 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // the session goes on.
             match outcome {
                 Ok(text) => self.conn.write_line(&Code::Stored.line(&text)).await?,
-                Err(e) => self.conn.reply(e.reply_code(), &e.to_string()).await?,
+                Err(e) => self.reply(e.reply_code(), &e.to_string()).await?,
             }
         }
     }
