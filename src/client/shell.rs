@@ -11,10 +11,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tracing::info;
 
 use crate::cli::ConnectArgs;
-use crate::client::{Client, ClientError, Entry, Transferred, state_dir};
+use crate::client::{Client, ClientError, Transferred, state_dir};
 use crate::config::human_bytes;
-use crate::protocol::VPath;
-use crate::protocol::{self, Request};
+use crate::protocol::{self, Entry, Request, VPath};
 use crate::tls::Trust;
 
 /// Prints a result line on standard output. A closed pipe (`| head`) is

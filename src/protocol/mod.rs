@@ -240,6 +240,54 @@ pub enum ParseError {
     BadNumber(String),
     #[error("invalid hash {0:?}")]
     BadHash(String),
+    #[error("bad listing line")]
+    BadEntry,
+}
+
+/// One entry of a listing or a `STAT` reply: `TYPE SIZE MTIME NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `d` directory, `f` regular file, `l` symlink, `o` anything else.
+    pub kind: char,
+    pub size: u64,
+    /// Unix seconds.
+    pub mtime: i64,
+    /// A name: on the client, as the server sent it, to be checked before
+    /// any local use and escaped before it is printed.
+    pub name: String,
+}
+
+impl Entry {
+    /// `TYPE SIZE MTIME NAME`, the name quoted as a word.
+    pub fn to_line(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.kind,
+            self.size,
+            self.mtime,
+            quote(&self.name)
+        )
+    }
+
+    pub fn parse(line: &str) -> Result<Entry, ParseError> {
+        let bad = || ParseError::BadEntry;
+        let words = split_commands(line, false)?;
+        let words = words.into_iter().next().ok_or_else(bad)?;
+        let [kind, size, mtime, name] = &words[..] else {
+            return Err(bad());
+        };
+        let kind = kind
+            .chars()
+            .next()
+            .filter(|_| kind.len() == 1)
+            .ok_or_else(bad)?;
+        Ok(Entry {
+            kind,
+            size: size.parse().map_err(|_| bad())?,
+            mtime: mtime.parse().map_err(|_| bad())?,
+            name: name.clone(),
+        })
+    }
 }
 
 /// Splits a line into words and `;`-separated commands.

@@ -16,52 +16,30 @@ use std::sync::Arc;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
 use crate::error::{Error, Result};
-use crate::protocol::VPath;
+use crate::protocol::{Entry, VPath};
 
-/// What `ls` and `STAT` show of one entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// `d` directory, `f` regular file, `l` symlink, `o` anything else.
-    pub kind: char,
-    pub size: u64,
-    pub mtime: i64,
-    pub name: String,
-}
-
-impl Entry {
-    fn from_metadata(name: String, m: &cap_std::fs::Metadata) -> Entry {
-        let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_symlink() {
-            'l'
-        } else {
-            'o'
-        };
-        let mtime = m
-            .modified()
-            .ok()
-            .and_then(|t| t.into_std().duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        Entry {
-            kind,
-            size: if ft.is_file() { m.len() } else { 0 },
-            mtime,
-            name,
-        }
-    }
-
-    /// `TYPE SIZE MTIME NAME`, the name quoted as a word.
-    pub fn to_line(&self) -> String {
-        format!(
-            "{} {} {} {}",
-            self.kind,
-            self.size,
-            self.mtime,
-            crate::protocol::quote(&self.name)
-        )
+/// What `ls` and `STAT` show of one entry named `name`.
+fn entry(name: String, m: &cap_std::fs::Metadata) -> Entry {
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_file() {
+        'f'
+    } else if ft.is_symlink() {
+        'l'
+    } else {
+        'o'
+    };
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.into_std().duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    Entry {
+        kind,
+        size: if ft.is_file() { m.len() } else { 0 },
+        mtime,
+        name,
     }
 }
 
@@ -112,7 +90,7 @@ impl Home {
         if !m.is_dir() {
             // `ls FILE` shows the file, as ls(1) does.
             let name = path.file_name().unwrap_or("/").to_string();
-            return Ok((vec![Entry::from_metadata(name, &m)], false));
+            return Ok((vec![entry(name, &m)], false));
         }
         let mut entries = vec![];
         let mut truncated = false;
@@ -128,7 +106,7 @@ impl Home {
             }
             let name = item.file_name().to_string_lossy().into_owned();
             match item.metadata() {
-                Ok(m) => entries.push(Entry::from_metadata(name, &m)),
+                Ok(m) => entries.push(entry(name, &m)),
                 // Gone between readdir and stat: leave it out.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::fs(e, &vp)),
@@ -144,10 +122,7 @@ impl Home {
             .dir
             .symlink_metadata(path.rel())
             .map_err(|e| Error::fs(e, &path.to_string()))?;
-        Ok(Entry::from_metadata(
-            path.file_name().unwrap_or("/").to_string(),
-            &m,
-        ))
+        Ok(entry(path.file_name().unwrap_or("/").to_string(), &m))
     }
 
     pub fn mkdir(&self, path: &VPath) -> Result<()> {

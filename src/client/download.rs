@@ -1,0 +1,324 @@
+//! Downloads to the client: the server's plan checked, the partial file
+//! beside the target opened without following links, verified, resumable.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use indicatif::ProgressBar;
+use tracing::{info, warn};
+
+use crate::protocol::{self, Candidate, Request, VPath};
+use crate::transfer::journal::{self, Journal, Record};
+use crate::transfer::{self, Plan, Stopped};
+
+use super::error::local_err;
+use super::{Client, ClientError, Result, Transferred};
+
+impl Client {
+    /// Downloads `remote` to the local file `target`, resuming from a
+    /// partial download that both ends prove equal.
+    pub async fn get(
+        &mut self,
+        remote: &VPath,
+        target: &Path,
+        progress: &ProgressBar,
+    ) -> Result<Transferred> {
+        let started = std::time::Instant::now();
+        let target_abs = std::path::absolute(target).map_err(|e| local_err(target, e))?;
+        let name = target_abs
+            .file_name()
+            .ok_or_else(|| ClientError::Local(format!("{}: not a file name", target.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let dir = target_abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if target_abs.is_dir() {
+            return Err(ClientError::Local(format!(
+                "{}: is a directory",
+                target.display()
+            )));
+        }
+        if !dir.is_dir() {
+            return Err(ClientError::Local(format!(
+                "{}: no such directory",
+                dir.display()
+            )));
+        }
+        let partial = dir.join(format!(".{name}.ftpx-part"));
+        let source = remote.to_string();
+        let target_str = target_abs.to_string_lossy().into_owned();
+        let journal_path = self.journal_dir.join(format!(
+            "{}.toml",
+            journal::key(&["download", &source, &target_str])
+        ));
+
+        // Offer what an earlier attempt left, in that attempt's chunk size.
+        let (candidates, prior_chunk) = match Journal::load(&journal_path) {
+            Ok(Some(prior))
+                if prior.kind == "download"
+                    && prior.source == source
+                    && prior.target == target_str =>
+            {
+                let p = partial.clone();
+                let offered =
+                    tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Candidate>> {
+                        let f = open_nofollow(&p, false)?;
+                        let len = f.metadata()?.len();
+                        transfer::offer(
+                            &f,
+                            prior.size,
+                            prior.chunk,
+                            &[len, prior.verified.min(len)],
+                        )
+                    })
+                    .await
+                    .map_err(|e| ClientError::Local(e.to_string()))?
+                    .unwrap_or_default();
+                (offered, prior.chunk)
+            }
+            Ok(_) => (vec![], 0),
+            Err(e) => {
+                warn!(error = %e, "ignoring a damaged journal");
+                (vec![], 0)
+            }
+        };
+        let offered: Vec<u64> = candidates.iter().map(|c| c.offset).collect();
+        let reply = self
+            .request(&Request::Get {
+                path: source.clone(),
+                candidates,
+            })
+            .await?;
+        let numbers: Vec<u64> = reply
+            .text
+            .split(' ')
+            .map_while(|w| w.parse().ok())
+            .collect();
+        let (size, offset, chunk) = match (reply.code, numbers.as_slice()) {
+            (151, &[size, offset, chunk]) => (size, offset, chunk),
+            _ => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply to GET: {} {}",
+                    reply.code, reply.text
+                )));
+            }
+        };
+        // From here the server is sending: any error but a server reply
+        // tells the caller to drop this session.
+        self.in_data = true;
+        check_plan(size, offset, chunk, &offered, prior_chunk).map_err(|why| {
+            ClientError::Protocol(format!("bad download plan {:?}: {why}", reply.text))
+        })?;
+        let free = free_space(&dir).map_err(|e| local_err(&dir, e))?;
+        if size - offset > free {
+            return Err(ClientError::Local(format!(
+                "{}: the server offers {} bytes, but only {free} are free there",
+                dir.display(),
+                size - offset
+            )));
+        }
+        let record = Record::new("download", source.clone(), target_str, size, chunk);
+        // Open the partial file at the agreed offset, never through a link.
+        let p = partial.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = open_nofollow(&p, offset == 0)?;
+            transfer::resume_partial(file, size, chunk, offset)
+        })
+        .await
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+        let (file, tree) = opened.map_err(|e| local_err(&partial, e))?;
+        let mut journal = Journal::new(journal_path, record);
+        if size > chunk {
+            journal
+                .save(offset)
+                .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
+        }
+        info!(remote = %source, local = %target.display(), size, resumed_at = offset, "download starts");
+        let mut journal = (size > chunk).then_some(journal);
+        progress.set_length(size);
+        progress.set_position(offset);
+        let file = Arc::new(file);
+        let plan = Plan {
+            file: file.clone(),
+            size,
+            chunk,
+            offset,
+            tree,
+        };
+        let received = transfer::receive(
+            &mut self.conn,
+            plan,
+            &mut journal,
+            self.options.checkpoints,
+            progress,
+        )
+        .await;
+        let ms = started.elapsed().as_millis() as u64;
+        match received {
+            Ok(hash) => {
+                self.in_data = false;
+                let done = (|| -> std::io::Result<()> {
+                    file.sync_all()?;
+                    std::fs::rename(&partial, &target_abs)?;
+                    File::open(&dir)?.sync_all()
+                })();
+                if let Some(j) = &journal {
+                    j.remove();
+                }
+                done.map_err(|e| local_err(target, e))?;
+                info!(remote = %source, local = %target.display(), size, resumed_at = offset,
+                      hash = %protocol::hex(&hash), ms, "download complete");
+                Ok(Transferred {
+                    hash,
+                    size,
+                    resumed_at: offset,
+                })
+            }
+            Err(Stopped { error, verified }) => {
+                if matches!(error, transfer::Error::HashMismatch) || journal.is_none() {
+                    let _ = std::fs::remove_file(&partial);
+                    if let Some(j) = &journal {
+                        j.remove();
+                    }
+                } else {
+                    let _ = file.sync_data();
+                    if let Some(j) = journal.as_mut() {
+                        let _ = j.save(verified);
+                    }
+                }
+                info!(remote = %source, local = %target.display(), verified, error = %error, ms, "download stopped");
+                if error.in_step() {
+                    // The stream was read to its end frame: still in step.
+                    self.in_data = false;
+                }
+                if matches!(error, transfer::Error::Aborted) {
+                    // The server gave up mid-file (its read failed); its reply says why.
+                    let reply = self.read_reply().await?;
+                    self.in_data = false;
+                    return Err(ClientError::Server {
+                        code: reply.code,
+                        text: reply.text,
+                    });
+                }
+                Err(error.into())
+            }
+        }
+    }
+}
+
+/// Checks a `151 SIZE OFFSET CHUNK` plan against what the client asked:
+/// a valid chunk size, and an offset that is 0 or one of the `offered`
+/// candidates (made in chunks of `offered_chunk`), within the size.
+fn check_plan(
+    size: u64,
+    offset: u64,
+    chunk: u64,
+    offered: &[u64],
+    offered_chunk: u64,
+) -> std::result::Result<(), String> {
+    if !protocol::valid_chunk_size(chunk) {
+        return Err(format!(
+            "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
+        ));
+    }
+    if size > MAX_DOWNLOAD {
+        return Err(format!(
+            "size {size} is beyond any file this client can write"
+        ));
+    }
+    if offset > size {
+        return Err(format!("offset {offset} is beyond the size {size}"));
+    }
+    if offset != 0 && (!offered.contains(&offset) || chunk != offered_chunk) {
+        return Err(format!("offset {offset} was not offered"));
+    }
+    Ok(())
+}
+
+/// Largest file a download may declare: the largest a file offset can be.
+pub const MAX_DOWNLOAD: u64 = i64::MAX as u64;
+
+/// Bytes an unprivileged user may still write in the file system of `dir`.
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Opens a download's partial file for reading and writing without ever
+/// following a symbolic link at `path`. With `fresh`, whatever is there
+/// (our own leftover, or a link someone planted) is unlinked first and the
+/// file is created anew, so nothing outside is read, cut or written.
+fn open_nofollow(path: &Path, fresh: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = std::fs::OpenOptions::new();
+    options
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    if fresh {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // O_EXCL: a link planted again since is an error, not followed.
+        options.create_new(true);
+    }
+    let file = options.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            std::io::Error::other("is a symbolic link; refusing to follow it")
+        } else {
+            e
+        }
+    })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_plans_are_checked() {
+        let ok = |size, offset, chunk| check_plan(size, offset, chunk, &[8192], 4096);
+        assert!(ok(10_000, 0, 4096).is_ok());
+        assert!(ok(10_000, 8192, 4096).is_ok());
+        assert!(ok(0, 0, 1024).is_ok());
+        // An offset not offered, or offered in another chunk size.
+        assert!(ok(10_000, 4096, 4096).is_err());
+        assert!(ok(10_000, 8192, 8192).is_err());
+        // Beyond the size, a bad chunk size, a size no file can have.
+        assert!(check_plan(4096, 8192, 4096, &[8192], 4096).is_err());
+        for chunk in [0, 1, 1000, 3 << 10, 8 << 20, u64::MAX] {
+            assert!(ok(10_000, 0, chunk).is_err(), "{chunk}");
+        }
+        assert!(ok(1 << 63, 0, 4096).is_err());
+        assert!(ok(MAX_DOWNLOAD, 0, 4096).is_ok());
+    }
+
+    #[test]
+    fn partial_files_never_follow_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let part = dir.path().join(".f.ftpx-part");
+        std::os::unix::fs::symlink(&victim, &part).unwrap();
+        // Resuming through the link is refused; starting afresh replaces it.
+        assert!(open_nofollow(&part, false).is_err());
+        let f = open_nofollow(&part, true).unwrap();
+        f.set_len(0).unwrap();
+        assert!(!std::fs::symlink_metadata(&part).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert!(free_space(dir.path()).unwrap() > 0);
+    }
+}
