@@ -2,7 +2,7 @@
 //! beside the target opened without following links, verified, resumable.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use indicatif::ProgressBar;
@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::protocol::{self, Candidate, Request, VPath};
 use crate::transfer::journal::{self, Journal, Record};
-use crate::transfer::{self, Plan, Stopped};
+use crate::transfer::{self, Plan, Stopped, Tree};
 
 use super::error::local_err;
 use super::{Client, ClientError, Result, Transferred};
@@ -25,70 +25,14 @@ impl Client {
         progress: &ProgressBar,
     ) -> Result<Transferred> {
         let started = std::time::Instant::now();
-        let target_abs = std::path::absolute(target).map_err(|e| local_err(target, e))?;
-        let name = target_abs
-            .file_name()
-            .ok_or_else(|| ClientError::Local(format!("{}: not a file name", target.display())))?
-            .to_string_lossy()
-            .into_owned();
-        let dir = target_abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-        if target_abs.is_dir() {
-            return Err(ClientError::Local(format!(
-                "{}: is a directory",
-                target.display()
-            )));
-        }
-        if !dir.is_dir() {
-            return Err(ClientError::Local(format!(
-                "{}: no such directory",
-                dir.display()
-            )));
-        }
-        let partial = dir.join(format!(".{name}.ftpx-part"));
-        let source = remote.to_string();
-        let target_str = target_abs.to_string_lossy().into_owned();
-        let journal_path = self.journal_dir.join(format!(
-            "{}.toml",
-            journal::key(&["download", &source, &target_str])
-        ));
-
-        // Offer what an earlier attempt left, in that attempt's chunk size.
-        let (candidates, prior_chunk) = match Journal::load(&journal_path) {
-            Ok(Some(prior))
-                if prior.kind == "download"
-                    && prior.source == source
-                    && prior.target == target_str =>
-            {
-                let p = partial.clone();
-                let offered =
-                    tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Candidate>> {
-                        let f = open_nofollow(&p, false)?;
-                        let len = f.metadata()?.len();
-                        transfer::offer(
-                            &f,
-                            prior.size,
-                            prior.chunk,
-                            &[len, prior.verified.min(len)],
-                        )
-                    })
-                    .await
-                    .map_err(|e| ClientError::Local(e.to_string()))?
-                    .unwrap_or_default();
-                (offered, prior.chunk)
-            }
-            Ok(_) => (vec![], 0),
-            Err(e) => {
-                warn!(error = %e, "ignoring a damaged journal");
-                (vec![], 0)
-            }
-        };
+        let landing = Landing::new(&self.journal_dir, remote, target)?;
+        let (candidates, prior_chunk) = landing.offers().await?;
         let offered: Vec<u64> = candidates.iter().map(|c| c.offset).collect();
-        let reply = self
-            .request(&Request::Get {
-                path: source.clone(),
-                candidates,
-            })
-            .await?;
+        let request = Request::Get {
+            path: landing.source.clone(),
+            candidates,
+        };
+        let reply = self.request(&request).await?;
         let numbers: Vec<u64> = reply
             .text
             .split(' ')
@@ -109,32 +53,9 @@ impl Client {
         check_plan(size, offset, chunk, &offered, prior_chunk).map_err(|why| {
             ClientError::Protocol(format!("bad download plan {:?}: {why}", reply.text))
         })?;
-        let free = free_space(&dir).map_err(|e| local_err(&dir, e))?;
-        if size - offset > free {
-            return Err(ClientError::Local(format!(
-                "{}: the server offers {} bytes, but only {free} are free there",
-                dir.display(),
-                size - offset
-            )));
-        }
-        let record = Record::new("download", source.clone(), target_str, size, chunk);
-        // Open the partial file at the agreed offset, never through a link.
-        let p = partial.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            let file = open_nofollow(&p, offset == 0)?;
-            transfer::resume_partial(file, size, chunk, offset)
-        })
-        .await
-        .map_err(|e| ClientError::Local(e.to_string()))?;
-        let (file, tree) = opened.map_err(|e| local_err(&partial, e))?;
-        let mut journal = Journal::new(journal_path, record);
-        if size > chunk {
-            journal
-                .save(offset)
-                .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
-        }
-        info!(remote = %source, local = %target.display(), size, resumed_at = offset, "download starts");
-        let mut journal = (size > chunk).then_some(journal);
+        landing.check_room(size - offset)?;
+        let (file, tree, mut journal) = landing.open(size, chunk, offset).await?;
+        info!(remote = %landing.source, local = %target.display(), size, resumed_at = offset, "download starts");
         progress.set_length(size);
         progress.set_position(offset);
         let file = Arc::new(file);
@@ -145,28 +66,19 @@ impl Client {
             offset,
             tree,
         };
-        let received = transfer::receive(
-            &mut self.conn,
-            plan,
-            &mut journal,
-            self.options.checkpoints,
-            progress,
-        )
-        .await;
+        let checkpoints = self.options.checkpoints;
+        let received =
+            transfer::receive(&mut self.conn, plan, &mut journal, checkpoints, progress).await;
         let ms = started.elapsed().as_millis() as u64;
         match received {
             Ok(hash) => {
                 self.in_data = false;
-                let done = (|| -> std::io::Result<()> {
-                    file.sync_all()?;
-                    std::fs::rename(&partial, &target_abs)?;
-                    File::open(&dir)?.sync_all()
-                })();
+                let done = landing.finish(&file);
                 if let Some(j) = &journal {
                     j.remove();
                 }
                 done.map_err(|e| local_err(target, e))?;
-                info!(remote = %source, local = %target.display(), size, resumed_at = offset,
+                info!(remote = %landing.source, local = %target.display(), size, resumed_at = offset,
                       hash = %protocol::hex(&hash), ms, "download complete");
                 Ok(Transferred {
                     hash,
@@ -175,32 +87,172 @@ impl Client {
                 })
             }
             Err(Stopped { error, verified }) => {
-                if matches!(error, transfer::Error::HashMismatch) || journal.is_none() {
-                    let _ = std::fs::remove_file(&partial);
-                    if let Some(j) = &journal {
-                        j.remove();
-                    }
-                } else {
-                    let _ = file.sync_data();
-                    if let Some(j) = journal.as_mut() {
-                        let _ = j.save(verified);
-                    }
-                }
-                info!(remote = %source, local = %target.display(), verified, error = %error, ms, "download stopped");
-                if error.in_step() {
-                    // The stream was read to its end frame: still in step.
-                    self.in_data = false;
-                }
-                if matches!(error, transfer::Error::Aborted) {
-                    // The server gave up mid-file (its read failed); its reply says why.
-                    let reply = self.read_reply().await?;
-                    self.in_data = false;
-                    return Err(ClientError::Server {
-                        code: reply.code,
-                        text: reply.text,
-                    });
-                }
-                Err(error.into())
+                landing.stopped(&file, journal, &error, verified);
+                info!(remote = %landing.source, local = %target.display(), verified, error = %error, ms, "download stopped");
+                self.download_stopped(error).await
+            }
+        }
+    }
+
+    /// The error of a download that stopped, and the session back in step
+    /// where it still can be.
+    async fn download_stopped(&mut self, error: transfer::Error) -> Result<Transferred> {
+        if error.in_step() {
+            // The stream was read to its end frame: still in step.
+            self.in_data = false;
+        }
+        if matches!(error, transfer::Error::Aborted) {
+            // The server gave up mid-file (its read failed); its reply says why.
+            let reply = self.read_reply().await?;
+            self.in_data = false;
+            return Err(ClientError::Server {
+                code: reply.code,
+                text: reply.text,
+            });
+        }
+        Err(error.into())
+    }
+}
+
+/// Where a download lands: the target, the hidden partial file beside it
+/// (`.NAME.ftpx-part`), and the resume journal in the client's state.
+struct Landing {
+    /// The target, absolute.
+    target: PathBuf,
+    dir: PathBuf,
+    partial: PathBuf,
+    journal: PathBuf,
+    /// The remote path, as the journal records it.
+    source: String,
+}
+
+impl Landing {
+    fn new(journal_dir: &Path, remote: &VPath, target: &Path) -> Result<Landing> {
+        let target_abs = std::path::absolute(target).map_err(|e| local_err(target, e))?;
+        let name = target_abs
+            .file_name()
+            .ok_or_else(|| ClientError::Local(format!("{}: not a file name", target.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let dir = target_abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if target_abs.is_dir() {
+            return Err(ClientError::Local(format!(
+                "{}: is a directory",
+                target.display()
+            )));
+        }
+        if !dir.is_dir() {
+            return Err(ClientError::Local(format!(
+                "{}: no such directory",
+                dir.display()
+            )));
+        }
+        let source = remote.to_string();
+        let key = journal::key(&["download", &source, &target_abs.to_string_lossy()]);
+        Ok(Landing {
+            partial: dir.join(format!(".{name}.ftpx-part")),
+            journal: journal_dir.join(format!("{key}.toml")),
+            target: target_abs,
+            dir,
+            source,
+        })
+    }
+
+    fn record(&self, size: u64, chunk: u64) -> Record {
+        let target = self.target.to_string_lossy().into_owned();
+        Record::new("download", self.source.clone(), target, size, chunk)
+    }
+
+    /// What an earlier attempt left, offered in that attempt's chunk size.
+    async fn offers(&self) -> Result<(Vec<Candidate>, u64)> {
+        let prior = match Journal::load(&self.journal) {
+            Ok(Some(prior)) => prior,
+            Ok(None) => return Ok((vec![], 0)),
+            Err(e) => {
+                warn!(error = %e, "ignoring a damaged journal");
+                return Ok((vec![], 0));
+            }
+        };
+        let mine = self.record(prior.size, prior.chunk);
+        if (&prior.kind, &prior.source, &prior.target) != (&mine.kind, &mine.source, &mine.target) {
+            return Ok((vec![], 0));
+        }
+        let (partial, chunk) = (self.partial.clone(), prior.chunk);
+        let offered = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Candidate>> {
+            let f = open_nofollow(&partial, false)?;
+            let len = f.metadata()?.len();
+            let offsets = [len, prior.verified.min(len)];
+            transfer::offer(&f, prior.size, prior.chunk, &offsets)
+        })
+        .await
+        .map_err(|e| ClientError::Local(e.to_string()))?
+        .unwrap_or_default();
+        Ok((offered, chunk))
+    }
+
+    /// Whether `bytes` more fit in the target's file system.
+    fn check_room(&self, bytes: u64) -> Result<()> {
+        let free = free_space(&self.dir).map_err(|e| local_err(&self.dir, e))?;
+        if bytes > free {
+            return Err(ClientError::Local(format!(
+                "{}: the server offers {bytes} bytes, but only {free} are free there",
+                self.dir.display(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens the partial file at the agreed offset, never through a link,
+    /// and the journal (none for a file of one chunk: it restarts).
+    async fn open(
+        &self,
+        size: u64,
+        chunk: u64,
+        offset: u64,
+    ) -> Result<(File, Tree, Option<Journal>)> {
+        let p = self.partial.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = open_nofollow(&p, offset == 0)?;
+            transfer::resume_partial(file, size, chunk, offset)
+        })
+        .await
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+        let (file, tree) = opened.map_err(|e| local_err(&self.partial, e))?;
+        if size <= chunk {
+            return Ok((file, tree, None));
+        }
+        let mut journal = Journal::new(self.journal.clone(), self.record(size, chunk));
+        journal
+            .save(offset)
+            .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
+        Ok((file, tree, Some(journal)))
+    }
+
+    /// Moves the verified partial onto the target, durably.
+    fn finish(&self, file: &File) -> std::io::Result<()> {
+        file.sync_all()?;
+        std::fs::rename(&self.partial, &self.target)?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Keeps what was verified for a resume, or drops the partial when it
+    /// is worth nothing (a wrong whole, or a file of one chunk).
+    fn stopped(
+        &self,
+        file: &File,
+        mut journal: Option<Journal>,
+        error: &transfer::Error,
+        verified: u64,
+    ) {
+        if matches!(error, transfer::Error::HashMismatch) || journal.is_none() {
+            let _ = std::fs::remove_file(&self.partial);
+            if let Some(j) = &journal {
+                j.remove();
+            }
+        } else {
+            let _ = file.sync_data();
+            if let Some(j) = journal.as_mut() {
+                let _ = j.save(verified);
             }
         }
     }

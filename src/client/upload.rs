@@ -15,7 +15,7 @@ use crate::transfer::{self, Plan, Tree};
 
 use super::error::local_err;
 use super::reply::PIPELINE_WINDOW;
-use super::{Client, ClientError, Result, Transferred};
+use super::{Client, ClientError, Reply, Result, Transferred};
 
 /// Files `send_many` reads ahead of the sending (each at most 1 MiB).
 const READ_AHEAD_FILES: usize = 16;
@@ -132,68 +132,15 @@ impl Client {
         progress: &ProgressBar,
     ) -> Result<Transferred> {
         let started = std::time::Instant::now();
-        let local_abs = std::path::absolute(local).map_err(|e| local_err(local, e))?;
-        let file = File::open(&local_abs).map_err(|e| local_err(local, e))?;
-        let meta = file.metadata().map_err(|e| local_err(local, e))?;
-        if !meta.is_file() {
-            return Err(ClientError::Local(format!(
-                "{}: not a regular file",
-                local.display()
-            )));
-        }
-        let size = meta.len();
         let chunk = self.options.chunk_size;
-        let record = Record {
-            mtime: meta.mtime(),
-            inode: meta.ino(),
-            ..Record::new(
-                "upload",
-                local_abs.to_string_lossy().into_owned(),
-                remote.to_string(),
-                size,
-                chunk,
-            )
+        let (file, mut journal, resumable) = self.upload_journal(local, remote, chunk)?;
+        let size = journal.record.size;
+        let request = Request::Put {
+            path: remote.to_string(),
+            size,
+            chunk,
         };
-        let journal_path = self.journal_dir.join(format!(
-            "{}.toml",
-            journal::key(&["upload", &record.source, &record.target])
-        ));
-        let same_source = match Journal::load(&journal_path) {
-            Ok(Some(prior)) => {
-                let same = (
-                    &prior.kind,
-                    &prior.source,
-                    &prior.target,
-                    prior.size,
-                    prior.mtime,
-                    prior.inode,
-                ) == (
-                    &record.kind,
-                    &record.source,
-                    &record.target,
-                    size,
-                    record.mtime,
-                    record.inode,
-                );
-                if !same {
-                    info!(local = %local.display(), remote = %remote, "source changed since the interrupted upload; starting from 0");
-                }
-                same
-            }
-            Ok(None) => false,
-            Err(e) => {
-                warn!(error = %e, "ignoring a damaged journal");
-                false
-            }
-        };
-
-        let reply = self
-            .request(&Request::Put {
-                path: remote.to_string(),
-                size,
-                chunk,
-            })
-            .await?;
+        let reply = self.request(&request).await?;
         if reply.code != 150 {
             return Err(ClientError::Protocol(format!(
                 "unexpected reply {} to PUT",
@@ -203,7 +150,7 @@ impl Client {
         self.in_data = true;
         let offers = parse_offers(&reply.text)?;
         let file = Arc::new(file);
-        let (offset, tree) = if same_source && !offers.is_empty() {
+        let (offset, tree) = if resumable && !offers.is_empty() {
             let f = file.clone();
             tokio::task::spawn_blocking(move || transfer::choose(&f, size, chunk, &offers))
                 .await
@@ -213,7 +160,6 @@ impl Client {
             (0, Tree::default())
         };
         // A file of one chunk restarts after a failure: no journal needed.
-        let mut journal = Journal::new(journal_path, record);
         if size > chunk {
             journal
                 .save(offset)
@@ -236,36 +182,110 @@ impl Client {
         let reply = self.read_reply().await?;
         self.in_data = false;
         let ms = started.elapsed().as_millis() as u64;
-        match reply.code {
-            226 => {
-                let theirs = reply.text.split(' ').next().unwrap_or_default();
-                if theirs != protocol::hex(&hash) {
-                    return Err(ClientError::Verify(format!(
-                        "server stored hash {theirs}, expected {}",
-                        protocol::hex(&hash)
-                    )));
-                }
-                journal.remove();
-                info!(local = %local.display(), remote = %remote, size, resumed_at = offset,
-                      hash = %protocol::hex(&hash), ms, "upload complete");
-                Ok(Transferred {
-                    hash,
-                    size,
-                    resumed_at: offset,
-                })
-            }
-            code => {
-                if matches!(code, 452 | 454) || size <= chunk {
-                    journal.remove();
-                }
-                info!(local = %local.display(), remote = %remote, code, error = %reply.text, ms, "upload failed");
-                Err(ClientError::Server {
-                    code,
-                    text: reply.text,
-                })
-            }
-        }
+        upload_answered(reply, hash, journal, offset, ms)
     }
+
+    /// Opens `local` and the journal of its upload to `remote`, and says
+    /// whether an interrupted upload of this same unchanged file may be
+    /// resumed.
+    fn upload_journal(
+        &self,
+        local: &Path,
+        remote: &VPath,
+        chunk: u64,
+    ) -> Result<(File, Journal, bool)> {
+        let local_abs = std::path::absolute(local).map_err(|e| local_err(local, e))?;
+        let file = File::open(&local_abs).map_err(|e| local_err(local, e))?;
+        let meta = file.metadata().map_err(|e| local_err(local, e))?;
+        if !meta.is_file() {
+            return Err(ClientError::Local(format!(
+                "{}: not a regular file",
+                local.display()
+            )));
+        }
+        let record = Record {
+            mtime: meta.mtime(),
+            inode: meta.ino(),
+            ..Record::new(
+                "upload",
+                local_abs.to_string_lossy().into_owned(),
+                remote.to_string(),
+                meta.len(),
+                chunk,
+            )
+        };
+        let path = self.journal_dir.join(format!(
+            "{}.toml",
+            journal::key(&["upload", &record.source, &record.target])
+        ));
+        let same = |p: &Record| {
+            (&p.kind, &p.source, &p.target, p.size, p.mtime, p.inode)
+                == (
+                    &record.kind,
+                    &record.source,
+                    &record.target,
+                    record.size,
+                    record.mtime,
+                    record.inode,
+                )
+        };
+        let resumable = match Journal::load(&path) {
+            Ok(Some(prior)) if same(&prior) => true,
+            Ok(Some(_)) => {
+                info!(local = %local.display(), remote = %remote, "source changed since the interrupted upload; starting from 0");
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                warn!(error = %e, "ignoring a damaged journal");
+                false
+            }
+        };
+        Ok((file, Journal::new(path, record), resumable))
+    }
+}
+
+/// The end of a PUT: the server's verdict checked against the hash sent.
+/// The journal goes once the file is stored, or when resuming is pointless.
+fn upload_answered(
+    reply: Reply,
+    hash: blake3::Hash,
+    journal: Journal,
+    offset: u64,
+    ms: u64,
+) -> Result<Transferred> {
+    let Record {
+        source: local,
+        target: remote,
+        size,
+        chunk,
+        ..
+    } = &journal.record;
+    let (size, chunk) = (*size, *chunk);
+    if reply.code != 226 {
+        info!(local, remote, code = reply.code, error = %reply.text, ms, "upload failed");
+        if matches!(reply.code, 452 | 454) || size <= chunk {
+            journal.remove();
+        }
+        return Err(ClientError::Server {
+            code: reply.code,
+            text: reply.text,
+        });
+    }
+    let theirs = reply.text.split(' ').next().unwrap_or_default();
+    if theirs != protocol::hex(&hash) {
+        return Err(ClientError::Verify(format!(
+            "server stored hash {theirs}, expected {}",
+            protocol::hex(&hash)
+        )));
+    }
+    info!(local, remote, size, resumed_at = offset, hash = %protocol::hex(&hash), ms, "upload complete");
+    journal.remove();
+    Ok(Transferred {
+        hash,
+        size,
+        resumed_at: offset,
+    })
 }
 
 /// Reads a file for `SEND` and hashes it; a file too large for `SEND` is an error.
