@@ -1,0 +1,403 @@
+//! `ftpx connect`: the user's side. Reads commands from the interactive
+//! line editor, `-c` or `-b`, runs each on a [`Client`], prints results to
+//! standard output and errors to standard error, draws progress bars, and
+//! reconnects and resumes when a transfer's connection drops.
+//!
+//! The parts: this loop and the connection it keeps (`Remote`), the
+//! `commands`, the `tree` transfers of `put -r` and `get -r`, and the
+//! `output`: what is printed, escaped, and the progress bars.
+
+/// Prints a result line on standard output. A closed pipe (`| head`) is
+/// not an error: the run ends quietly with success.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+mod commands;
+mod output;
+mod tree;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indicatif::ProgressBar;
+use tracing::info;
+
+use crate::cli::ConnectArgs;
+use crate::client::{Client, ClientError, Transferred, state_dir};
+use crate::protocol::{self, VPath};
+use crate::tls::Trust;
+use commands::execute;
+
+pub use output::printable;
+
+/// Exit statuses of `ftpx connect`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// A command failed.
+    pub const FAILED: u8 = 1;
+    /// Bad usage (also clap's status for bad flags).
+    pub const USAGE: u8 = 2;
+    /// No session: the connection or the TLS handshake failed.
+    pub const CONNECT: u8 = 3;
+    /// Login or registration refused.
+    pub const LOGIN: u8 = 4;
+    /// Stopped by Ctrl-C.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// Where to connect and as whom.
+pub(super) struct Target {
+    user: String,
+    host: String,
+    port: u16,
+}
+
+pub(super) fn parse_target(s: &str) -> Result<Target, String> {
+    let (user, rest) = match s.rsplit_once('@') {
+        Some((u, r)) => (u.to_string(), r),
+        None => (std::env::var("USER").unwrap_or_default(), s),
+    };
+    if user.is_empty() {
+        return Err("no user name: write USER@HOST".into());
+    }
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, after) = r.split_once(']').ok_or("unclosed [ in the address")?;
+        match after.strip_prefix(':') {
+            Some(p) => (h.to_string(), p),
+            None if after.is_empty() => (h.to_string(), ""),
+            None => return Err(format!("bad address {s:?}")),
+        }
+    } else if rest.matches(':').count() == 1 {
+        let (h, p) = rest.split_once(':').unwrap_or((rest, ""));
+        (h.to_string(), p)
+    } else {
+        (rest.to_string(), "")
+    };
+    let port = if port.is_empty() {
+        crate::config::DEFAULT_PORT
+    } else {
+        port.parse().map_err(|_| format!("bad port {port:?}"))?
+    };
+    if host.is_empty() {
+        return Err("no host name".into());
+    }
+    Ok(Target { user, host, port })
+}
+
+/// Reads the password: `FTPX_PASSWORD`, else one line of stdin with
+/// `--password-stdin`, else a prompt that does not echo.
+pub(super) fn read_password(args: &ConnectArgs, confirm: bool) -> Result<String, String> {
+    if let Ok(p) = std::env::var("FTPX_PASSWORD") {
+        return Ok(p);
+    }
+    if args.password_stdin {
+        return read_stdin_line();
+    }
+    let p = rpassword::prompt_password("password: ")
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    if confirm && rpassword::prompt_password("password again: ").map_err(|e| e.to_string())? != p {
+        return Err("the passwords differ".into());
+    }
+    Ok(p)
+}
+
+/// One line of standard input without its line end.
+pub fn read_stdin_line() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    if line.is_empty() {
+        return Err("no password on standard input".into());
+    }
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// The session, remembered well enough to reconnect after a drop.
+/// The session, remembered well enough to reconnect after a drop.
+pub(super) struct Remote {
+    target: Target,
+    password: String,
+    trust: Trust,
+    io_timeout: Duration,
+    retries: u32,
+    client: Option<Client>,
+    /// Remote directory to return to after a reconnect.
+    cwd: String,
+}
+
+impl Remote {
+    async fn open(&mut self, register: bool) -> Result<&mut Client, ClientError> {
+        if self.client.as_ref().is_some_and(|c| !c.is_usable()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let mut c = Client::connect_with(
+                &self.target.host,
+                self.target.port,
+                &self.trust,
+                self.io_timeout,
+            )
+            .await?;
+            c.login(&self.target.user, &self.password, register).await?;
+            info!(user = %self.target.user, register, "logged in");
+            if self.cwd != "/" {
+                c.cd(Some(&self.cwd)).await?;
+            }
+            self.client = Some(c);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, ClientError> {
+        self.open(false).await
+    }
+
+    /// Runs one transfer, reconnecting and resuming up to `retries` times
+    /// when the connection drops or a chunk arrives damaged.
+    async fn transfer(
+        &mut self,
+        op: &Transfer,
+        bar: &ProgressBar,
+    ) -> Result<Transferred, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let result = match self.client().await {
+                Ok(c) => match op {
+                    Transfer::Put(local, remote) => c.put(local, remote, bar).await,
+                    Transfer::Get(remote, local) => c.get(remote, local, bar).await,
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_retriable() && attempt < self.retries => {
+                    attempt += 1;
+                    if !matches!(e, ClientError::Server { .. }) {
+                        self.client = None;
+                    }
+                    let wait = Duration::from_millis(500 * (1 << attempt.min(5)));
+                    bar.suspend(|| {
+                        eprintln!(
+                            "{}; retrying in {:.1} s ({attempt}/{})",
+                            printable(&e.to_string()),
+                            wait.as_secs_f32(),
+                            self.retries
+                        )
+                    });
+                    info!(error = %e, attempt, "transfer interrupted; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+pub(super) enum Transfer {
+    Put(PathBuf, VPath),
+    Get(VPath, PathBuf),
+}
+
+/// Runs `ftpx connect`; returns the exit status.
+pub async fn run(args: ConnectArgs) -> u8 {
+    // A file-size limit (ulimit -f) must fail the one write, not kill the client.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let target = match parse_target(&args.target) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ftpx: {e}");
+            return exit::USAGE;
+        }
+    };
+    let password = match read_password(&args, args.register) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ftpx: {e}");
+            return exit::USAGE;
+        }
+    };
+    let mut remote = Remote {
+        target,
+        password,
+        trust: if args.tofu {
+            Trust::Pinned(state_dir().join("known_hosts"))
+        } else {
+            Trust::Ca(args.ca.clone())
+        },
+        io_timeout: Duration::from_secs(args.timeout.max(1)),
+        retries: args.retries,
+        client: None,
+        cwd: "/".into(),
+    };
+    if let Err(e) = remote.open(args.register).await {
+        eprintln!("ftpx: {}", printable(&e.to_string()));
+        info!(error = %e, "session not opened");
+        return match e {
+            ClientError::Server { code: 430, .. } => {
+                eprintln!("ftpx: login failed: unknown user or wrong password");
+                exit::LOGIN
+            }
+            ClientError::Server {
+                code: 553 | 501, ..
+            } => exit::LOGIN,
+            _ => exit::CONNECT,
+        };
+    }
+    let status = if let Some(commands) = &args.commands {
+        run_script(&mut remote, std::iter::once(commands.clone()), true).await
+    } else if let Some(file) = &args.batch {
+        match std::fs::read_to_string(file) {
+            Ok(text) => run_script(&mut remote, text.lines().map(str::to_string), false).await,
+            Err(e) => {
+                eprintln!("ftpx: cannot read {}: {e}", file.display());
+                exit::USAGE
+            }
+        }
+    } else {
+        interactive(&mut remote).await
+    };
+    if let Some(c) = remote.client.take() {
+        c.quit().await;
+    }
+    status
+}
+
+/// Runs commands until the first failure.
+pub(super) async fn run_script(
+    remote: &mut Remote,
+    lines: impl Iterator<Item = String>,
+    semicolons: bool,
+) -> u8 {
+    for line in lines {
+        let commands = match protocol::split_commands(&line, semicolons || line.contains(';')) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ftpx: {line:?}: {e}");
+                return exit::FAILED;
+            }
+        };
+        for words in commands {
+            let outcome = tokio::select! {
+                r = execute(remote, &words) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("ftpx: interrupted; run the same command again to resume");
+                    return exit::INTERRUPTED;
+                }
+            };
+            match outcome {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Exit) => return exit::OK,
+                Err(e) => {
+                    eprintln!(
+                        "ftpx: {}: {}",
+                        printable(&words.join(" ")),
+                        printable(&e.to_string())
+                    );
+                    return exit::FAILED;
+                }
+            }
+        }
+    }
+    exit::OK
+}
+
+pub(super) async fn interactive(remote: &mut Remote) -> u8 {
+    let mut editor = match rustyline::DefaultEditor::new() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ftpx: cannot start the line editor: {e}");
+            return exit::FAILED;
+        }
+    };
+    let history = state_dir().join("history");
+    let _ = editor.load_history(&history);
+    let mut status = exit::OK;
+    loop {
+        let prompt = format!("ftpx:{}> ", printable(&remote.cwd));
+        let line = match tokio::task::block_in_place(|| editor.readline(&prompt)) {
+            Ok(l) => l,
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => {
+                eprintln!("ftpx: {e}");
+                status = exit::FAILED;
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line.as_str());
+        let commands = match protocol::split_commands(&line, true) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ftpx: {e}");
+                continue;
+            }
+        };
+        for words in commands {
+            let outcome = tokio::select! {
+                r = execute(remote, &words) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    // The session is out of step mid-transfer: reconnect on the next command.
+                    remote.client = None;
+                    eprintln!("interrupted; run the same command again to resume");
+                    break;
+                }
+            };
+            match outcome {
+                Ok(Flow::Continue) => status = exit::OK,
+                Ok(Flow::Exit) => {
+                    let _ = std::fs::create_dir_all(state_dir());
+                    let _ = editor.save_history(&history);
+                    return exit::OK;
+                }
+                Err(e) => {
+                    eprintln!("ftpx: {}", printable(&e.to_string()));
+                    status = exit::FAILED;
+                    break;
+                }
+            }
+        }
+    }
+    let _ = std::fs::create_dir_all(state_dir());
+    let _ = editor.save_history(&history);
+    status
+}
+
+pub(super) enum Flow {
+    Continue,
+    Exit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = parse_target("ann@example.org:99").unwrap();
+        assert_eq!(
+            (t.user.as_str(), t.host.as_str(), t.port),
+            ("ann", "example.org", 99)
+        );
+        let t = parse_target("ann@[::1]:7").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 7));
+        let t = parse_target("bo@::1").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port),
+            ("::1", crate::config::DEFAULT_PORT)
+        );
+        assert!(parse_target("ann@").is_err());
+        assert!(parse_target("ann@h:x").is_err());
+    }
+}
