@@ -8,6 +8,7 @@
 //! `.NAME.ftpx-part`, and is renamed onto the target only after its
 //! whole-file hash matched.
 
+mod connect;
 mod download;
 mod error;
 mod reply;
@@ -22,16 +23,14 @@ pub use reply::{
 };
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::info;
 
+use crate::protocol::Request;
 use crate::protocol::VPath;
-use crate::protocol::{self, Request};
 use crate::tls::Trust;
 use crate::transfer::Checkpoints;
 use crate::transfer::connection::Connection;
@@ -113,71 +112,7 @@ impl Client {
         trust: &Trust,
         io_timeout: Duration,
     ) -> Result<Client> {
-        let name = crate::tls::server_name(host).map_err(ClientError::Setup)?;
-        let addr = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        let (tls, pin) = match trust {
-            Trust::Ca(ca_file) => (
-                crate::tls::client_config(ca_file).map_err(ClientError::Setup)?,
-                None,
-            ),
-            Trust::Pinned(known_hosts) => {
-                let (config, verifier) = crate::tls::pinned_client_config(known_hosts, &addr)
-                    .map_err(ClientError::Setup)?;
-                let first = crate::tls::pinned_fingerprint(known_hosts, &addr)
-                    .map_err(ClientError::Setup)?
-                    .is_none();
-                (config, first.then_some((verifier, known_hosts)))
-            }
-        };
-        let tcp = tokio::time::timeout(io_timeout, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| ClientError::Connect {
-                addr: addr.clone(),
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
-            .map_err(|source| ClientError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let stream = tokio::time::timeout(
-            io_timeout,
-            TlsConnector::from(Arc::new(tls)).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| ClientError::Tls {
-            addr: addr.clone(),
-            source: std::io::ErrorKind::TimedOut.into(),
-        })?
-        .map_err(|source| ClientError::Tls {
-            addr: addr.clone(),
-            source,
-        })?;
-        if stream.get_ref().1.alpn_protocol() != Some(protocol::ALPN) {
-            return Err(ClientError::Protocol(
-                "server did not agree to the ftpx protocol (ALPN)".into(),
-            ));
-        }
-        if let Some((verifier, known_hosts)) = pin {
-            // First contact, and the server proved it holds the key: pin it.
-            let presented = verifier
-                .presented
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            if let Some(fp) = presented {
-                crate::tls::pin(known_hosts, &addr, &fp).map_err(ClientError::Setup)?;
-                eprintln!(
-                    "ftpx: first contact with {addr}; pinned its certificate {fp} in {}",
-                    known_hosts.display()
-                );
-                info!(server = %addr, fingerprint = %fp, "pinned server certificate");
-            }
-        }
+        let (stream, addr) = connect::tls_session(host, port, trust, io_timeout).await?;
         let mut client = Client {
             conn: Connection::new(stream, io_timeout),
             cwd: VPath::root(),

@@ -60,14 +60,7 @@ pub(super) async fn execute_one(
                 .map_err(|e| ClientError::Local(e.to_string()))?
                 .display()
         ),
-        ("lcd", dir) => {
-            let dir = dir.first().map_or_else(
-                || std::env::var("HOME").unwrap_or_else(|_| "/".into()),
-                |d| d.to_string(),
-            );
-            std::env::set_current_dir(&dir)
-                .map_err(|e| ClientError::Local(format!("{dir}: {e}")))?;
-        }
+        ("lcd", dir) => lcd(dir.first().copied())?,
         ("pwd", []) => {
             let reply = remote.client().await?.request(&Request::Pwd).await?;
             out!("{}", printable(&crate::client::unquote(&reply.text)?));
@@ -76,18 +69,7 @@ pub(super) async fn execute_one(
             let dir = remote.client().await?.cd(args.first().copied()).await?;
             remote.cwd = dir;
         }
-        ("ls" | "dir", [] | [_]) => {
-            let listing = remote.client().await?.list(args.first().copied()).await?;
-            for entry in &listing.entries {
-                out!("{}", format_entry(entry));
-            }
-            if listing.truncated {
-                eprintln!(
-                    "ftpx: listing truncated by the server ({})",
-                    printable(&listing.text)
-                );
-            }
-        }
+        ("ls" | "dir", [] | [_]) => ls(remote, args.first().copied()).await?,
         ("mkdir", [p]) => simple(remote, Request::Mkd(p.to_string())).await?,
         ("rmdir", [p]) => simple(remote, Request::Rmd(p.to_string())).await?,
         ("rm" | "delete", [p]) => simple(remote, Request::Dele(p.to_string())).await?,
@@ -101,30 +83,7 @@ pub(super) async fn execute_one(
             )
             .await?
         }
-        ("quota", []) => {
-            let reply = remote.client().await?.request(&Request::Quota).await?;
-            let nums: Vec<u64> = reply
-                .text
-                .split(' ')
-                .map_while(|w| w.parse().ok())
-                .collect();
-            let [used, limit, files, max_files, unfinished, count, ..] = nums[..] else {
-                return Err(ClientError::Protocol(format!(
-                    "bad quota reply {:?}",
-                    reply.text
-                )));
-            };
-            out!(
-                "used {used} ({}) of {limit} ({})",
-                human_bytes(used),
-                human_bytes(limit)
-            );
-            out!("files {files} of {max_files}");
-            out!(
-                "unfinished uploads {count}, holding {unfinished} ({})",
-                human_bytes(unfinished)
-            );
-        }
+        ("quota", []) => quota(remote).await?,
         ("uploads", []) => {
             let reply = remote.client().await?.request(&Request::Parts).await?;
             for line in &reply.lines {
@@ -140,43 +99,13 @@ pub(super) async fn execute_one(
             put_tree(remote, Path::new(local), rest.first().copied()).await?
         }
         ("put", [local, rest @ ..]) if rest.len() <= 1 && *local != "-r" => {
-            let local = Path::new(local);
-            let name = local
-                .file_name()
-                .ok_or_else(|| ClientError::Local(format!("{}: not a file", local.display())))?
-                .to_string_lossy()
-                .into_owned();
-            let client = remote.client().await?;
-            let mut dest = client.remote_path(rest.first().copied().unwrap_or(&name))?;
-            if !rest.is_empty() && remote_is_dir(client, &dest).await {
-                dest = dest.join(&name);
-            }
-            let bar = file_bar(None, &name);
-            let t = remote
-                .transfer(&Transfer::Put(local.to_path_buf(), dest.clone()), &bar)
-                .await;
-            bar.finish_and_clear();
-            report(&t?, &dest.to_string());
+            put_file(remote, Path::new(local), rest.first().copied()).await?
         }
         ("get", ["-r", src, rest @ ..]) if rest.len() <= 1 => {
             get_tree(remote, src, rest.first().copied()).await?
         }
         ("get", [src, rest @ ..]) if rest.len() <= 1 && *src != "-r" => {
-            let source = remote.client().await?.remote_path(src)?;
-            let name = source
-                .file_name()
-                .ok_or_else(|| ClientError::Local("get needs a file, not /".into()))?
-                .to_string();
-            let mut local = PathBuf::from(rest.first().copied().unwrap_or(&name));
-            if local.is_dir() {
-                local = local.join(&name);
-            }
-            let bar = file_bar(None, &name);
-            let t = remote
-                .transfer(&Transfer::Get(source, local.clone()), &bar)
-                .await;
-            bar.finish_and_clear();
-            report(&t?, &local.display().to_string());
+            get_file(remote, src, rest.first().copied()).await?
         }
         (c, _) if KNOWN.contains(&c) => return Err(usage(usage_of(c))),
         (c, _) => {
@@ -186,6 +115,102 @@ pub(super) async fn execute_one(
         }
     }
     Ok(Flow::Continue)
+}
+
+/// `lcd [DIR]`: no DIR is the home directory.
+fn lcd(dir: Option<&str>) -> Result<(), ClientError> {
+    let dir = dir.map_or_else(
+        || std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+        str::to_string,
+    );
+    std::env::set_current_dir(&dir).map_err(|e| ClientError::Local(format!("{dir}: {e}")))
+}
+
+async fn ls(remote: &mut Remote, path: Option<&str>) -> Result<(), ClientError> {
+    let listing = remote.client().await?.list(path).await?;
+    for entry in &listing.entries {
+        out!("{}", format_entry(entry));
+    }
+    if listing.truncated {
+        eprintln!(
+            "ftpx: listing truncated by the server ({})",
+            printable(&listing.text)
+        );
+    }
+    Ok(())
+}
+
+/// `quota`: bytes and files used and their limits, and what unfinished
+/// uploads hold of them.
+async fn quota(remote: &mut Remote) -> Result<(), ClientError> {
+    let reply = remote.client().await?.request(&Request::Quota).await?;
+    let nums: Vec<u64> = reply
+        .text
+        .split(' ')
+        .map_while(|w| w.parse().ok())
+        .collect();
+    let [used, limit, files, max_files, unfinished, count, ..] = nums[..] else {
+        return Err(ClientError::Protocol(format!(
+            "bad quota reply {:?}",
+            reply.text
+        )));
+    };
+    out!(
+        "used {used} ({}) of {limit} ({})",
+        human_bytes(used),
+        human_bytes(limit)
+    );
+    out!("files {files} of {max_files}");
+    out!(
+        "unfinished uploads {count}, holding {unfinished} ({})",
+        human_bytes(unfinished)
+    );
+    Ok(())
+}
+
+/// `put LOCAL [REMOTE]`: into REMOTE when it is a directory.
+async fn put_file(
+    remote: &mut Remote,
+    local: &Path,
+    dest: Option<&str>,
+) -> Result<(), ClientError> {
+    let name = local
+        .file_name()
+        .ok_or_else(|| ClientError::Local(format!("{}: not a file", local.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let client = remote.client().await?;
+    let mut target = client.remote_path(dest.unwrap_or(&name))?;
+    if dest.is_some() && remote_is_dir(client, &target).await {
+        target = target.join(&name);
+    }
+    let bar = file_bar(None, &name);
+    let t = remote
+        .transfer(&Transfer::Put(local.to_path_buf(), target.clone()), &bar)
+        .await;
+    bar.finish_and_clear();
+    report(&t?, &target.to_string());
+    Ok(())
+}
+
+/// `get REMOTE [LOCAL]`: into LOCAL when it is a directory.
+async fn get_file(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<(), ClientError> {
+    let source = remote.client().await?.remote_path(src)?;
+    let name = source
+        .file_name()
+        .ok_or_else(|| ClientError::Local("get needs a file, not /".into()))?
+        .to_string();
+    let mut local = PathBuf::from(dest.unwrap_or(&name));
+    if local.is_dir() {
+        local = local.join(&name);
+    }
+    let bar = file_bar(None, &name);
+    let t = remote
+        .transfer(&Transfer::Get(source, local.clone()), &bar)
+        .await;
+    bar.finish_and_clear();
+    report(&t?, &local.display().to_string());
+    Ok(())
 }
 
 pub(super) const KNOWN: &[&str] = &[

@@ -1,6 +1,7 @@
 //! `put -r` and `get -r`: whole trees, skipping what is already complete on
 //! the other side, never writing outside the directory the user named.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -53,6 +54,9 @@ pub(super) async fn remote_matches(
     hash().is_some_and(|h| protocol::hex(&h) == reply.text)
 }
 
+/// A local file to upload: its path, its remote path and its size.
+type LocalFile = (PathBuf, VPath, u64);
+
 pub(super) async fn put_tree(
     remote: &mut Remote,
     local: &Path,
@@ -75,11 +79,42 @@ pub(super) async fn put_tree(
         .client()
         .await?
         .remote_path(dest.unwrap_or(if name.is_empty() { "." } else { &name }))?;
+    let (dirs, files) = local_tree(&base, &root)?;
+    let complete = make_dirs_and_compare(remote.client().await?, &dirs, &files).await?;
+    let skipped = complete.len();
+    let (small, big): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !complete.contains(i))
+        .map(|(_, f)| f)
+        .partition(|(_, _, size)| *size <= protocol::MAX_SEND);
 
-    // Walk the local tree first: directories to make, files to send.
+    let multi = MultiProgress::new();
+    let total = total_bar(&multi, (small.len() + big.len()) as u64);
+    let small = small.into_iter().map(|(p, r, _)| (p, r)).collect();
+    let mut sent = send_small_files(remote, &multi, &total, small).await?;
+    for (path, rpath, _) in big {
+        let bar = file_bar(Some(&multi), &rpath.to_string());
+        let t = remote
+            .transfer(&Transfer::Put(path, rpath.clone()), &bar)
+            .await;
+        bar.finish_and_clear();
+        let t = t?;
+        multi.suspend(|| report(&t, &rpath.to_string()));
+        sent += 1;
+        total.inc(1);
+    }
+    total.finish_and_clear();
+    out!("{sent} files sent, {skipped} already complete");
+    Ok(())
+}
+
+/// The local tree under `base`, to land under `root`: the directories to
+/// make (`root` first) and the regular files to send.
+fn local_tree(base: &Path, root: &VPath) -> Result<(Vec<VPath>, Vec<LocalFile>), ClientError> {
     let mut dirs = vec![root.clone()];
     let mut files = vec![];
-    let mut stack = vec![(base.clone(), root.clone())];
+    let mut stack = vec![(base.to_path_buf(), root.clone())];
     while let Some((dir, rdir)) = stack.pop() {
         let mut entries: Vec<_> = std::fs::read_dir(&dir)
             .map_err(|e| ClientError::Local(format!("{}: {e}", dir.display())))?
@@ -104,9 +139,17 @@ pub(super) async fn put_tree(
             }
         }
     }
-    // Make the directories and learn what is already there: one round trip
-    // for all of them, not one per file.
-    let client = remote.client().await?;
+    Ok((dirs, files))
+}
+
+/// Makes the remote directories and finds which files are already there
+/// complete (same size, same hash): pipelined, one round trip for each
+/// kind of request, not one per file. Returns their indexes in `files`.
+async fn make_dirs_and_compare(
+    client: &mut Client,
+    dirs: &[VPath],
+    files: &[LocalFile],
+) -> Result<HashSet<usize>, ClientError> {
     let mkdirs: Vec<Request> = dirs.iter().map(|d| Request::Mkd(d.to_string())).collect();
     client
         .request_many(&mkdirs, |_, reply| match reply {
@@ -119,8 +162,8 @@ pub(super) async fn put_tree(
         .map(|d| Request::List(Some(d.to_string())))
         .collect();
     // Only the sizes of files we would send are kept, whatever the listings hold.
-    let wanted: std::collections::HashSet<&VPath> = files.iter().map(|f| &f.1).collect();
-    let mut there = std::collections::HashMap::new();
+    let wanted: HashSet<&VPath> = files.iter().map(|f| &f.1).collect();
+    let mut there = HashMap::new();
     client
         .request_many(&lists, |i, reply| {
             for line in reply.map(|r| r.lines).unwrap_or_default() {
@@ -148,7 +191,7 @@ pub(super) async fn put_tree(
         .iter()
         .map(|&i| Request::Hash(files[i].1.to_string()))
         .collect();
-    let mut complete = std::collections::HashSet::new();
+    let mut complete = HashSet::new();
     client
         .request_many(&hashes, |k, reply| {
             let i = same[k];
@@ -160,18 +203,18 @@ pub(super) async fn put_tree(
             Ok(())
         })
         .await?;
-    let skipped = complete.len();
-    let (small, big): (Vec<_>, Vec<_>) = files
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| !complete.contains(i))
-        .map(|(_, f)| f)
-        .partition(|(_, _, size)| *size <= protocol::MAX_SEND);
+    Ok(complete)
+}
 
-    let multi = MultiProgress::new();
-    let total = total_bar(&multi, (small.len() + big.len()) as u64);
+/// Sends small files many at a time; after a dropped connection, reconnects
+/// and sends again those not yet stored. Returns how many were sent.
+async fn send_small_files(
+    remote: &mut Remote,
+    multi: &MultiProgress,
+    total: &ProgressBar,
+    mut pending: Vec<(PathBuf, VPath)>,
+) -> Result<usize, ClientError> {
     let mut sent = 0;
-    let mut pending: Vec<(PathBuf, VPath)> = small.into_iter().map(|(p, r, _)| (p, r)).collect();
     let mut attempt = 0;
     while !pending.is_empty() {
         let mut stored = vec![false; pending.len()];
@@ -213,20 +256,7 @@ pub(super) async fn put_tree(
             Err(e) => return Err(e),
         }
     }
-    for (path, rpath, _) in big {
-        let bar = file_bar(Some(&multi), &rpath.to_string());
-        let t = remote
-            .transfer(&Transfer::Put(path, rpath.clone()), &bar)
-            .await;
-        bar.finish_and_clear();
-        let t = t?;
-        multi.suspend(|| report(&t, &rpath.to_string()));
-        sent += 1;
-        total.inc(1);
-    }
-    total.finish_and_clear();
-    out!("{sent} files sent, {skipped} already complete");
-    Ok(())
+    Ok(sent)
 }
 
 /// Levels below the directory `get -r` copies, at most: an honest server's
