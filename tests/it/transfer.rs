@@ -25,6 +25,7 @@ use ftpx::protocol::{Code, FrameHeader, FrameKind, Request};
 use ftpx::transfer::connection::Connection;
 use ftpx::transfer::journal::Journal;
 use indicatif::ProgressBar;
+use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -469,6 +470,15 @@ impl Proxy {
 
     fn open(&self) {
         self.hold(u64::MAX, u64::MAX);
+    }
+
+    /// Holds direction `dir` only, after `bytes`.
+    fn hold_one(&self, dir: usize, bytes: u64) {
+        if dir == UP {
+            self.hold(bytes, u64::MAX);
+        } else {
+            self.hold(u64::MAX, bytes);
+        }
     }
 
     /// Drops every open connection.
@@ -1199,31 +1209,151 @@ async fn admin_listing_counts_partial_uploads_like_the_quota() {
 
 const BIG: usize = 24 << 20;
 
+/// The real client's command that moves `big` in direction `dir`: `UP` puts
+/// it, `DOWN` gets it.
+fn big_command(dir: usize) -> &'static str {
+    if dir == UP { "put big" } else { "get big" }
+}
+
+/// Waits until the partial file `part` of a move in direction `dir` holds
+/// `at_least` bytes.
+async fn wait_to_grow(dir: usize, part: &Path, at_least: u64) {
+    let what = if dir == UP {
+        "the server's partial upload to grow"
+    } else {
+        "the client's partial download to grow"
+    };
+    wait_for(what, || len_of(part) >= at_least).await;
+}
+
+/// Asserts that a run of the real client moved `bytes` in direction `dir`
+/// to `landed` after resuming; returns the offset it resumed at.
+fn assert_resumed(out: &Output, dir: usize, bytes: &[u8], landed: &Path) -> u64 {
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(out, bytes, if dir == UP { "/big" } else { "big" });
+    assert!(
+        std::fs::read(landed).unwrap() == bytes,
+        "{} is not the source",
+        landed.display()
+    );
+    at
+}
+
+/// A server where `ann` has 1 GiB, a client directory, and a [`Proxy`] in
+/// front of the server.
+struct Relayed {
+    s: TestServer,
+    work: TempDir,
+    proxy: Proxy,
+}
+
+impl Relayed {
+    /// Adds `ann` to `s` and puts a proxy in front of it.
+    async fn start(s: TestServer) -> Relayed {
+        s.add_user("ann", 1 << 30);
+        let work = tempfile::tempdir().unwrap();
+        let proxy = Proxy::start(s.addr).await;
+        Relayed { s, work, proxy }
+    }
+
+    /// The client's `big`.
+    fn local(&self) -> PathBuf {
+        self.work.path().join("big")
+    }
+
+    /// ann's `big` on the server.
+    fn remote(&self) -> PathBuf {
+        self.s.home("ann").join("big")
+    }
+
+    /// Where a move of `big` in direction `dir` lands.
+    fn landed(&self, dir: usize) -> PathBuf {
+        if dir == UP {
+            self.remote()
+        } else {
+            self.local()
+        }
+    }
+
+    /// Writes `big_data(len, seed)` as the `big` that a move in direction
+    /// `dir` reads, and returns the bytes.
+    fn big(&self, dir: usize, len: usize, seed: u8) -> Vec<u8> {
+        let bytes = big_data(len, seed);
+        let source = if dir == UP {
+            self.local()
+        } else {
+            self.remote()
+        };
+        std::fs::write(source, &bytes).unwrap();
+        bytes
+    }
+
+    /// `ftpx connect` through the proxy, in the background.
+    fn spawn(&self, commands: &str, extra: &[&str]) -> Shell {
+        Shell::spawn(
+            self.work.path(),
+            &self.s.ca,
+            self.proxy.port,
+            commands,
+            extra,
+        )
+    }
+
+    /// `ftpx connect` through the proxy, run to its end.
+    async fn run(&self, commands: &str, extra: &[&str]) -> Output {
+        connect_with(
+            self.work.path(),
+            &self.s.ca,
+            self.proxy.port,
+            commands,
+            extra,
+        )
+        .await
+    }
+
+    /// `ftpx connect` straight to the server, run to its end.
+    fn run_direct(&self, commands: &str) -> Output {
+        connect_c(
+            self.work.path(),
+            &self.s.ca,
+            self.s.addr.port(),
+            "ann",
+            commands,
+        )
+    }
+
+    /// Starts the real client's move of `big` in direction `dir`, held at
+    /// 6 MiB, SIGKILLs it once `part` holds 3 MiB, and lets the proxy go.
+    async fn kill_client_midway(&self, dir: usize, part: &Path) {
+        self.proxy.hold_one(dir, 6 << 20);
+        let mut shell = self.spawn(big_command(dir), &[]);
+        wait_to_grow(dir, part, 3 << 20).await;
+        shell.kill();
+        self.proxy.cut();
+        self.proxy.open();
+    }
+
+    /// Cuts the first attempt to move `big` in direction `dir` after 8 MiB,
+    /// with no retries: the client fails and leaves resume state behind.
+    async fn cut_first_attempt(&self, dir: usize) {
+        self.proxy.cut_after(dir, 8 << 20);
+        let out = self.run(big_command(dir), &["--retries", "0"]).await;
+        assert_ne!(out.status, 0, "the first attempt was meant to be cut");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn client_killed_mid_put_resumes_on_the_next_run() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 30);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.hold(6 << 20, u64::MAX);
-
-    let mut shell = Shell::spawn(work.path(), &s.ca, proxy.port, "put big", &[]);
-    let (part, _) = staged(&staging_of(&s), "/big");
-    wait_for("the server's partial upload to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    shell.kill();
-    proxy.cut();
-    proxy.open();
-    wait_upload_free(&s, "/big").await;
+    let r = Relayed::start(TestServer::start().await).await;
+    let s = &r.s;
+    let bytes = r.big(UP, BIG, 30);
+    let (part, _) = staged(&staging_of(s), "/big");
+    r.kill_client_midway(UP, &part).await;
+    wait_upload_free(s, "/big").await;
     let kept = len_of(&part);
-    assert!(
-        !s.home("ann").join("big").exists(),
-        "visible before complete"
-    );
+    assert!(!r.remote().exists(), "visible before complete");
     let mut c = s.login("ann").await;
     assert_eq!(
         quota(&mut c).await.0,
@@ -1231,79 +1361,70 @@ async fn client_killed_mid_put_resumes_on_the_next_run() {
         "the partial upload's reservation"
     );
 
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put big");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(
-        at > 0 && at <= kept,
-        "resumed at {at}; the server kept {kept}"
-    );
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
+    let out = r.run_direct("put big");
+    let at = assert_resumed(&out, UP, &bytes, &r.remote());
+    assert!(at <= kept, "resumed at {at}; the server kept {kept}");
     assert_eq!(quota(&mut c).await.0, BIG as u64);
-    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    assert_eq!(entries(&staging_of(s)), Vec::<PathBuf>::new());
     assert_eq!(
-        entries(&work.path().join("state/journal")),
+        entries(&r.work.path().join("state/journal")),
         Vec::<PathBuf>::new()
     );
-    s.stop().await;
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_killed_mid_get_resumes_on_the_next_run() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 31);
-    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.hold(u64::MAX, 6 << 20);
-
-    let mut shell = Shell::spawn(work.path(), &s.ca, proxy.port, "get big", &[]);
-    let part = work.path().join(".big.ftpx-part");
-    wait_for("the client's partial download to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    shell.kill();
-    proxy.cut();
-    proxy.open();
+    let r = Relayed::start(TestServer::start().await).await;
+    let bytes = r.big(DOWN, BIG, 31);
+    let part = r.work.path().join(".big.ftpx-part");
+    r.kill_client_midway(DOWN, &part).await;
     let kept = len_of(&part);
-    assert!(!work.path().join("big").exists(), "visible before complete");
+    assert!(!r.local().exists(), "visible before complete");
 
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "get big");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(
-        at > 0 && at <= kept,
-        "resumed at {at}; the client kept {kept}"
-    );
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
+    let out = r.run_direct("get big");
+    let at = assert_resumed(&out, DOWN, &bytes, &r.local());
+    assert!(at <= kept, "resumed at {at}; the client kept {kept}");
     assert!(!part.exists());
     assert_eq!(
-        entries(&work.path().join("state/journal")),
+        entries(&r.work.path().join("state/journal")),
         Vec::<PathBuf>::new()
     );
-    s.stop().await;
+    r.s.stop().await;
 }
 
-/// A server process and a client directory side by side, with the client
-/// going through a proxy; `ann` has 1 GiB.
-async fn bin_setup() -> (tempfile::TempDir, PathBuf, PathBuf, BinServer, Proxy) {
+/// A server process behind a proxy, with `ann` (1 GiB), is killed while the
+/// real client moves `BIG` bytes of `seed` in direction `dir`, kept down a
+/// while (the client's reconnects are refused) and started again on the
+/// same directory and port: the client retries and resumes by itself, and
+/// no resume state is left.
+async fn server_killed_midway(dir: usize, seed: u8) {
     let root = tempfile::tempdir().unwrap();
     let (sdir, work) = (root.path().join("server"), root.path().join("client"));
     std::fs::create_dir_all(&work).unwrap();
     let srv = BinServer::start(&sdir, 0);
     srv.useradd("ann", "1GiB");
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.port))).await;
-    (root, sdir, work, srv, proxy)
-}
+    let (local, remote) = (work.join("big"), sdir.join("var/homes/ann/big"));
+    let bytes = big_data(BIG, seed);
+    std::fs::write(if dir == UP { &local } else { &remote }, &bytes).unwrap();
+    proxy.hold_one(dir, 6 << 20);
+    let ca = srv.ca();
+    let mut shell = Shell::spawn(
+        &work,
+        &ca,
+        proxy.port,
+        big_command(dir),
+        &["--retries", "8"],
+    );
+    let staging = sdir.join("var/partial/ann");
+    let part = if dir == UP {
+        staged(&staging, "/big").0
+    } else {
+        work.join(".big.ftpx-part")
+    };
+    wait_to_grow(dir, &part, 3 << 20).await;
 
-/// Kills the server while the proxy holds the transfer still, keeps it down
-/// for a while (the client's reconnects are refused), and starts it again on
-/// the same directory and port.
-async fn kill_and_restart(srv: BinServer, proxy: &Proxy, sdir: &Path) -> BinServer {
     let port = srv.port;
     proxy.freeze();
     srv.kill9();
@@ -1311,118 +1432,57 @@ async fn kill_and_restart(srv: BinServer, proxy: &Proxy, sdir: &Path) -> BinServ
     proxy.cut();
     proxy.open();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let srv = BinServer::start(sdir, port);
+    let _srv = BinServer::start(&sdir, port);
     proxy.online();
-    srv
+
+    let out = shell.finish(Duration::from_secs(120)).await;
+    assert_resumed(&out, dir, &bytes, if dir == UP { &remote } else { &local });
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    if dir == UP {
+        assert_eq!(entries(&staging), Vec::<PathBuf>::new());
+    } else {
+        assert!(!part.exists());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_killed_mid_put_client_retries_and_resumes() {
-    let (_root, sdir, work, srv, proxy) = bin_setup().await;
-    let bytes = big_data(BIG, 32);
-    std::fs::write(work.join("big"), &bytes).unwrap();
-    proxy.hold(6 << 20, u64::MAX);
-    let ca = srv.ca();
-    let mut shell = Shell::spawn(&work, &ca, proxy.port, "put big", &["--retries", "8"]);
-    let (part, _) = staged(&sdir.join("var/partial/ann"), "/big");
-    wait_for("the server's partial upload to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    let _srv = kill_and_restart(srv, &proxy, &sdir).await;
-
-    let out = shell.finish(Duration::from_secs(120)).await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(sdir.join("var/homes/ann/big")).unwrap() == bytes);
-    assert_eq!(
-        entries(&sdir.join("var/partial/ann")),
-        Vec::<PathBuf>::new()
-    );
+    server_killed_midway(UP, 32).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_killed_mid_get_client_retries_and_resumes() {
-    let (_root, sdir, work, srv, proxy) = bin_setup().await;
-    let bytes = big_data(BIG, 33);
-    std::fs::write(sdir.join("var/homes/ann/big"), &bytes).unwrap();
-    proxy.hold(u64::MAX, 6 << 20);
-    let ca = srv.ca();
-    let mut shell = Shell::spawn(&work, &ca, proxy.port, "get big", &["--retries", "8"]);
-    let part = work.join(".big.ftpx-part");
-    wait_for("the client's partial download to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    let _srv = kill_and_restart(srv, &proxy, &sdir).await;
+    server_killed_midway(DOWN, 33).await;
+}
 
-    let out = shell.finish(Duration::from_secs(120)).await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
+/// The connection is cut after 8 MiB of a move of `BIG` bytes of `seed` in
+/// direction `dir`: the client retries, resumes by itself, and no resume
+/// state is left.
+async fn cut_connection_midway(dir: usize, seed: u8) {
+    let r = Relayed::start(TestServer::start().await).await;
+    let bytes = r.big(dir, BIG, seed);
+    r.proxy.cut_after(dir, 8 << 20);
+
+    let out = r.run(big_command(dir), &["--retries", "3"]).await;
+    let at = assert_resumed(&out, dir, &bytes, &r.landed(dir));
     assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.join("big")).unwrap() == bytes);
-    assert!(!part.exists());
+    assert!(at <= 8 << 20, "resumed at {at}");
+    if dir == UP {
+        assert_eq!(entries(&staging_of(&r.s)), Vec::<PathBuf>::new());
+    } else {
+        assert!(!r.work.path().join(".big.ftpx-part").exists());
+    }
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_connection_mid_put_client_resumes_by_itself() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 34);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(UP, 8 << 20);
-
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--retries", "3"],
-    )
-    .await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0 && at <= 8 << 20, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
-    s.stop().await;
+    cut_connection_midway(UP, 34).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_connection_mid_get_client_resumes_by_itself() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 35);
-    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(DOWN, 8 << 20);
-
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "get big",
-        &["--retries", "3"],
-    )
-    .await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0 && at <= 8 << 20, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
-    assert!(!work.path().join(".big.ftpx-part").exists());
-    s.stop().await;
+    cut_connection_midway(DOWN, 35).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1430,29 +1490,16 @@ async fn silent_connection_mid_put_resumes_once_the_server_gives_up_on_it() {
     // The client notices the silence first (2 s) and comes back while the
     // server still waits on the dead connection (6 s): the target is busy
     // for a moment, and the client has retries left to wait that out.
-    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 6).await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(32 << 20, 36);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.stall_after(UP, 4 << 20);
+    let r = Relayed::start(TestServer::start_with(|c| c.limits.io_timeout_secs = 6).await).await;
+    let bytes = r.big(UP, 32 << 20, 36);
+    r.proxy.stall_after(UP, 4 << 20);
 
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--timeout", "2", "--retries", "5"],
-    )
-    .await;
-    proxy.cut();
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    s.stop().await;
+    let out = r
+        .run("put big", &["--timeout", "2", "--retries", "5"])
+        .await;
+    r.proxy.cut();
+    assert_resumed(&out, UP, &bytes, &r.remote());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1460,29 +1507,15 @@ async fn silent_connection_while_awaiting_the_upload_reply_is_noticed() {
     // Every byte but the last stretch reaches the server, then the
     // connection goes silent while the client waits for the verdict. The
     // server gives up after 2 s; the client must not wait forever either.
-    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(8 << 20, 37);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.stall_after(UP, (8 << 20) - (256 << 10));
+    let r = Relayed::start(TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await).await;
+    let bytes = r.big(UP, 8 << 20, 37);
+    r.proxy.stall_after(UP, (8 << 20) - (256 << 10));
 
-    let mut shell = Shell::spawn(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--timeout", "3", "--retries", "3"],
-    );
+    let mut shell = r.spawn("put big", &["--timeout", "3", "--retries", "3"]);
     let out = shell.finish(Duration::from_secs(30)).await;
-    proxy.cut();
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    s.stop().await;
+    r.proxy.cut();
+    assert_resumed(&out, UP, &bytes, &r.remote());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1490,62 +1523,32 @@ async fn server_timeout_reply_mid_put_makes_the_client_reconnect() {
     // The network stalls towards the server just before the end of an
     // upload, long enough for the server to give up (421, which closes the
     // session); then it recovers. One retry must be enough to resume.
-    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(8 << 20, 39);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.hold((8 << 20) - (64 << 10), u64::MAX);
+    let r = Relayed::start(TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await).await;
+    let bytes = r.big(UP, 8 << 20, 39);
+    r.proxy.hold_one(UP, (8 << 20) - (64 << 10));
 
-    let mut shell = Shell::spawn(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--retries", "1"],
-    );
-    let (part, _) = staged(&staging_of(&s), "/big");
-    wait_for("the server's partial upload to grow", || {
-        len_of(&part) >= 4 << 20
-    })
-    .await;
-    wait_upload_free(&s, "/big").await;
-    proxy.open();
+    let mut shell = r.spawn("put big", &["--retries", "1"]);
+    let (part, _) = staged(&staging_of(&r.s), "/big");
+    wait_to_grow(UP, &part, 4 << 20).await;
+    wait_upload_free(&r.s, "/big").await;
+    r.proxy.open();
     let out = shell.finish(Duration::from_secs(60)).await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    s.stop().await;
+    assert_resumed(&out, UP, &bytes, &r.remote());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_connection_mid_get_resumes_by_itself() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 38);
-    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.stall_after(DOWN, 6 << 20);
+    let r = Relayed::start(TestServer::start().await).await;
+    let bytes = r.big(DOWN, BIG, 38);
+    r.proxy.stall_after(DOWN, 6 << 20);
 
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "get big",
-        &["--timeout", "2", "--retries", "3"],
-    )
-    .await;
-    proxy.cut();
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
-    s.stop().await;
+    let out = r
+        .run("get big", &["--timeout", "2", "--retries", "3"])
+        .await;
+    r.proxy.cut();
+    assert_resumed(&out, DOWN, &bytes, &r.local());
+    r.s.stop().await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1553,61 +1556,38 @@ async fn silent_connection_mid_get_resumes_by_itself() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn changed_local_file_is_uploaded_from_the_start() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let local = work.path().join("big");
-    std::fs::write(&local, big_data(BIG, 40)).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(UP, 8 << 20);
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--retries", "0"],
-    )
-    .await;
-    assert_ne!(out.status, 0, "the first attempt was meant to be cut");
-    wait_upload_free(&s, "/big").await;
-    let (part, _) = staged(&staging_of(&s), "/big");
+    let r = Relayed::start(TestServer::start().await).await;
+    let s = &r.s;
+    r.big(UP, BIG, 40);
+    r.cut_first_attempt(UP).await;
+    wait_upload_free(s, "/big").await;
+    let (part, _) = staged(&staging_of(s), "/big");
     assert!(len_of(&part) > 0, "nothing to resume from");
 
     // Same size, other bytes, written in place (same inode, maybe the same mtime second).
     let changed = big_data(BIG, 41);
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&local)
+        .open(r.local())
         .unwrap()
         .write_all(&changed)
         .unwrap();
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put big");
+    let out = r.run_direct("put big");
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(resumed_at(&out.stdout), None, "{}", out.stdout);
     assert_hash_line(&out, &changed, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == changed);
-    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
-    s.stop().await;
+    assert!(std::fs::read(r.remote()).unwrap() == changed);
+    assert_eq!(entries(&staging_of(s)), Vec::<PathBuf>::new());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replaced_server_file_is_downloaded_from_the_start() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    std::fs::write(s.home("ann").join("big"), big_data(BIG, 42)).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(DOWN, 8 << 20);
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "get big",
-        &["--retries", "0"],
-    )
-    .await;
-    assert_ne!(out.status, 0, "the first attempt was meant to be cut");
-    let part = work.path().join(".big.ftpx-part");
+    let r = Relayed::start(TestServer::start().await).await;
+    let s = &r.s;
+    r.big(DOWN, BIG, 42);
+    r.cut_first_attempt(DOWN).await;
+    let part = r.work.path().join(".big.ftpx-part");
     assert!(len_of(&part) > 0, "nothing to resume from");
 
     // The server's file is replaced by an upload of the same size.
@@ -1624,13 +1604,13 @@ async fn replaced_server_file_is_downloaded_from_the_start() {
     .unwrap();
     c.quit().await;
 
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "get big");
+    let out = r.run_direct("get big");
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(resumed_at(&out.stdout), None, "{}", out.stdout);
     assert_hash_line(&out, &replaced, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == replaced);
+    assert!(std::fs::read(r.local()).unwrap() == replaced);
     assert!(!part.exists());
-    s.stop().await;
+    r.s.stop().await;
 }
 
 // ---------------------------------------------------------------------------
