@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use ftpx::client::{Client, ClientError, Reply};
+use ftpx::client::{Client, ClientError, Reply, Transferred};
 use ftpx::protocol::VPath;
 use ftpx::protocol::{Code, FrameHeader, FrameKind, Request};
 use ftpx::transfer::connection::Connection;
@@ -122,6 +122,22 @@ fn flip_byte(path: &Path, at: u64) {
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
     b[0] ^= 0x5a;
     std::os::unix::fs::FileExt::write_all_at(&f, &b, at).unwrap();
+}
+
+/// Cuts the file at `path` to `len` bytes.
+fn truncate(path: &Path, len: u64) {
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Appends 16 MiB of bytes that belong to no file to the file at `path`.
+fn append_junk(path: &Path) {
+    let mut f = File::options().append(true).open(path).unwrap();
+    f.write_all(&vec![0xee; 16 << 20]).unwrap();
 }
 
 /// Polls `ready` until it holds; fails after a generous guard.
@@ -287,6 +303,37 @@ async fn assert_cut_off(c: &mut Client, case: &str) {
     assert!(
         c.request(&Request::Noop).await.is_err(),
         "{case}: the session went on"
+    );
+}
+
+/// A session as `ann` whose PUT of `size` bytes to `/f` was answered 150,
+/// for `case`.
+async fn put_to_f(s: &TestServer, size: u64, case: &str) -> Client {
+    let mut c = s.login("ann").await;
+    let r = put_request(&mut c, "/f", size).await.unwrap();
+    assert_eq!(r.code, 150, "{case}");
+    c
+}
+
+/// Asserts that the server ended `c`'s upload to `/f` for `case`: nothing
+/// under the name, and no more kept than a prefix of `bytes` of at most
+/// `limit` bytes.
+async fn assert_upload_cut_off(
+    s: &TestServer,
+    c: &mut Client,
+    case: &str,
+    bytes: &[u8],
+    limit: usize,
+) {
+    assert_cut_off(c, case).await;
+    assert!(!s.home("ann").join("f").exists(), "{case}");
+    wait_upload_free(s, "/f").await;
+    let (part, _) = staged(&staging_of(s), "/f");
+    let kept = std::fs::read(&part).unwrap_or_default();
+    assert!(
+        kept.len() <= limit && bytes.starts_with(&kept),
+        "{case}: kept {} bytes that are not a prefix of at most {limit}",
+        kept.len()
     );
 }
 
@@ -772,9 +819,7 @@ async fn more_or_fewer_bytes_than_declared_end_the_session() {
         "an end frame after fewer bytes",
         "an end frame at the declared size after fewer bytes",
     ] {
-        let mut c = s.login("ann").await;
-        let r = put_request(&mut c, "/f", declared as u64).await.unwrap();
-        assert_eq!(r.code, 150, "{case}");
+        let mut c = put_to_f(&s, declared as u64, case).await;
         assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
         match case {
             "a chunk past the declared size" => {
@@ -807,16 +852,7 @@ async fn more_or_fewer_bytes_than_declared_end_the_session() {
                 frame(&mut c, e, &[]).await;
             }
         }
-        assert_cut_off(&mut c, case).await;
-        assert!(!s.home("ann").join("f").exists(), "{case}");
-        wait_upload_free(&s, "/f").await;
-        let (part, _) = staged(&staging_of(&s), "/f");
-        let kept = std::fs::read(&part).unwrap_or_default();
-        assert!(
-            kept.len() <= declared && bytes.starts_with(&kept),
-            "{case}: kept {} bytes that are not a prefix",
-            kept.len()
-        );
+        assert_upload_cut_off(&s, &mut c, case, &bytes, declared).await;
     }
     s.stop().await;
 }
@@ -836,9 +872,7 @@ async fn chunks_out_of_place_are_protocol_errors() {
         "a start frame at an offset never offered",
         "a chunk before the start frame",
     ] {
-        let mut c = s.login("ann").await;
-        let r = put_request(&mut c, "/f", size as u64).await.unwrap();
-        assert_eq!(r.code, 150, "{case}");
+        let mut c = put_to_f(&s, size as u64, case).await;
         let p = &bytes[..PIECE];
         if !case.contains("start frame") {
             assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
@@ -870,16 +904,7 @@ async fn chunks_out_of_place_are_protocol_errors() {
                 frame(&mut c, chunk_header(size, 0, p), p).await;
             }
         }
-        assert_cut_off(&mut c, case).await;
-        assert!(!s.home("ann").join("f").exists(), "{case}");
-        wait_upload_free(&s, "/f").await;
-        let (part, _) = staged(&staging_of(&s), "/f");
-        let kept = std::fs::read(&part).unwrap_or_default();
-        assert!(
-            kept.len() <= PIECE && bytes.starts_with(&kept),
-            "{case}: kept {} bytes that are not a verified prefix",
-            kept.len()
-        );
+        assert_upload_cut_off(&s, &mut c, case, &bytes, PIECE).await;
     }
     s.stop().await;
 }
@@ -1616,13 +1641,26 @@ async fn replaced_server_file_is_downloaded_from_the_start() {
 // ---------------------------------------------------------------------------
 // Damaged resume state
 
+/// Asserts that `t`, the transfer after `damage`, brought `bytes` to
+/// `landed` and resumed no later than `limit`.
+fn assert_redone(t: &Transferred, damage: &str, bytes: &[u8], landed: &Path, limit: u64) {
+    assert_eq!(t.hash, blake3::hash(bytes), "{damage}");
+    assert!(
+        t.resumed_at <= limit,
+        "{damage}: resumed at {} past {limit}",
+        t.resumed_at
+    );
+    assert!(
+        std::fs::read(landed).unwrap() == bytes,
+        "{damage}: {} is not the source",
+        landed.display()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_server_partials_and_journals_never_mix() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
+    let Relayed { s, work, proxy } = Relayed::start(TestServer::start().await).await;
     let journals = work.path().join("journal");
-    let proxy = Proxy::start(s.addr).await;
     let bar = ProgressBar::hidden();
     let bytes = big_data(12 << 20, 50);
     for (i, damage) in [
@@ -1662,12 +1700,7 @@ async fn damaged_server_partials_and_journals_never_mix() {
             }
             "truncated partial" => {
                 let cut = len / 2 + 13;
-                File::options()
-                    .write(true)
-                    .open(&part)
-                    .unwrap()
-                    .set_len(cut)
-                    .unwrap();
+                truncate(&part, cut);
                 cut
             }
             "flipped partial" => {
@@ -1680,12 +1713,7 @@ async fn damaged_server_partials_and_journals_never_mix() {
                     .save(bytes.len() as u64)
                     .unwrap();
                 let cut = len / 3;
-                File::options()
-                    .write(true)
-                    .open(&part)
-                    .unwrap()
-                    .set_len(cut)
-                    .unwrap();
+                truncate(&part, cut);
                 cut
             }
             "partial removed" => {
@@ -1693,23 +1721,14 @@ async fn damaged_server_partials_and_journals_never_mix() {
                 0
             }
             _ => {
-                let mut f = File::options().append(true).open(&part).unwrap();
-                f.write_all(&vec![0xee; 16 << 20]).unwrap();
+                append_junk(&part);
                 len
             }
         };
         let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
         let t = c.put(&local, &vp(&name), &bar).await.unwrap();
-        assert_eq!(t.hash, blake3::hash(&bytes), "{damage}");
-        assert!(
-            t.resumed_at <= limit,
-            "{damage}: resumed at {} past {limit}",
-            t.resumed_at
-        );
-        assert!(
-            std::fs::read(s.home("ann").join(format!("f{i}"))).unwrap() == bytes,
-            "{damage}: the stored file is not the source"
-        );
+        let stored = s.home("ann").join(format!("f{i}"));
+        assert_redone(&t, damage, &bytes, &stored, limit);
         assert!(!part.exists() && !journal.exists(), "{damage}");
         c.quit().await;
     }
@@ -1718,11 +1737,8 @@ async fn damaged_server_partials_and_journals_never_mix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_client_journals_and_partials_never_mix() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
+    let Relayed { s, work, proxy } = Relayed::start(TestServer::start().await).await;
     let journals = work.path().join("journal");
-    let proxy = Proxy::start(s.addr).await;
     let bar = ProgressBar::hidden();
     let garble = |dir: &Path| {
         let found = entries(dir);
@@ -1783,12 +1799,7 @@ async fn damaged_client_journals_and_partials_never_mix() {
             }
             "truncated partial" => {
                 let cut = len / 2 + 5;
-                File::options()
-                    .write(true)
-                    .open(&part)
-                    .unwrap()
-                    .set_len(cut)
-                    .unwrap();
+                truncate(&part, cut);
                 cut
             }
             "garbage journal" => {
@@ -1796,23 +1807,13 @@ async fn damaged_client_journals_and_partials_never_mix() {
                 0
             }
             _ => {
-                let mut f = File::options().append(true).open(&part).unwrap();
-                f.write_all(&vec![0xee; 16 << 20]).unwrap();
+                append_junk(&part);
                 len
             }
         };
         let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
         let t = c.get(&vp("/down"), &target, &bar).await.unwrap();
-        assert_eq!(t.hash, blake3::hash(&down), "{damage}");
-        assert!(
-            t.resumed_at <= limit,
-            "{damage}: resumed at {} past {limit}",
-            t.resumed_at
-        );
-        assert!(
-            std::fs::read(&target).unwrap() == down,
-            "{damage}: the downloaded file is not the source"
-        );
+        assert_redone(&t, damage, &down, &target, limit);
         assert!(!part.exists(), "{damage}");
         c.quit().await;
     }
