@@ -182,6 +182,16 @@ pub(crate) async fn login_at(port: u16, ca: &Path, journals: &Path) -> Client {
     c
 }
 
+/// A server where `ann` has `quota` bytes, a client directory, and a
+/// session as ann that keeps its resume journals there.
+async fn ann_at_work(quota: u64) -> (TestServer, TempDir, Client) {
+    let s = TestServer::start().await;
+    s.add_user("ann", quota);
+    let work = tempfile::tempdir().unwrap();
+    let c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    (s, work, c)
+}
+
 pub(crate) fn code(r: &Result<Reply, ClientError>) -> u16 {
     match r {
         Ok(reply) => reply.code,
@@ -768,10 +778,7 @@ async fn corrupted_chunk_is_refused_and_only_the_verified_prefix_is_kept() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_file_hash_is_refused_and_the_old_file_stays() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(1 << 30).await;
     let bar = ProgressBar::hidden();
     let old = data(1000, 1);
     std::fs::write(work.path().join("old"), &old).unwrap();
@@ -914,10 +921,7 @@ async fn chunks_out_of_place_are_protocol_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_over_the_remaining_quota_is_refused_before_its_first_byte() {
-    let s = TestServer::start().await;
-    s.add_user("ann", MIB as u64);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(MIB as u64).await;
     let bar = ProgressBar::hidden();
     let put = |name: &str, len: usize, seed: u8| {
         let p = work.path().join(name);
@@ -1007,10 +1011,7 @@ async fn sessions_of_one_user_cannot_together_pass_the_quota() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overwrite_is_charged_only_the_difference() {
-    let s = TestServer::start().await;
-    s.add_user("ann", MIB as u64);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(MIB as u64).await;
     let bar = ProgressBar::hidden();
     let file = |len: usize, seed: u8| {
         let p = work.path().join(format!("local-{seed}"));
@@ -1049,10 +1050,7 @@ async fn overwrite_is_charged_only_the_difference() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rm_frees_quota_at_once() {
-    let s = TestServer::start().await;
-    s.add_user("ann", MIB as u64);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(MIB as u64).await;
     let bar = ProgressBar::hidden();
     std::fs::write(work.path().join("a"), data(MIB, 1)).unwrap();
     c.put(&work.path().join("a"), &vp("/a"), &bar)
@@ -1823,6 +1821,28 @@ async fn damaged_client_journals_and_partials_never_mix() {
 // ---------------------------------------------------------------------------
 // Trees
 
+/// `ftpx connect` as ann in `work` with the tree command `commands`, which
+/// must succeed and report `moved` files sent or received and `complete`
+/// already complete.
+fn run_tree(
+    work: &TempDir,
+    s: &TestServer,
+    commands: &str,
+    moved: usize,
+    complete: usize,
+) -> Output {
+    let verb = if commands.starts_with("put") {
+        "sent"
+    } else {
+        "received"
+    };
+    let summary = format!("{moved} files {verb}, {complete} already complete");
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", commands);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains(&summary), "{}", out.stdout);
+    out
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
     let s = TestServer::start().await;
@@ -1852,62 +1872,26 @@ async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
     let n = files.len();
-    let port = s.addr.port();
     let home_tree = s.home("ann").join("tree");
 
-    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("{n} files sent, 0 already complete")),
-        "{}",
-        out.stdout
-    );
+    let out = run_tree(&work, &s, "put -r tree", n, 0);
     for (rel, bytes) in &files {
         assert_hash_line(&out, bytes, &format!("/tree/{rel}"));
     }
     assert!(snapshot(&home_tree) == snapshot(&tree), "the copy differs");
 
-    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("0 files sent, {n} already complete")),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "put -r tree", 0, n);
     // One file changed, same size: only that one is sent.
     std::fs::write(tree.join("with space.txt"), data(5000, 7)).unwrap();
-    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("1 files sent, {} already complete", n - 1)),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "put -r tree", 1, n - 1);
     assert!(snapshot(&home_tree) == snapshot(&tree), "the copy differs");
 
-    let out = connect_c(work.path(), &s.ca, port, "ann", "get -r tree copy");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("{n} files received, 0 already complete")),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "get -r tree copy", n, 0);
     assert!(
         snapshot(&work.path().join("copy")) == snapshot(&tree),
         "the downloaded copy differs"
     );
-    let out = connect_c(work.path(), &s.ca, port, "ann", "get -r tree copy");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("0 files received, {n} already complete")),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "get -r tree copy", 0, n);
     assert!(snapshot(&work.path().join("copy")) == snapshot(&tree));
     assert_eq!(
         entries(&work.path().join("state/journal")),
@@ -1921,11 +1905,8 @@ async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nothing_is_visible_under_the_target_until_the_upload_is_complete() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
+    let (s, work, mut watcher) = ann_at_work(1 << 30).await;
     let bar = ProgressBar::hidden();
-    let mut watcher = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
     let old = data(100_000, 1);
     std::fs::write(work.path().join("old"), &old).unwrap();
     watcher
