@@ -310,22 +310,7 @@ impl Raw {
 
     /// The next line, or None at the end of the stream.
     pub async fn line(&mut self) -> Option<String> {
-        use tokio::io::AsyncReadExt;
-        loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read(&mut chunk))
-                .await
-                .expect("server did not answer")
-                .unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
+        read_line(&mut self.stream, &mut self.buf).await
     }
 
     /// Reads lines up to a final reply line.
@@ -342,6 +327,30 @@ impl Raw {
     pub async fn login(&mut self, user: &str) {
         let r = self.ask(&format!("LOGIN {user} \"{PASSWORD}\"")).await;
         assert!(r.starts_with("230"), "{r}");
+    }
+}
+
+/// The next line from `stream`, kept in `buf` until whole, or None at the
+/// end of the stream (or a reset); fails if the server is silent for 20 s.
+pub async fn read_line(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut chunk))
+            .await
+            .expect("server did not answer")
+            .unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 

@@ -5,6 +5,24 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use ftpx::protocol::Request;
 
+/// A server where `ann` has 10 MiB, and a raw session logged in as her.
+async fn ann_raw() -> (TestServer, Raw) {
+    let s = TestServer::start().await;
+    s.add_user("ann", 10 << 20);
+    let mut raw = Raw::connect(&s).await;
+    raw.login("ann").await;
+    (s, raw)
+}
+
+/// `n` SEND requests back to back: `f{i}` with `data(len, i)`.
+fn numbered_sends(n: usize, len: usize) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for i in 0..n {
+        wire.extend(send_request(&format!("f{i}"), &data(len, i as u8)));
+    }
+    wire
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn login_and_pwd() {
     let s = TestServer::start().await;
@@ -170,10 +188,7 @@ async fn small_files_go_many_at_once_and_refusals_keep_the_session_in_step() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_send_with_a_bad_chunk_stores_nothing_and_an_oversized_one_is_cut_off() {
     use ftpx::protocol::{FrameHeader, FrameKind, MAX_SEND};
-    let s = TestServer::start().await;
-    s.add_user("ann", 10 << 20);
-    let mut raw = Raw::connect(&s).await;
-    raw.login("ann").await;
+    let (s, mut raw) = ann_raw().await;
     let body = data(5000, 1);
     let mut wire = b"SEND f 5000\n".to_vec();
     wire.extend_from_slice(&FrameHeader::start(0).encode());
@@ -200,10 +215,7 @@ async fn a_send_with_a_bad_chunk_stores_nothing_and_an_oversized_one_is_cut_off(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_sends_are_answered_in_order_before_the_next_request() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 10 << 20);
-    let mut raw = Raw::connect(&s).await;
-    raw.login("ann").await;
+    let (s, mut raw) = ann_raw().await;
     // More SENDs than the server keeps in flight, two in a row to one path,
     // then a listing, all written before any reply is read.
     let mut wire = Vec::new();
@@ -255,10 +267,7 @@ async fn pipelined_sends_are_answered_in_order_before_the_next_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_send_or_a_bad_line_is_answered_after_the_sends_before_it() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 10 << 20);
-    let mut raw = Raw::connect(&s).await;
-    raw.login("ann").await;
+    let (s, mut raw) = ann_raw().await;
     let mut wire = Vec::new();
     for i in 0..20 {
         wire.extend(send_request(&format!("f{i}"), &data(3000, i as u8)));
@@ -288,15 +297,8 @@ async fn a_refused_send_or_a_bad_line_is_answered_after_the_sends_before_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_stops_sending_still_gets_every_reply() {
     use tokio::io::AsyncWriteExt;
-    let s = TestServer::start().await;
-    s.add_user("ann", 10 << 20);
-    let mut raw = Raw::connect(&s).await;
-    raw.login("ann").await;
-    let mut wire = Vec::new();
-    for i in 0..30 {
-        wire.extend(send_request(&format!("f{i}"), &data(5000, i as u8)));
-    }
-    raw.send(&wire).await;
+    let (s, mut raw) = ann_raw().await;
+    raw.send(&numbered_sends(30, 5000)).await;
     raw.stream.shutdown().await.unwrap();
     for i in 0..30 {
         let r = raw.reply().await;
@@ -312,15 +314,8 @@ async fn a_client_that_stops_sending_still_gets_every_reply() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sends_in_flight_when_the_client_leaves_are_stored_and_counted() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 10 << 20);
-    let mut raw = Raw::connect(&s).await;
-    raw.login("ann").await;
-    let mut wire = Vec::new();
-    for i in 0..50 {
-        wire.extend(send_request(&format!("f{i}"), &data(2000, i as u8)));
-    }
-    raw.send(&wire).await;
+    let (s, mut raw) = ann_raw().await;
+    raw.send(&numbered_sends(50, 2000)).await;
     drop(raw);
     // A new session sees all of them, counted once, and no staging file is left.
     let mut c = s.login("ann").await;

@@ -19,12 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use ftpx::client::{Client, ClientError, Reply};
+use ftpx::client::{Client, ClientError, Reply, Transferred};
 use ftpx::protocol::VPath;
 use ftpx::protocol::{Code, FrameHeader, FrameKind, Request};
 use ftpx::transfer::connection::Connection;
 use ftpx::transfer::journal::Journal;
 use indicatif::ProgressBar;
+use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -123,6 +124,22 @@ fn flip_byte(path: &Path, at: u64) {
     std::os::unix::fs::FileExt::write_all_at(&f, &b, at).unwrap();
 }
 
+/// Cuts the file at `path` to `len` bytes.
+fn truncate(path: &Path, len: u64) {
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Appends 16 MiB of bytes that belong to no file to the file at `path`.
+fn append_junk(path: &Path) {
+    let mut f = File::options().append(true).open(path).unwrap();
+    f.write_all(&vec![0xee; 16 << 20]).unwrap();
+}
+
 /// Polls `ready` until it holds; fails after a generous guard.
 pub(crate) async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -163,6 +180,16 @@ pub(crate) async fn login_at(port: u16, ca: &Path, journals: &Path) -> Client {
         .with_journal_dir(journals.to_path_buf());
     c.login("ann", PASSWORD, false).await.unwrap();
     c
+}
+
+/// A server where `ann` has `quota` bytes, a client directory, and a
+/// session as ann that keeps its resume journals there.
+async fn ann_at_work(quota: u64) -> (TestServer, TempDir, Client) {
+    let s = TestServer::start().await;
+    s.add_user("ann", quota);
+    let work = tempfile::tempdir().unwrap();
+    let c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    (s, work, c)
 }
 
 pub(crate) fn code(r: &Result<Reply, ClientError>) -> u16 {
@@ -286,6 +313,37 @@ async fn assert_cut_off(c: &mut Client, case: &str) {
     assert!(
         c.request(&Request::Noop).await.is_err(),
         "{case}: the session went on"
+    );
+}
+
+/// A session as `ann` whose PUT of `size` bytes to `/f` was answered 150,
+/// for `case`.
+async fn put_to_f(s: &TestServer, size: u64, case: &str) -> Client {
+    let mut c = s.login("ann").await;
+    let r = put_request(&mut c, "/f", size).await.unwrap();
+    assert_eq!(r.code, 150, "{case}");
+    c
+}
+
+/// Asserts that the server ended `c`'s upload to `/f` for `case`: nothing
+/// under the name, and no more kept than a prefix of `bytes` of at most
+/// `limit` bytes.
+async fn assert_upload_cut_off(
+    s: &TestServer,
+    c: &mut Client,
+    case: &str,
+    bytes: &[u8],
+    limit: usize,
+) {
+    assert_cut_off(c, case).await;
+    assert!(!s.home("ann").join("f").exists(), "{case}");
+    wait_upload_free(s, "/f").await;
+    let (part, _) = staged(&staging_of(s), "/f");
+    let kept = std::fs::read(&part).unwrap_or_default();
+    assert!(
+        kept.len() <= limit && bytes.starts_with(&kept),
+        "{case}: kept {} bytes that are not a prefix of at most {limit}",
+        kept.len()
     );
 }
 
@@ -469,6 +527,15 @@ impl Proxy {
 
     fn open(&self) {
         self.hold(u64::MAX, u64::MAX);
+    }
+
+    /// Holds direction `dir` only, after `bytes`.
+    fn hold_one(&self, dir: usize, bytes: u64) {
+        if dir == UP {
+            self.hold(bytes, u64::MAX);
+        } else {
+            self.hold(u64::MAX, bytes);
+        }
     }
 
     /// Drops every open connection.
@@ -711,10 +778,7 @@ async fn corrupted_chunk_is_refused_and_only_the_verified_prefix_is_kept() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_file_hash_is_refused_and_the_old_file_stays() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(1 << 30).await;
     let bar = ProgressBar::hidden();
     let old = data(1000, 1);
     std::fs::write(work.path().join("old"), &old).unwrap();
@@ -762,9 +826,7 @@ async fn more_or_fewer_bytes_than_declared_end_the_session() {
         "an end frame after fewer bytes",
         "an end frame at the declared size after fewer bytes",
     ] {
-        let mut c = s.login("ann").await;
-        let r = put_request(&mut c, "/f", declared as u64).await.unwrap();
-        assert_eq!(r.code, 150, "{case}");
+        let mut c = put_to_f(&s, declared as u64, case).await;
         assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
         match case {
             "a chunk past the declared size" => {
@@ -797,16 +859,7 @@ async fn more_or_fewer_bytes_than_declared_end_the_session() {
                 frame(&mut c, e, &[]).await;
             }
         }
-        assert_cut_off(&mut c, case).await;
-        assert!(!s.home("ann").join("f").exists(), "{case}");
-        wait_upload_free(&s, "/f").await;
-        let (part, _) = staged(&staging_of(&s), "/f");
-        let kept = std::fs::read(&part).unwrap_or_default();
-        assert!(
-            kept.len() <= declared && bytes.starts_with(&kept),
-            "{case}: kept {} bytes that are not a prefix",
-            kept.len()
-        );
+        assert_upload_cut_off(&s, &mut c, case, &bytes, declared).await;
     }
     s.stop().await;
 }
@@ -826,9 +879,7 @@ async fn chunks_out_of_place_are_protocol_errors() {
         "a start frame at an offset never offered",
         "a chunk before the start frame",
     ] {
-        let mut c = s.login("ann").await;
-        let r = put_request(&mut c, "/f", size as u64).await.unwrap();
-        assert_eq!(r.code, 150, "{case}");
+        let mut c = put_to_f(&s, size as u64, case).await;
         let p = &bytes[..PIECE];
         if !case.contains("start frame") {
             assert!(frame(&mut c, FrameHeader::start(0), &[]).await);
@@ -860,16 +911,7 @@ async fn chunks_out_of_place_are_protocol_errors() {
                 frame(&mut c, chunk_header(size, 0, p), p).await;
             }
         }
-        assert_cut_off(&mut c, case).await;
-        assert!(!s.home("ann").join("f").exists(), "{case}");
-        wait_upload_free(&s, "/f").await;
-        let (part, _) = staged(&staging_of(&s), "/f");
-        let kept = std::fs::read(&part).unwrap_or_default();
-        assert!(
-            kept.len() <= PIECE && bytes.starts_with(&kept),
-            "{case}: kept {} bytes that are not a verified prefix",
-            kept.len()
-        );
+        assert_upload_cut_off(&s, &mut c, case, &bytes, PIECE).await;
     }
     s.stop().await;
 }
@@ -879,10 +921,7 @@ async fn chunks_out_of_place_are_protocol_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_over_the_remaining_quota_is_refused_before_its_first_byte() {
-    let s = TestServer::start().await;
-    s.add_user("ann", MIB as u64);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(MIB as u64).await;
     let bar = ProgressBar::hidden();
     let put = |name: &str, len: usize, seed: u8| {
         let p = work.path().join(name);
@@ -972,10 +1011,7 @@ async fn sessions_of_one_user_cannot_together_pass_the_quota() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overwrite_is_charged_only_the_difference() {
-    let s = TestServer::start().await;
-    s.add_user("ann", MIB as u64);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(MIB as u64).await;
     let bar = ProgressBar::hidden();
     let file = |len: usize, seed: u8| {
         let p = work.path().join(format!("local-{seed}"));
@@ -1014,10 +1050,7 @@ async fn overwrite_is_charged_only_the_difference() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rm_frees_quota_at_once() {
-    let s = TestServer::start().await;
-    s.add_user("ann", MIB as u64);
-    let work = tempfile::tempdir().unwrap();
-    let mut c = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
+    let (s, work, mut c) = ann_at_work(MIB as u64).await;
     let bar = ProgressBar::hidden();
     std::fs::write(work.path().join("a"), data(MIB, 1)).unwrap();
     c.put(&work.path().join("a"), &vp("/a"), &bar)
@@ -1199,31 +1232,151 @@ async fn admin_listing_counts_partial_uploads_like_the_quota() {
 
 const BIG: usize = 24 << 20;
 
+/// The real client's command that moves `big` in direction `dir`: `UP` puts
+/// it, `DOWN` gets it.
+fn big_command(dir: usize) -> &'static str {
+    if dir == UP { "put big" } else { "get big" }
+}
+
+/// Waits until the partial file `part` of a move in direction `dir` holds
+/// `at_least` bytes.
+async fn wait_to_grow(dir: usize, part: &Path, at_least: u64) {
+    let what = if dir == UP {
+        "the server's partial upload to grow"
+    } else {
+        "the client's partial download to grow"
+    };
+    wait_for(what, || len_of(part) >= at_least).await;
+}
+
+/// Asserts that a run of the real client moved `bytes` in direction `dir`
+/// to `landed` after resuming; returns the offset it resumed at.
+fn assert_resumed(out: &Output, dir: usize, bytes: &[u8], landed: &Path) -> u64 {
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
+    assert!(at > 0, "resumed at {at}");
+    assert_hash_line(out, bytes, if dir == UP { "/big" } else { "big" });
+    assert!(
+        std::fs::read(landed).unwrap() == bytes,
+        "{} is not the source",
+        landed.display()
+    );
+    at
+}
+
+/// A server where `ann` has 1 GiB, a client directory, and a [`Proxy`] in
+/// front of the server.
+struct Relayed {
+    s: TestServer,
+    work: TempDir,
+    proxy: Proxy,
+}
+
+impl Relayed {
+    /// Adds `ann` to `s` and puts a proxy in front of it.
+    async fn start(s: TestServer) -> Relayed {
+        s.add_user("ann", 1 << 30);
+        let work = tempfile::tempdir().unwrap();
+        let proxy = Proxy::start(s.addr).await;
+        Relayed { s, work, proxy }
+    }
+
+    /// The client's `big`.
+    fn local(&self) -> PathBuf {
+        self.work.path().join("big")
+    }
+
+    /// ann's `big` on the server.
+    fn remote(&self) -> PathBuf {
+        self.s.home("ann").join("big")
+    }
+
+    /// Where a move of `big` in direction `dir` lands.
+    fn landed(&self, dir: usize) -> PathBuf {
+        if dir == UP {
+            self.remote()
+        } else {
+            self.local()
+        }
+    }
+
+    /// Writes `big_data(len, seed)` as the `big` that a move in direction
+    /// `dir` reads, and returns the bytes.
+    fn big(&self, dir: usize, len: usize, seed: u8) -> Vec<u8> {
+        let bytes = big_data(len, seed);
+        let source = if dir == UP {
+            self.local()
+        } else {
+            self.remote()
+        };
+        std::fs::write(source, &bytes).unwrap();
+        bytes
+    }
+
+    /// `ftpx connect` through the proxy, in the background.
+    fn spawn(&self, commands: &str, extra: &[&str]) -> Shell {
+        Shell::spawn(
+            self.work.path(),
+            &self.s.ca,
+            self.proxy.port,
+            commands,
+            extra,
+        )
+    }
+
+    /// `ftpx connect` through the proxy, run to its end.
+    async fn run(&self, commands: &str, extra: &[&str]) -> Output {
+        connect_with(
+            self.work.path(),
+            &self.s.ca,
+            self.proxy.port,
+            commands,
+            extra,
+        )
+        .await
+    }
+
+    /// `ftpx connect` straight to the server, run to its end.
+    fn run_direct(&self, commands: &str) -> Output {
+        connect_c(
+            self.work.path(),
+            &self.s.ca,
+            self.s.addr.port(),
+            "ann",
+            commands,
+        )
+    }
+
+    /// Starts the real client's move of `big` in direction `dir`, held at
+    /// 6 MiB, SIGKILLs it once `part` holds 3 MiB, and lets the proxy go.
+    async fn kill_client_midway(&self, dir: usize, part: &Path) {
+        self.proxy.hold_one(dir, 6 << 20);
+        let mut shell = self.spawn(big_command(dir), &[]);
+        wait_to_grow(dir, part, 3 << 20).await;
+        shell.kill();
+        self.proxy.cut();
+        self.proxy.open();
+    }
+
+    /// Cuts the first attempt to move `big` in direction `dir` after 8 MiB,
+    /// with no retries: the client fails and leaves resume state behind.
+    async fn cut_first_attempt(&self, dir: usize) {
+        self.proxy.cut_after(dir, 8 << 20);
+        let out = self.run(big_command(dir), &["--retries", "0"]).await;
+        assert_ne!(out.status, 0, "the first attempt was meant to be cut");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn client_killed_mid_put_resumes_on_the_next_run() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 30);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.hold(6 << 20, u64::MAX);
-
-    let mut shell = Shell::spawn(work.path(), &s.ca, proxy.port, "put big", &[]);
-    let (part, _) = staged(&staging_of(&s), "/big");
-    wait_for("the server's partial upload to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    shell.kill();
-    proxy.cut();
-    proxy.open();
-    wait_upload_free(&s, "/big").await;
+    let r = Relayed::start(TestServer::start().await).await;
+    let s = &r.s;
+    let bytes = r.big(UP, BIG, 30);
+    let (part, _) = staged(&staging_of(s), "/big");
+    r.kill_client_midway(UP, &part).await;
+    wait_upload_free(s, "/big").await;
     let kept = len_of(&part);
-    assert!(
-        !s.home("ann").join("big").exists(),
-        "visible before complete"
-    );
+    assert!(!r.remote().exists(), "visible before complete");
     let mut c = s.login("ann").await;
     assert_eq!(
         quota(&mut c).await.0,
@@ -1231,79 +1384,70 @@ async fn client_killed_mid_put_resumes_on_the_next_run() {
         "the partial upload's reservation"
     );
 
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put big");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(
-        at > 0 && at <= kept,
-        "resumed at {at}; the server kept {kept}"
-    );
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
+    let out = r.run_direct("put big");
+    let at = assert_resumed(&out, UP, &bytes, &r.remote());
+    assert!(at <= kept, "resumed at {at}; the server kept {kept}");
     assert_eq!(quota(&mut c).await.0, BIG as u64);
-    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
+    assert_eq!(entries(&staging_of(s)), Vec::<PathBuf>::new());
     assert_eq!(
-        entries(&work.path().join("state/journal")),
+        entries(&r.work.path().join("state/journal")),
         Vec::<PathBuf>::new()
     );
-    s.stop().await;
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_killed_mid_get_resumes_on_the_next_run() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 31);
-    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.hold(u64::MAX, 6 << 20);
-
-    let mut shell = Shell::spawn(work.path(), &s.ca, proxy.port, "get big", &[]);
-    let part = work.path().join(".big.ftpx-part");
-    wait_for("the client's partial download to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    shell.kill();
-    proxy.cut();
-    proxy.open();
+    let r = Relayed::start(TestServer::start().await).await;
+    let bytes = r.big(DOWN, BIG, 31);
+    let part = r.work.path().join(".big.ftpx-part");
+    r.kill_client_midway(DOWN, &part).await;
     let kept = len_of(&part);
-    assert!(!work.path().join("big").exists(), "visible before complete");
+    assert!(!r.local().exists(), "visible before complete");
 
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "get big");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(
-        at > 0 && at <= kept,
-        "resumed at {at}; the client kept {kept}"
-    );
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
+    let out = r.run_direct("get big");
+    let at = assert_resumed(&out, DOWN, &bytes, &r.local());
+    assert!(at <= kept, "resumed at {at}; the client kept {kept}");
     assert!(!part.exists());
     assert_eq!(
-        entries(&work.path().join("state/journal")),
+        entries(&r.work.path().join("state/journal")),
         Vec::<PathBuf>::new()
     );
-    s.stop().await;
+    r.s.stop().await;
 }
 
-/// A server process and a client directory side by side, with the client
-/// going through a proxy; `ann` has 1 GiB.
-async fn bin_setup() -> (tempfile::TempDir, PathBuf, PathBuf, BinServer, Proxy) {
+/// A server process behind a proxy, with `ann` (1 GiB), is killed while the
+/// real client moves `BIG` bytes of `seed` in direction `dir`, kept down a
+/// while (the client's reconnects are refused) and started again on the
+/// same directory and port: the client retries and resumes by itself, and
+/// no resume state is left.
+async fn server_killed_midway(dir: usize, seed: u8) {
     let root = tempfile::tempdir().unwrap();
     let (sdir, work) = (root.path().join("server"), root.path().join("client"));
     std::fs::create_dir_all(&work).unwrap();
     let srv = BinServer::start(&sdir, 0);
     srv.useradd("ann", "1GiB");
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.port))).await;
-    (root, sdir, work, srv, proxy)
-}
+    let (local, remote) = (work.join("big"), sdir.join("var/homes/ann/big"));
+    let bytes = big_data(BIG, seed);
+    std::fs::write(if dir == UP { &local } else { &remote }, &bytes).unwrap();
+    proxy.hold_one(dir, 6 << 20);
+    let ca = srv.ca();
+    let mut shell = Shell::spawn(
+        &work,
+        &ca,
+        proxy.port,
+        big_command(dir),
+        &["--retries", "8"],
+    );
+    let staging = sdir.join("var/partial/ann");
+    let part = if dir == UP {
+        staged(&staging, "/big").0
+    } else {
+        work.join(".big.ftpx-part")
+    };
+    wait_to_grow(dir, &part, 3 << 20).await;
 
-/// Kills the server while the proxy holds the transfer still, keeps it down
-/// for a while (the client's reconnects are refused), and starts it again on
-/// the same directory and port.
-async fn kill_and_restart(srv: BinServer, proxy: &Proxy, sdir: &Path) -> BinServer {
     let port = srv.port;
     proxy.freeze();
     srv.kill9();
@@ -1311,118 +1455,57 @@ async fn kill_and_restart(srv: BinServer, proxy: &Proxy, sdir: &Path) -> BinServ
     proxy.cut();
     proxy.open();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let srv = BinServer::start(sdir, port);
+    let _srv = BinServer::start(&sdir, port);
     proxy.online();
-    srv
+
+    let out = shell.finish(Duration::from_secs(120)).await;
+    assert_resumed(&out, dir, &bytes, if dir == UP { &remote } else { &local });
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    if dir == UP {
+        assert_eq!(entries(&staging), Vec::<PathBuf>::new());
+    } else {
+        assert!(!part.exists());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_killed_mid_put_client_retries_and_resumes() {
-    let (_root, sdir, work, srv, proxy) = bin_setup().await;
-    let bytes = big_data(BIG, 32);
-    std::fs::write(work.join("big"), &bytes).unwrap();
-    proxy.hold(6 << 20, u64::MAX);
-    let ca = srv.ca();
-    let mut shell = Shell::spawn(&work, &ca, proxy.port, "put big", &["--retries", "8"]);
-    let (part, _) = staged(&sdir.join("var/partial/ann"), "/big");
-    wait_for("the server's partial upload to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    let _srv = kill_and_restart(srv, &proxy, &sdir).await;
-
-    let out = shell.finish(Duration::from_secs(120)).await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(sdir.join("var/homes/ann/big")).unwrap() == bytes);
-    assert_eq!(
-        entries(&sdir.join("var/partial/ann")),
-        Vec::<PathBuf>::new()
-    );
+    server_killed_midway(UP, 32).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_killed_mid_get_client_retries_and_resumes() {
-    let (_root, sdir, work, srv, proxy) = bin_setup().await;
-    let bytes = big_data(BIG, 33);
-    std::fs::write(sdir.join("var/homes/ann/big"), &bytes).unwrap();
-    proxy.hold(u64::MAX, 6 << 20);
-    let ca = srv.ca();
-    let mut shell = Shell::spawn(&work, &ca, proxy.port, "get big", &["--retries", "8"]);
-    let part = work.join(".big.ftpx-part");
-    wait_for("the client's partial download to grow", || {
-        len_of(&part) >= 3 << 20
-    })
-    .await;
-    let _srv = kill_and_restart(srv, &proxy, &sdir).await;
+    server_killed_midway(DOWN, 33).await;
+}
 
-    let out = shell.finish(Duration::from_secs(120)).await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
+/// The connection is cut after 8 MiB of a move of `BIG` bytes of `seed` in
+/// direction `dir`: the client retries, resumes by itself, and no resume
+/// state is left.
+async fn cut_connection_midway(dir: usize, seed: u8) {
+    let r = Relayed::start(TestServer::start().await).await;
+    let bytes = r.big(dir, BIG, seed);
+    r.proxy.cut_after(dir, 8 << 20);
+
+    let out = r.run(big_command(dir), &["--retries", "3"]).await;
+    let at = assert_resumed(&out, dir, &bytes, &r.landed(dir));
     assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.join("big")).unwrap() == bytes);
-    assert!(!part.exists());
+    assert!(at <= 8 << 20, "resumed at {at}");
+    if dir == UP {
+        assert_eq!(entries(&staging_of(&r.s)), Vec::<PathBuf>::new());
+    } else {
+        assert!(!r.work.path().join(".big.ftpx-part").exists());
+    }
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_connection_mid_put_client_resumes_by_itself() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 34);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(UP, 8 << 20);
-
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--retries", "3"],
-    )
-    .await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0 && at <= 8 << 20, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
-    s.stop().await;
+    cut_connection_midway(UP, 34).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_connection_mid_get_client_resumes_by_itself() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 35);
-    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(DOWN, 8 << 20);
-
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "get big",
-        &["--retries", "3"],
-    )
-    .await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0 && at <= 8 << 20, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
-    assert!(!work.path().join(".big.ftpx-part").exists());
-    s.stop().await;
+    cut_connection_midway(DOWN, 35).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1430,29 +1513,16 @@ async fn silent_connection_mid_put_resumes_once_the_server_gives_up_on_it() {
     // The client notices the silence first (2 s) and comes back while the
     // server still waits on the dead connection (6 s): the target is busy
     // for a moment, and the client has retries left to wait that out.
-    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 6).await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(32 << 20, 36);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.stall_after(UP, 4 << 20);
+    let r = Relayed::start(TestServer::start_with(|c| c.limits.io_timeout_secs = 6).await).await;
+    let bytes = r.big(UP, 32 << 20, 36);
+    r.proxy.stall_after(UP, 4 << 20);
 
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--timeout", "2", "--retries", "5"],
-    )
-    .await;
-    proxy.cut();
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    s.stop().await;
+    let out = r
+        .run("put big", &["--timeout", "2", "--retries", "5"])
+        .await;
+    r.proxy.cut();
+    assert_resumed(&out, UP, &bytes, &r.remote());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1460,29 +1530,15 @@ async fn silent_connection_while_awaiting_the_upload_reply_is_noticed() {
     // Every byte but the last stretch reaches the server, then the
     // connection goes silent while the client waits for the verdict. The
     // server gives up after 2 s; the client must not wait forever either.
-    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(8 << 20, 37);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.stall_after(UP, (8 << 20) - (256 << 10));
+    let r = Relayed::start(TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await).await;
+    let bytes = r.big(UP, 8 << 20, 37);
+    r.proxy.stall_after(UP, (8 << 20) - (256 << 10));
 
-    let mut shell = Shell::spawn(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--timeout", "3", "--retries", "3"],
-    );
+    let mut shell = r.spawn("put big", &["--timeout", "3", "--retries", "3"]);
     let out = shell.finish(Duration::from_secs(30)).await;
-    proxy.cut();
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    s.stop().await;
+    r.proxy.cut();
+    assert_resumed(&out, UP, &bytes, &r.remote());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1490,62 +1546,32 @@ async fn server_timeout_reply_mid_put_makes_the_client_reconnect() {
     // The network stalls towards the server just before the end of an
     // upload, long enough for the server to give up (421, which closes the
     // session); then it recovers. One retry must be enough to resume.
-    let s = TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(8 << 20, 39);
-    std::fs::write(work.path().join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.hold((8 << 20) - (64 << 10), u64::MAX);
+    let r = Relayed::start(TestServer::start_with(|c| c.limits.io_timeout_secs = 2).await).await;
+    let bytes = r.big(UP, 8 << 20, 39);
+    r.proxy.hold_one(UP, (8 << 20) - (64 << 10));
 
-    let mut shell = Shell::spawn(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--retries", "1"],
-    );
-    let (part, _) = staged(&staging_of(&s), "/big");
-    wait_for("the server's partial upload to grow", || {
-        len_of(&part) >= 4 << 20
-    })
-    .await;
-    wait_upload_free(&s, "/big").await;
-    proxy.open();
+    let mut shell = r.spawn("put big", &["--retries", "1"]);
+    let (part, _) = staged(&staging_of(&r.s), "/big");
+    wait_to_grow(UP, &part, 4 << 20).await;
+    wait_upload_free(&r.s, "/big").await;
+    r.proxy.open();
     let out = shell.finish(Duration::from_secs(60)).await;
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == bytes);
-    s.stop().await;
+    assert_resumed(&out, UP, &bytes, &r.remote());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_connection_mid_get_resumes_by_itself() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let bytes = big_data(BIG, 38);
-    std::fs::write(s.home("ann").join("big"), &bytes).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.stall_after(DOWN, 6 << 20);
+    let r = Relayed::start(TestServer::start().await).await;
+    let bytes = r.big(DOWN, BIG, 38);
+    r.proxy.stall_after(DOWN, 6 << 20);
 
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "get big",
-        &["--timeout", "2", "--retries", "3"],
-    )
-    .await;
-    proxy.cut();
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let at = resumed_at(&out.stdout).unwrap_or_else(|| panic!("no resume: {}", out.stdout));
-    assert!(at > 0, "resumed at {at}");
-    assert_hash_line(&out, &bytes, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == bytes);
-    s.stop().await;
+    let out = r
+        .run("get big", &["--timeout", "2", "--retries", "3"])
+        .await;
+    r.proxy.cut();
+    assert_resumed(&out, DOWN, &bytes, &r.local());
+    r.s.stop().await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1553,61 +1579,38 @@ async fn silent_connection_mid_get_resumes_by_itself() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn changed_local_file_is_uploaded_from_the_start() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    let local = work.path().join("big");
-    std::fs::write(&local, big_data(BIG, 40)).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(UP, 8 << 20);
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "put big",
-        &["--retries", "0"],
-    )
-    .await;
-    assert_ne!(out.status, 0, "the first attempt was meant to be cut");
-    wait_upload_free(&s, "/big").await;
-    let (part, _) = staged(&staging_of(&s), "/big");
+    let r = Relayed::start(TestServer::start().await).await;
+    let s = &r.s;
+    r.big(UP, BIG, 40);
+    r.cut_first_attempt(UP).await;
+    wait_upload_free(s, "/big").await;
+    let (part, _) = staged(&staging_of(s), "/big");
     assert!(len_of(&part) > 0, "nothing to resume from");
 
     // Same size, other bytes, written in place (same inode, maybe the same mtime second).
     let changed = big_data(BIG, 41);
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&local)
+        .open(r.local())
         .unwrap()
         .write_all(&changed)
         .unwrap();
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put big");
+    let out = r.run_direct("put big");
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(resumed_at(&out.stdout), None, "{}", out.stdout);
     assert_hash_line(&out, &changed, "/big");
-    assert!(std::fs::read(s.home("ann").join("big")).unwrap() == changed);
-    assert_eq!(entries(&staging_of(&s)), Vec::<PathBuf>::new());
-    s.stop().await;
+    assert!(std::fs::read(r.remote()).unwrap() == changed);
+    assert_eq!(entries(&staging_of(s)), Vec::<PathBuf>::new());
+    r.s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replaced_server_file_is_downloaded_from_the_start() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
-    std::fs::write(s.home("ann").join("big"), big_data(BIG, 42)).unwrap();
-    let proxy = Proxy::start(s.addr).await;
-    proxy.cut_after(DOWN, 8 << 20);
-    let out = connect_with(
-        work.path(),
-        &s.ca,
-        proxy.port,
-        "get big",
-        &["--retries", "0"],
-    )
-    .await;
-    assert_ne!(out.status, 0, "the first attempt was meant to be cut");
-    let part = work.path().join(".big.ftpx-part");
+    let r = Relayed::start(TestServer::start().await).await;
+    let s = &r.s;
+    r.big(DOWN, BIG, 42);
+    r.cut_first_attempt(DOWN).await;
+    let part = r.work.path().join(".big.ftpx-part");
     assert!(len_of(&part) > 0, "nothing to resume from");
 
     // The server's file is replaced by an upload of the same size.
@@ -1624,25 +1627,38 @@ async fn replaced_server_file_is_downloaded_from_the_start() {
     .unwrap();
     c.quit().await;
 
-    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "get big");
+    let out = r.run_direct("get big");
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(resumed_at(&out.stdout), None, "{}", out.stdout);
     assert_hash_line(&out, &replaced, "big");
-    assert!(std::fs::read(work.path().join("big")).unwrap() == replaced);
+    assert!(std::fs::read(r.local()).unwrap() == replaced);
     assert!(!part.exists());
-    s.stop().await;
+    r.s.stop().await;
 }
 
 // ---------------------------------------------------------------------------
 // Damaged resume state
 
+/// Asserts that `t`, the transfer after `damage`, brought `bytes` to
+/// `landed` and resumed no later than `limit`.
+fn assert_redone(t: &Transferred, damage: &str, bytes: &[u8], landed: &Path, limit: u64) {
+    assert_eq!(t.hash, blake3::hash(bytes), "{damage}");
+    assert!(
+        t.resumed_at <= limit,
+        "{damage}: resumed at {} past {limit}",
+        t.resumed_at
+    );
+    assert!(
+        std::fs::read(landed).unwrap() == bytes,
+        "{damage}: {} is not the source",
+        landed.display()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_server_partials_and_journals_never_mix() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
+    let Relayed { s, work, proxy } = Relayed::start(TestServer::start().await).await;
     let journals = work.path().join("journal");
-    let proxy = Proxy::start(s.addr).await;
     let bar = ProgressBar::hidden();
     let bytes = big_data(12 << 20, 50);
     for (i, damage) in [
@@ -1682,12 +1698,7 @@ async fn damaged_server_partials_and_journals_never_mix() {
             }
             "truncated partial" => {
                 let cut = len / 2 + 13;
-                File::options()
-                    .write(true)
-                    .open(&part)
-                    .unwrap()
-                    .set_len(cut)
-                    .unwrap();
+                truncate(&part, cut);
                 cut
             }
             "flipped partial" => {
@@ -1700,12 +1711,7 @@ async fn damaged_server_partials_and_journals_never_mix() {
                     .save(bytes.len() as u64)
                     .unwrap();
                 let cut = len / 3;
-                File::options()
-                    .write(true)
-                    .open(&part)
-                    .unwrap()
-                    .set_len(cut)
-                    .unwrap();
+                truncate(&part, cut);
                 cut
             }
             "partial removed" => {
@@ -1713,23 +1719,14 @@ async fn damaged_server_partials_and_journals_never_mix() {
                 0
             }
             _ => {
-                let mut f = File::options().append(true).open(&part).unwrap();
-                f.write_all(&vec![0xee; 16 << 20]).unwrap();
+                append_junk(&part);
                 len
             }
         };
         let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
         let t = c.put(&local, &vp(&name), &bar).await.unwrap();
-        assert_eq!(t.hash, blake3::hash(&bytes), "{damage}");
-        assert!(
-            t.resumed_at <= limit,
-            "{damage}: resumed at {} past {limit}",
-            t.resumed_at
-        );
-        assert!(
-            std::fs::read(s.home("ann").join(format!("f{i}"))).unwrap() == bytes,
-            "{damage}: the stored file is not the source"
-        );
+        let stored = s.home("ann").join(format!("f{i}"));
+        assert_redone(&t, damage, &bytes, &stored, limit);
         assert!(!part.exists() && !journal.exists(), "{damage}");
         c.quit().await;
     }
@@ -1738,11 +1735,8 @@ async fn damaged_server_partials_and_journals_never_mix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_client_journals_and_partials_never_mix() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
+    let Relayed { s, work, proxy } = Relayed::start(TestServer::start().await).await;
     let journals = work.path().join("journal");
-    let proxy = Proxy::start(s.addr).await;
     let bar = ProgressBar::hidden();
     let garble = |dir: &Path| {
         let found = entries(dir);
@@ -1803,12 +1797,7 @@ async fn damaged_client_journals_and_partials_never_mix() {
             }
             "truncated partial" => {
                 let cut = len / 2 + 5;
-                File::options()
-                    .write(true)
-                    .open(&part)
-                    .unwrap()
-                    .set_len(cut)
-                    .unwrap();
+                truncate(&part, cut);
                 cut
             }
             "garbage journal" => {
@@ -1816,23 +1805,13 @@ async fn damaged_client_journals_and_partials_never_mix() {
                 0
             }
             _ => {
-                let mut f = File::options().append(true).open(&part).unwrap();
-                f.write_all(&vec![0xee; 16 << 20]).unwrap();
+                append_junk(&part);
                 len
             }
         };
         let mut c = login_at(s.addr.port(), &s.ca, &journals).await;
         let t = c.get(&vp("/down"), &target, &bar).await.unwrap();
-        assert_eq!(t.hash, blake3::hash(&down), "{damage}");
-        assert!(
-            t.resumed_at <= limit,
-            "{damage}: resumed at {} past {limit}",
-            t.resumed_at
-        );
-        assert!(
-            std::fs::read(&target).unwrap() == down,
-            "{damage}: the downloaded file is not the source"
-        );
+        assert_redone(&t, damage, &down, &target, limit);
         assert!(!part.exists(), "{damage}");
         c.quit().await;
     }
@@ -1841,6 +1820,28 @@ async fn damaged_client_journals_and_partials_never_mix() {
 
 // ---------------------------------------------------------------------------
 // Trees
+
+/// `ftpx connect` as ann in `work` with the tree command `commands`, which
+/// must succeed and report `moved` files sent or received and `complete`
+/// already complete.
+fn run_tree(
+    work: &TempDir,
+    s: &TestServer,
+    commands: &str,
+    moved: usize,
+    complete: usize,
+) -> Output {
+    let verb = if commands.starts_with("put") {
+        "sent"
+    } else {
+        "received"
+    };
+    let summary = format!("{moved} files {verb}, {complete} already complete");
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", commands);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains(&summary), "{}", out.stdout);
+    out
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
@@ -1871,62 +1872,26 @@ async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
     let n = files.len();
-    let port = s.addr.port();
     let home_tree = s.home("ann").join("tree");
 
-    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("{n} files sent, 0 already complete")),
-        "{}",
-        out.stdout
-    );
+    let out = run_tree(&work, &s, "put -r tree", n, 0);
     for (rel, bytes) in &files {
         assert_hash_line(&out, bytes, &format!("/tree/{rel}"));
     }
     assert!(snapshot(&home_tree) == snapshot(&tree), "the copy differs");
 
-    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("0 files sent, {n} already complete")),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "put -r tree", 0, n);
     // One file changed, same size: only that one is sent.
     std::fs::write(tree.join("with space.txt"), data(5000, 7)).unwrap();
-    let out = connect_c(work.path(), &s.ca, port, "ann", "put -r tree");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("1 files sent, {} already complete", n - 1)),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "put -r tree", 1, n - 1);
     assert!(snapshot(&home_tree) == snapshot(&tree), "the copy differs");
 
-    let out = connect_c(work.path(), &s.ca, port, "ann", "get -r tree copy");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("{n} files received, 0 already complete")),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "get -r tree copy", n, 0);
     assert!(
         snapshot(&work.path().join("copy")) == snapshot(&tree),
         "the downloaded copy differs"
     );
-    let out = connect_c(work.path(), &s.ca, port, "ann", "get -r tree copy");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains(&format!("0 files received, {n} already complete")),
-        "{}",
-        out.stdout
-    );
+    run_tree(&work, &s, "get -r tree copy", 0, n);
     assert!(snapshot(&work.path().join("copy")) == snapshot(&tree));
     assert_eq!(
         entries(&work.path().join("state/journal")),
@@ -1940,11 +1905,8 @@ async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nothing_is_visible_under_the_target_until_the_upload_is_complete() {
-    let s = TestServer::start().await;
-    s.add_user("ann", 1 << 30);
-    let work = tempfile::tempdir().unwrap();
+    let (s, work, mut watcher) = ann_at_work(1 << 30).await;
     let bar = ProgressBar::hidden();
-    let mut watcher = login_at(s.addr.port(), &s.ca, &work.path().join("journal")).await;
     let old = data(100_000, 1);
     std::fs::write(work.path().join("old"), &old).unwrap();
     watcher

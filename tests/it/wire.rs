@@ -86,21 +86,7 @@ impl Tls {
 
     /// The next line, or None at the end of the stream (or a reset).
     async fn line(&mut self) -> Option<String> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(GUARD, self.stream.read(&mut chunk))
-                .await
-                .expect("server did not answer")
-                .unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
+        read_line(&mut self.stream, &mut self.buf).await
     }
 }
 
