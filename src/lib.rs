@@ -7,34 +7,38 @@
 //! wire, pure).
 //!
 //! - `protocol/`: the specification of the wire (its doc comment), requests,
-//!   replies, frames, and virtual paths (`protocol::path`). No I/O.
+//!   replies and their named codes, frames, listing entries, and virtual
+//!   paths (`protocol::path`). No I/O.
 //! - `transfer/`: both ends of a verified transfer: the BLAKE3 chunk tree and
-//!   resume proofs, `send` and `receive`, the resume `journal`, and the
-//!   framed `connection` they run over.
+//!   resume proofs, `send` and `receive`, the resume `journal`, the framed
+//!   `connection` they run over, and their own `error`.
 //! - `store/`: what the server keeps: each user's home (`jail`), the
 //!   accounts (`users`), the quota ledger and its upload locks (`quota`),
 //!   and `upload`, which owns one upload's life from its reservation to the
 //!   file in the home, and sweeps what uploads left.
 //! - `server/`: the accept loop and what sessions share (`mod.rs`), one
-//!   client's `session`, the `defender` against password guessing, and the
-//!   fair hashing `turns`.
-//! - `client/`: `Client` (connect, log in, put, get, listings), and the
-//!   `shell` of `ftpx connect`.
+//!   client's `session` (its loop and one match in `session/mod.rs`, the
+//!   handlers beside it: `auth`, `files`, `upload`, `download`), the
+//!   `defender` against password guessing, and the fair hashing `turns`.
+//! - `client/`: `Client` (`connect`, `reply`, `upload`, `download`, its own
+//!   `error`), and the `shell` of `ftpx connect` (its loop, `commands`,
+//!   `tree` transfers, `output`).
 //!
 //! One upload, from the client's shell to the server's disk:
-//! `client::shell` parses `put a.bin` and calls `client::Client::put`, which
-//! consults its resume `transfer::journal`, sends a `PUT` (`protocol`) over
-//! its TLS `transfer::connection` and streams the file with
-//! `transfer::send`. On the server, `server` accepts the connection and
-//! hands it to `server::session`, which takes an `store::upload::Upload`
-//! (the path lock, the quota reservation in `store::quota`, the target
-//! checked in the home by `store::jail`), receives the chunks with
-//! `transfer::receive` into the upload's partial file, and has the upload
-//! land: renamed into the home once the whole-file hash matched, its charge
-//! settled under the account's lock.
+//! `client::shell::commands` parses `put a.bin` and calls
+//! `client::Client::put` (`client/upload.rs`), which consults its resume
+//! `transfer::journal`, sends a `PUT` (`protocol`) over its TLS
+//! `transfer::connection` and streams the file with `transfer::send`. On the
+//! server, `server` accepts the connection and hands it to
+//! `server::session`, whose match sends the `PUT` to `session/upload.rs`:
+//! it takes a `store::upload::Upload` (the path lock, the quota reservation
+//! in `store::quota`, the target checked in the home by `store::jail`),
+//! receives the chunks with `transfer::receive` into the upload's partial
+//! file, and has the upload land: renamed into the home once the whole-file
+//! hash matched, its charge settled under the account's lock.
 //!
 //! Beside them: `config` holds every setting, `error` the errors of the
-//! server side and their reply codes, `tls` the certificates and TLS set-up
+//! server side and the one table of their replies, `tls` the certificates and TLS set-up
 //! of both ends, `admin` the user-management and `serve` commands, `cli`
 //! the command line, `logging` the log files of both ends, `clock` the wall
 //! clock, `alloc` the memory allocator (huge pages for password hashing).
