@@ -37,17 +37,26 @@ use crate::transfer::connection::Connection;
 
 /// Where the client keeps journals, history and its log:
 /// `$FTPX_STATE_DIR`, else `$XDG_STATE_HOME/ftpx`, else `~/.local/state/ftpx`.
+/// Resolved once, at the first call (the client's start), to an absolute
+/// path: an `lcd` later does not move it.
 pub fn state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("FTPX_STATE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("ftpx");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".local/state/ftpx"),
-        None => PathBuf::from(".ftpx-state"),
-    }
+    static STATE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            let dir = if let Some(d) = std::env::var_os("FTPX_STATE_DIR").filter(|d| !d.is_empty())
+            {
+                PathBuf::from(d)
+            } else if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+                PathBuf::from(d).join("ftpx")
+            } else {
+                match std::env::var_os("HOME") {
+                    Some(h) => PathBuf::from(h).join(".local/state/ftpx"),
+                    None => PathBuf::from(".ftpx-state"),
+                }
+            };
+            std::path::absolute(&dir).unwrap_or(dir)
+        })
+        .clone()
 }
 
 /// What was moved, for the caller to print.

@@ -502,13 +502,14 @@ async fn get_r_does_not_write_through_a_linked_directory() {
     .await;
     let work = fake.workdir("w");
     let outside = fake.workdir("outside");
-    std::fs::create_dir_all(work.join("dest")).unwrap();
-    std::os::unix::fs::symlink(&outside, work.join("dest/sub")).unwrap();
+    // `dest` exists, so the tree lands in `dest/tree`, where `sub` is a link.
+    std::fs::create_dir_all(work.join("dest/tree")).unwrap();
+    std::os::unix::fs::symlink(&outside, work.join("dest/tree/sub")).unwrap();
     let run = fake.client(&work, "get -r tree dest").await;
     assert_eq!(run.status, 1, "{}", run.err());
     assert!(run.err().contains("symbolic link"), "{}", run.err());
     assert!(tree(&outside).is_empty(), "{:?}", tree(&outside));
-    assert_eq!(std::fs::read(work.join("dest/top")).unwrap(), b"hello");
+    assert_eq!(std::fs::read(work.join("dest/tree/top")).unwrap(), b"hello");
 }
 
 #[tokio::test]

@@ -10,5 +10,6 @@ mod hostile;
 mod jail;
 mod props;
 mod quota;
+mod shell;
 mod transfer;
 mod wire;

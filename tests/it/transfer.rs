@@ -1499,6 +1499,31 @@ async fn cut_connection_midway(dir: usize, seed: u8) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_after_lcd_reads_the_ca_named_at_start() {
+    let r = Relayed::start(TestServer::start().await).await;
+    let bytes = r.big(UP, BIG, 41);
+    let work = r.work.path();
+    std::fs::create_dir_all(work.join("certs")).unwrap();
+    std::fs::copy(&r.s.ca, work.join("certs/ca.pem")).unwrap();
+    std::fs::create_dir(work.join("elsewhere")).unwrap();
+    r.proxy.cut_after(UP, 8 << 20);
+    // The CA is named relative to the directory the client started in.
+    let out = Shell::spawn(
+        work,
+        Path::new("certs/ca.pem"),
+        r.proxy.port,
+        "lcd elsewhere; put ../big",
+        &["--retries", "3"],
+    )
+    .finish(Duration::from_secs(120))
+    .await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    assert!(std::fs::read(r.remote()).unwrap() == bytes);
+    r.s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cut_connection_mid_put_client_resumes_by_itself() {
     cut_connection_midway(UP, 34).await;
 }
@@ -1886,13 +1911,16 @@ async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
     run_tree(&work, &s, "put -r tree", 1, n - 1);
     assert!(snapshot(&home_tree) == snapshot(&tree), "the copy differs");
 
+    // Into an existing directory, as cp -r and sftp do: copy/tree.
+    std::fs::create_dir(work.path().join("copy")).unwrap();
+    let copy = work.path().join("copy/tree");
     run_tree(&work, &s, "get -r tree copy", n, 0);
     assert!(
-        snapshot(&work.path().join("copy")) == snapshot(&tree),
+        snapshot(&copy) == snapshot(&tree),
         "the downloaded copy differs"
     );
     run_tree(&work, &s, "get -r tree copy", 0, n);
-    assert!(snapshot(&work.path().join("copy")) == snapshot(&tree));
+    assert!(snapshot(&copy) == snapshot(&tree));
     assert_eq!(
         entries(&work.path().join("state/journal")),
         Vec::<PathBuf>::new()

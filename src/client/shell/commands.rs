@@ -6,7 +6,7 @@ use tracing::info;
 
 use super::output::{file_bar, format_entry, format_unfinished, printable, report};
 use super::tree::{get_tree, put_tree};
-use super::{Flow, Remote, Transfer};
+use super::{Flow, Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
 use crate::config::human_bytes;
 use crate::protocol::{Request, VPath};
@@ -96,10 +96,10 @@ pub(super) async fn execute_one(
             client.request(&Request::Discard(path.to_string())).await?;
         }
         ("put", ["-r", local, rest @ ..]) if rest.len() <= 1 => {
-            put_tree(remote, Path::new(local), rest.first().copied()).await?
+            put_tree(remote, &local_path(local), rest.first().copied()).await?
         }
         ("put", [local, rest @ ..]) if rest.len() <= 1 && *local != "-r" => {
-            put_file(remote, Path::new(local), rest.first().copied()).await?
+            put_file(remote, &local_path(local), rest.first().copied()).await?
         }
         ("get", ["-r", src, rest @ ..]) if rest.len() <= 1 => {
             get_tree(remote, src, rest.first().copied()).await?
@@ -119,11 +119,9 @@ pub(super) async fn execute_one(
 
 /// `lcd [DIR]`: no DIR is the home directory.
 fn lcd(dir: Option<&str>) -> Result<(), ClientError> {
-    let dir = dir.map_or_else(
-        || std::env::var("HOME").unwrap_or_else(|_| "/".into()),
-        str::to_string,
-    );
-    std::env::set_current_dir(&dir).map_err(|e| ClientError::Local(format!("{dir}: {e}")))
+    let dir = local_path(dir.unwrap_or("~"));
+    std::env::set_current_dir(&dir)
+        .map_err(|e| ClientError::Local(format!("{}: {e}", dir.display())))
 }
 
 async fn ls(remote: &mut Remote, path: Option<&str>) -> Result<(), ClientError> {
@@ -200,7 +198,7 @@ async fn get_file(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<
         .file_name()
         .ok_or_else(|| ClientError::Local("get needs a file, not /".into()))?
         .to_string();
-    let mut local = PathBuf::from(dest.unwrap_or(&name));
+    let mut local = dest.map_or_else(|| PathBuf::from(&name), local_path);
     if local.is_dir() {
         local = local.join(&name);
     }

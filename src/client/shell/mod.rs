@@ -38,6 +38,19 @@ use commands::execute;
 
 pub use output::printable;
 
+/// A local path as the user typed it, with `~` and `~/...` standing for
+/// the home directory, as in a shell.
+pub(super) fn local_path(arg: &str) -> PathBuf {
+    let home = || std::env::var_os("HOME").map(PathBuf::from);
+    match arg.strip_prefix('~') {
+        Some("") => home().unwrap_or_else(|| PathBuf::from(arg)),
+        Some(rest) if rest.starts_with('/') => home()
+            .map(|h| h.join(rest.trim_start_matches('/')))
+            .unwrap_or_else(|| PathBuf::from(arg)),
+        _ => PathBuf::from(arg),
+    }
+}
+
 /// Exit statuses of `ftpx connect`.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -121,7 +134,6 @@ pub fn read_stdin_line() -> Result<String, String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
-/// The session, remembered well enough to reconnect after a drop.
 /// The session, remembered well enough to reconnect after a drop.
 pub(super) struct Remote {
     target: Target,
@@ -228,10 +240,11 @@ pub async fn run(args: ConnectArgs) -> u8 {
     let mut remote = Remote {
         target,
         password,
+        // Fixed at start: a reconnect after `lcd` reads the same files.
         trust: if args.tofu {
             Trust::Pinned(state_dir().join("known_hosts"))
         } else {
-            Trust::Ca(args.ca.clone())
+            Trust::Ca(std::path::absolute(&args.ca).unwrap_or_else(|_| args.ca.clone()))
         },
         io_timeout: Duration::from_secs(args.timeout.max(1)),
         retries: args.retries,

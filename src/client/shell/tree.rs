@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar};
 
+use super::commands::remote_is_dir;
 use super::output::{file_bar, printable, report, total_bar};
-use super::{Remote, Transfer};
+use super::{Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
 use crate::protocol::{self, Entry, Request, VPath};
 
@@ -75,10 +76,12 @@ pub(super) async fn put_tree(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let root = remote
-        .client()
-        .await?
-        .remote_path(dest.unwrap_or(if name.is_empty() { "." } else { &name }))?;
+    let client = remote.client().await?;
+    let mut root = client.remote_path(dest.unwrap_or(if name.is_empty() { "." } else { &name }))?;
+    // Into an existing directory, as `cp -r` and sftp do; else by that name.
+    if dest.is_some() && !name.is_empty() && remote_is_dir(client, &root).await {
+        root = root.join(&name);
+    }
     let (dirs, files) = local_tree(&base, &root)?;
     let complete = make_dirs_and_compare(remote.client().await?, &dirs, &files).await?;
     let skipped = complete.len();
@@ -287,7 +290,12 @@ pub(super) async fn get_tree(
 ) -> Result<(), ClientError> {
     let root = remote.client().await?.remote_path(src)?;
     let name = root.file_name().unwrap_or("home").to_string();
-    let local_root = PathBuf::from(dest.unwrap_or(&name));
+    // Into an existing directory, as `cp -r` and sftp do; else by that name.
+    let local_root = match dest.map(local_path) {
+        Some(d) if d.is_dir() => d.join(&name),
+        Some(d) => d,
+        None => PathBuf::from(&name),
+    };
     let mut walk = Walk::default();
     // The directory the user named is theirs to choose, even through a link.
     let subdirs = walk

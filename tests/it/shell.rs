@@ -1,0 +1,78 @@
+//! The shell as a newcomer uses it: `lcd` and reconnecting, `~` in local
+//! paths, and where `put -r` and `get -r` put a tree.
+
+use crate::common::*;
+
+/// `ftpx connect -c COMMANDS` as ann, in `dir`, with `HOME` set to `home`.
+fn shell_at(
+    s: &TestServer,
+    dir: &std::path::Path,
+    home: &std::path::Path,
+    commands: &str,
+) -> Output {
+    run(ftpx(dir)
+        .args([
+            "connect",
+            &format!("ann@127.0.0.1:{}", s.addr.port()),
+            "--ca",
+        ])
+        .arg(&s.ca)
+        .args(["-c", commands])
+        .env("FTPX_PASSWORD", PASSWORD)
+        .env("HOME", home))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tilde_in_a_local_path_is_the_home_directory() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let (work, home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(home.path().join("notes"), b"mine").unwrap();
+    std::fs::create_dir(home.path().join("in")).unwrap();
+    let out = shell_at(
+        &s,
+        work.path(),
+        home.path(),
+        "lcd ~; lpwd; put notes; get notes ~/in; lcd; lpwd",
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let home_line = home.path().canonicalize().unwrap().display().to_string();
+    assert_eq!(
+        out.stdout.lines().filter(|l| *l == home_line).count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        std::fs::read(home.path().join("in/notes")).unwrap(),
+        b"mine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trees_land_inside_an_existing_directory_as_with_cp_r() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::create_dir_all(w.join("sub/deeper")).unwrap();
+    std::fs::write(w.join("sub/a.txt"), b"a").unwrap();
+    std::fs::write(w.join("sub/deeper/b.txt"), b"b").unwrap();
+    std::fs::create_dir(w.join("into")).unwrap();
+    let commands =
+        "mkdir docs; put -r sub docs; put -r sub fresh; get -r docs into; get -r fresh new";
+    let out = connect_c(w, &s.ca, s.addr.port(), "ann", commands);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let home = s.home("ann");
+    // Into the existing remote directory `docs`; as the new name `fresh`.
+    assert_eq!(
+        std::fs::read(home.join("docs/sub/deeper/b.txt")).unwrap(),
+        b"b"
+    );
+    assert!(!home.join("docs/a.txt").exists());
+    assert_eq!(std::fs::read(home.join("fresh/a.txt")).unwrap(), b"a");
+    // Into the existing local directory `into`; as the new name `new`.
+    assert_eq!(std::fs::read(w.join("into/docs/sub/a.txt")).unwrap(), b"a");
+    assert!(!w.join("into/sub").exists());
+    assert_eq!(std::fs::read(w.join("new/deeper/b.txt")).unwrap(), b"b");
+}
