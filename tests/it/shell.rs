@@ -76,3 +76,38 @@ async fn trees_land_inside_an_existing_directory_as_with_cp_r() {
     assert!(!w.join("into/sub").exists());
     assert_eq!(std::fs::read(w.join("new/deeper/b.txt")).unwrap(), b"b");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_are_said_once_without_codes_or_os_numbers() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let wrong = run(ftpx(work.path())
+        .args([
+            "connect",
+            &format!("ann@127.0.0.1:{}", s.addr.port()),
+            "--ca",
+        ])
+        .arg(&s.ca)
+        .args(["-c", "pwd"])
+        .env("FTPX_PASSWORD", "not the password"));
+    assert_eq!(wrong.status, 4);
+    assert_eq!(
+        wrong.stderr,
+        "ftpx: login failed: unknown user or wrong password\n"
+    );
+    for (command, said) in [
+        (
+            "get nothere",
+            "ftpx: get nothere: /nothere: no such file or directory\n",
+        ),
+        (
+            "put /nothere",
+            "ftpx: put /nothere: /nothere: No such file or directory\n",
+        ),
+    ] {
+        let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", command);
+        assert_eq!(out.status, 1);
+        assert_eq!(out.stderr, said);
+    }
+}

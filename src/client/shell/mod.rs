@@ -37,6 +37,7 @@ use crate::tls::Trust;
 use commands::execute;
 
 pub use output::printable;
+use output::said;
 
 /// A local path as the user typed it, with `~` and `~/...` standing for
 /// the home directory, as in a shell.
@@ -199,7 +200,7 @@ impl Remote {
                     bar.suspend(|| {
                         eprintln!(
                             "{}; retrying in {:.1} s ({attempt}/{})",
-                            printable(&e.to_string()),
+                            said(&e),
                             wait.as_secs_f32(),
                             self.retries
                         )
@@ -252,13 +253,14 @@ pub async fn run(args: ConnectArgs) -> u8 {
         cwd: "/".into(),
     };
     if let Err(e) = remote.open(args.register).await {
-        eprintln!("ftpx: {}", printable(&e.to_string()));
         info!(error = %e, "session not opened");
+        if let ClientError::Server { code: 430, .. } = e {
+            eprintln!("ftpx: login failed: unknown user or wrong password");
+        } else {
+            eprintln!("ftpx: {}", said(&e));
+        }
         return match e {
-            ClientError::Server { code: 430, .. } => {
-                eprintln!("ftpx: login failed: unknown user or wrong password");
-                exit::LOGIN
-            }
+            ClientError::Server { code: 430, .. } => exit::LOGIN,
             ClientError::Server {
                 code: 553 | 501, ..
             } => exit::LOGIN,
@@ -310,11 +312,7 @@ pub(super) async fn run_script(
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Exit) => return exit::OK,
                 Err(e) => {
-                    eprintln!(
-                        "ftpx: {}: {}",
-                        printable(&words.join(" ")),
-                        printable(&e.to_string())
-                    );
+                    eprintln!("ftpx: {}: {}", printable(&words.join(" ")), said(&e));
                     return exit::FAILED;
                 }
             }
@@ -375,7 +373,7 @@ pub(super) async fn interactive(remote: &mut Remote) -> u8 {
                     return exit::OK;
                 }
                 Err(e) => {
-                    eprintln!("ftpx: {}", printable(&e.to_string()));
+                    eprintln!("ftpx: {}", said(&e));
                     status = exit::FAILED;
                     break;
                 }

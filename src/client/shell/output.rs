@@ -8,6 +8,36 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use crate::client::{ClientError, Transferred};
 use crate::protocol::{self, Entry};
 
+/// What went wrong, said once for a person and made safe for the
+/// terminal: a server's refusal in its own words (the reply code is in the
+/// client's log), a system error without its number.
+pub(super) fn said(e: &ClientError) -> String {
+    let text = match e {
+        ClientError::Server { text, .. } => text.clone(),
+        other => other.to_string(),
+    };
+    printable(&without_os_numbers(&text)).into_owned()
+}
+
+/// `text` without the ` (os error N)` that Rust's I/O errors end in.
+fn without_os_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(" (os error ") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + " (os error ".len()..];
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && tail[digits..].starts_with(')') {
+            rest = &tail[digits + 1..];
+        } else {
+            out.push_str(" (os error ");
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `text` made safe for a terminal: control characters (C0, DEL, C1) and
 /// the bidirectional overrides are written as escapes (`\x1b`, `\u{9b}`),
 /// as OpenSSH's `fmprintf` does; printable text, UTF-8 included, is kept.
@@ -151,6 +181,19 @@ mod tests {
             e.ends_with("\\x1b]0;pwned\\x07") && !e.contains('\u{1b}'),
             "{e}"
         );
+    }
+
+    #[test]
+    fn errors_are_said_without_codes_or_os_numbers() {
+        let refused = ClientError::Server {
+            code: 550,
+            text: "/x: no such file or directory".into(),
+        };
+        assert_eq!(said(&refused), "/x: no such file or directory");
+        let local = ClientError::Local("a: No such file or directory (os error 2)".into());
+        assert_eq!(said(&local), "a: No such file or directory");
+        let odd = ClientError::Local("kept (os error x) and \u{1b}[2J".into());
+        assert_eq!(said(&odd), "kept (os error x) and \\x1b[2J");
     }
 
     #[test]

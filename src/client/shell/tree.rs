@@ -8,7 +8,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar};
 
 use super::commands::remote_is_dir;
-use super::output::{file_bar, printable, report, total_bar};
+use super::output::{file_bar, printable, report, said, total_bar};
 use super::{Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
 use crate::protocol::{self, Entry, Request, VPath};
@@ -248,7 +248,7 @@ async fn send_small_files(
                 multi.suspend(|| {
                     eprintln!(
                         "ftpx: {}; retrying ({attempt}/{})",
-                        printable(&e.to_string()),
+                        said(&e),
                         remote.retries
                     )
                 });
