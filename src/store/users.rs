@@ -251,6 +251,14 @@ impl UserDb {
         Ok(parsed.user)
     }
 
+    /// What identifies the database file's present version (it is only
+    /// ever replaced by a rename): a change means accounts may have changed.
+    pub fn version(&self) -> Option<(std::time::SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = fs::metadata(&self.file).ok()?;
+        Some((m.modified().ok()?, m.ino(), m.len()))
+    }
+
     pub fn find(&self, name: &str) -> Result<Option<User>, String> {
         Ok(self.load()?.into_iter().find(|u| u.name == name))
     }

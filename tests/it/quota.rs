@@ -487,3 +487,27 @@ async fn a_stranger_cannot_register_the_name_of_a_deleted_user_with_a_kept_home(
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(out.stdout, "", "a new account starts empty");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_s_change_reaches_open_sessions_at_their_next_request() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1000);
+    let mut c = s.login("ann").await;
+    assert_eq!(usage(&mut c).await[..4], [0, 1000, 0, 1_000_000]);
+    assert_eq!(code(&put_request(&mut c, "/f", 5000).await), 552);
+    s.users()
+        .modify("ann", |u| {
+            u.quota = 10_000;
+            u.max_files = Some(7);
+        })
+        .unwrap();
+    assert_eq!(usage(&mut c).await[..4], [0, 10_000, 0, 7]);
+    let work = tempfile::tempdir().unwrap();
+    put_bytes(&mut c, work.path(), "/f", &data(5000, 1)).await;
+    // An account removed ends its sessions.
+    s.users().remove("ann", false).unwrap();
+    let r = c.request(&Request::Pwd).await;
+    assert_eq!(code(&r), 421, "{r:?}");
+    assert!(c.request(&Request::Noop).await.is_err());
+    s.stop().await;
+}

@@ -26,6 +26,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Error::BadSequence("already logged in".into()));
         }
         let started = Instant::now();
+        // Read before the account: a change made meanwhile is seen later.
+        let version = self.server.users.version();
         let user = match register {
             true => self.register(name, password).await?,
             false => self.authenticate(name, password, started).await?,
@@ -33,6 +35,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let owner = self.open_account(&user).await?;
         info!(peer = %self.peer, user = %owner.name, result = "ok", ms = started.elapsed().as_millis() as u64, "login");
         self.user = Some(owner);
+        self.account_read = version;
         self.cwd = VPath::root();
         self.reply(Code::LoggedIn, "logged in").await
     }

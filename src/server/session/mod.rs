@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::protocol::{self, Code, Request, VPath};
@@ -35,6 +35,8 @@ pub struct Session<S> {
     peer: SocketAddr,
     server: Arc<Server>,
     user: Option<Owner>,
+    /// The user database's version when this session last read its account.
+    account_read: Option<(std::time::SystemTime, u64, u64)>,
     cwd: VPath,
     stores: Stores,
 }
@@ -52,6 +54,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         peer,
         server,
         user: None,
+        account_read: None,
         cwd: VPath::root(),
         stores: Stores::default(),
     };
@@ -241,6 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// The one match: each request to its handler.
     async fn handle(&mut self, request: Request) -> Result<()> {
+        self.reread_account()?;
         match request {
             Request::Login { user, password } => {
                 self.login(user, Password::new(password), false).await
@@ -270,6 +274,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Put { path, size, chunk } => self.put(path, size, chunk).await,
             Request::Get { path, candidates } => self.get(path, candidates).await,
         }
+    }
+
+    /// Takes in what the admin changed in the user's account since this
+    /// session last read it: a new quota or file limit counts from the next
+    /// request. An account removed ends the session.
+    fn reread_account(&mut self) -> Result<()> {
+        let Some(owner) = &self.user else {
+            return Ok(());
+        };
+        let version = self.server.users.version();
+        if version.is_none() || version == self.account_read {
+            return Ok(());
+        }
+        let user = match self.server.users.find(&owner.name) {
+            Ok(Some(user)) => user,
+            Ok(None) => return Err(Error::Unavailable("your account was removed".into())),
+            Err(e) => {
+                // Out of descriptors, say: the limits read before still hold.
+                warn!(user = %owner.name, error = %e, "cannot read the user database");
+                return Ok(());
+            }
+        };
+        let accounts = &self.server.config.accounts;
+        let limits = crate::store::quota::Limits {
+            bytes: user.quota,
+            entries: user.max_files(accounts),
+        };
+        if limits != owner.limits {
+            info!(peer = %self.peer, user = %owner.name, quota = limits.bytes, max_files = limits.entries, "account changed");
+        }
+        if let Some(owner) = &mut self.user {
+            owner.limits = limits;
+        }
+        self.account_read = version;
+        Ok(())
     }
 
     /// The one upload lock of `path`: an upload, a removal or a rename of it.
