@@ -12,8 +12,8 @@ use crate::store::users::{self, Password, User, UserDb};
 use crate::tls;
 
 /// `ftpx serve`: runs until SIGINT or SIGTERM.
-pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
-    let mut config = Config::load(config_path)?;
+pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> Result<(), String> {
+    let mut config = Config::from_arg(config_path)?;
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
@@ -114,13 +114,13 @@ fn new_password(from_stdin: bool) -> Result<Password, String> {
 
 /// `ftpx useradd`.
 pub fn useradd(
-    config_path: &Path,
+    config_path: Option<&Path>,
     name: &str,
     quota: Option<&str>,
     max_files: Option<u64>,
     password_stdin: bool,
 ) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+    let config = Config::from_arg(config_path)?;
     users::check_name(name)?;
     let quota = match quota {
         Some(q) => parse_size(q)?,
@@ -154,8 +154,8 @@ pub fn useradd(
 }
 
 /// `ftpx userdel`.
-pub fn userdel(config_path: &Path, name: &str, remove_home: bool) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+pub fn userdel(config_path: Option<&Path>, name: &str, remove_home: bool) -> Result<(), String> {
+    let config = Config::from_arg(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
     users::check_name(name)?;
     let (home, partial) = (db.home(name), config.partial_dir().join(name));
@@ -187,14 +187,14 @@ pub fn userdel(config_path: &Path, name: &str, remove_home: bool) -> Result<(), 
 
 /// `ftpx usermod`.
 pub fn usermod(
-    config_path: &Path,
+    config_path: Option<&Path>,
     name: &str,
     quota: Option<&str>,
     max_files: Option<u64>,
     set_password: bool,
     password_stdin: bool,
 ) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+    let config = Config::from_arg(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
     if db.find(name)?.is_none() {
         return Err(format!("no user {name:?}"));
@@ -228,8 +228,8 @@ pub fn usermod(
 }
 
 /// `ftpx users`: name, quota, usage and files, one user a line.
-pub fn users(config_path: &Path) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+pub fn users(config_path: Option<&Path>) -> Result<(), String> {
+    let config = Config::from_arg(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
     println!(
         "{:<32} {:>14} {:>14} {:>10} {:>10}",

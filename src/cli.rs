@@ -17,9 +17,10 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct ConfigArg {
-    /// Server settings file.
-    #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_CONFIG)]
-    pub config: PathBuf,
+    /// Server settings file, which must exist [default: etc/ftpx.toml, or
+    /// the built-in defaults when that is missing].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -606,3 +606,78 @@ fn one_session_carries_many_transfers() {
         .count();
     assert_eq!(logins, 1, "{log}");
 }
+
+/// Runs `cmd` to its end, or kills it after `secs` seconds (then None).
+fn run_within(cmd: &mut std::process::Command, secs: u64) -> Option<Output> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Some(Output {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+#[test]
+fn a_config_file_named_on_the_command_line_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("etc/ftpx-typo.toml");
+    let serve = run_within(
+        ftpx(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&typo),
+        30,
+    )
+    .expect("serve ran on the defaults instead of refusing the missing config file");
+    assert_eq!(serve.status, 1, "{}", serve.stderr);
+    assert!(
+        serve.stderr.contains(&typo.display().to_string())
+            && serve.stderr.contains("does not exist"),
+        "{}",
+        serve.stderr
+    );
+    assert!(!serve.stdout.contains("listening"), "{}", serve.stdout);
+
+    for args in [
+        &["users", "--config", "nope.toml"][..],
+        &[
+            "useradd",
+            "bob",
+            "--password-stdin",
+            "--config",
+            "nope.toml",
+        ],
+        &["usermod", "bob", "--quota", "1MiB", "--config", "nope.toml"],
+        &["userdel", "bob", "--config", "nope.toml"],
+    ] {
+        let out = run(ftpx(dir.path()).args(args));
+        assert_eq!(out.status, 1, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("nope.toml") && out.stderr.contains("does not exist"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert_eq!(out.stdout, "", "{args:?}");
+    }
+    for made in ["var", "certs"] {
+        assert!(!dir.path().join(made).exists(), "{made}/ was made");
+    }
+
+    // Without --config, a missing etc/ftpx.toml still means the defaults.
+    let users = run(ftpx(dir.path()).args(["users"]));
+    assert_eq!(users.status, 0, "{}", users.stderr);
+    assert!(users.stdout.starts_with("USER"), "{}", users.stdout);
+}
