@@ -1,11 +1,13 @@
-//! The admin's subcommands: `serve`, `gen-cert`, and the user management
-//! commands `useradd`, `userdel`, `usermod` and `users`.
+//! The admin's subcommands: `serve`, `gen-cert`, the user management
+//! commands `useradd`, `userdel`, `usermod` and `users`, and `completions`
+//! and `man`, which print what a package installs beside the binary.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::cli::Cli;
 use crate::config::{Config, human_bytes, parse_size};
 use crate::server::Server;
 use crate::store::users::{self, Password, User, UserDb};
@@ -261,4 +263,43 @@ pub fn users(config_path: Option<&Path>) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// `ftpx completions SHELL`: the shell's completion script, made from the
+/// command-line definitions, so it never lags behind them.
+pub fn completions(shell: clap_complete::Shell) -> Result<(), String> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ftpx", &mut script);
+    print_all(&script)
+}
+
+/// `ftpx man`: the man page `ftpx.1`, in roff, made from the command-line
+/// definitions; with a directory, it and one page per subcommand, which
+/// `ftpx.1` refers to, are written there.
+pub fn man(dir: Option<&Path>) -> Result<(), String> {
+    use clap::CommandFactory;
+    if let Some(dir) = dir {
+        clap_mangen::generate_to(Cli::command(), dir)
+            .map_err(|e| format!("cannot write the man pages to {}: {e}", dir.display()))?;
+        println!("wrote the man pages to {}", dir.display());
+        return Ok(());
+    }
+    let mut page = Vec::new();
+    // As in the pages written to a directory: `help` is no page of its own.
+    clap_mangen::Man::new(Cli::command().disable_help_subcommand(true))
+        .render(&mut page)
+        .map_err(|e| format!("cannot make the man page: {e}"))?;
+    print_all(&page)
+}
+
+/// Writes `bytes` to standard output; a reader that stopped early
+/// (`ftpx man | head`) is not an error.
+fn print_all(bytes: &[u8]) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!("cannot write to standard output: {e}")),
+    }
 }

@@ -95,6 +95,18 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print a completion script for SHELL to standard output.
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, ftpx.1, to standard output.
+    Man {
+        /// Write ftpx.1 and a page for each subcommand (ftpx-serve.1, ...)
+        /// into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -68,6 +68,8 @@ fn main() -> ExitCode {
             password_stdin,
         ),
         Command::Users { config } => admin::users(config.config.as_deref()),
+        Command::Completions { shell } => admin::completions(shell),
+        Command::Man { dir } => admin::man(dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -681,3 +681,85 @@ fn a_config_file_named_on_the_command_line_must_exist() {
     assert_eq!(users.status, 0, "{}", users.stderr);
     assert!(users.stdout.starts_with("USER"), "{}", users.stdout);
 }
+
+const SUBCOMMANDS: [&str; 9] = [
+    "serve",
+    "connect",
+    "gen-cert",
+    "useradd",
+    "userdel",
+    "usermod",
+    "users",
+    "completions",
+    "man",
+];
+
+#[test]
+fn completions_for_each_shell_know_the_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(ftpx(dir.path()).args(["completions", shell]));
+        assert_eq!(out.status, 0, "{shell}: {}", out.stderr);
+        assert!(!out.stdout.trim().is_empty(), "{shell}: empty script");
+        for sub in SUBCOMMANDS {
+            assert!(
+                out.stdout.contains(sub),
+                "{shell}: no {sub} in\n{}",
+                out.stdout
+            );
+        }
+        if shell == "bash" {
+            let script = dir.path().join("ftpx.bash");
+            std::fs::write(&script, &out.stdout).unwrap();
+            match std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&script)
+                .output()
+            {
+                Ok(check) => assert!(
+                    check.status.success(),
+                    "bash -n: {}",
+                    String::from_utf8_lossy(&check.stderr)
+                ),
+                Err(e) => println!("bash not run ({e}): the script's syntax is not checked"),
+            }
+        }
+    }
+    let bad = run(ftpx(dir.path()).args(["completions", "cmd.exe"]));
+    assert_eq!(bad.status, 2, "{}", bad.stderr);
+}
+
+#[test]
+fn man_prints_the_page_and_writes_one_per_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(ftpx(dir.path()).args(["man"]));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains(".TH ftpx 1"), "{}", out.stdout);
+    assert!(out.stdout.contains(".SH SUBCOMMANDS"), "{}", out.stdout);
+    for sub in SUBCOMMANDS {
+        // roff escapes the minus: ftpx\-gen\-cert(1).
+        let reference = format!("ftpx-{sub}(1)").replace('-', "\\-");
+        assert!(
+            out.stdout.contains(&reference),
+            "no {reference} in\n{}",
+            out.stdout
+        );
+    }
+    assert!(!out.stdout.contains("ftpx\\-help(1)"), "{}", out.stdout);
+
+    // Every page ftpx.1 refers to can be installed beside it.
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).unwrap();
+    let wrote = run(ftpx(dir.path()).args(["man", "--dir", "man1"]));
+    assert_eq!(wrote.status, 0, "{}", wrote.stderr);
+    assert_eq!(
+        std::fs::read_to_string(pages.join("ftpx.1")).unwrap(),
+        out.stdout
+    );
+    for sub in SUBCOMMANDS {
+        let page = std::fs::read_to_string(pages.join(format!("ftpx-{sub}.1"))).unwrap();
+        assert!(page.contains(".TH ftpx-"), "{sub}: {page}");
+    }
+    let serve = std::fs::read_to_string(pages.join("ftpx-serve.1")).unwrap();
+    assert!(serve.contains("\\-\\-config"), "{serve}");
+}
