@@ -763,3 +763,145 @@ fn man_prints_the_page_and_writes_one_per_subcommand() {
     let serve = std::fs::read_to_string(pages.join("ftpx-serve.1")).unwrap();
     assert!(serve.contains("\\-\\-config"), "{serve}");
 }
+
+/// The shipped systemd unit's `[Service]` settings, in order (a key may repeat).
+fn shipped_unit() -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.service")).unwrap();
+    let mut section = "";
+    let mut service = vec![];
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = line;
+        } else if section == "[Service]" {
+            let (k, v) = line.split_once('=').unwrap();
+            service.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    service
+}
+
+fn unit_value<'a>(unit: &'a [(String, String)], key: &str) -> &'a str {
+    let mut values = unit.iter().filter(|(k, _)| k == key);
+    let (_, v) = values
+        .next()
+        .unwrap_or_else(|| panic!("no {key}= in the unit"));
+    assert!(values.next().is_none(), "{key}= twice");
+    v
+}
+
+/// A systemd time span ("30", "30s", "1min 30s") in seconds.
+fn time_span_secs(span: &str) -> f64 {
+    let mut total = 0.0;
+    for part in span.split_whitespace() {
+        let digits = part
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(part.len());
+        let n: f64 = part[..digits].parse().unwrap();
+        total += n * match &part[digits..] {
+            "" | "s" | "sec" => 1.0,
+            "ms" | "msec" => 0.001,
+            "m" | "min" => 60.0,
+            "h" | "hr" => 3600.0,
+            unit => panic!("unit {unit:?} in {span:?}"),
+        };
+    }
+    total
+}
+
+#[test]
+fn the_systemd_unit_runs_serve_and_waits_longer_than_the_grace() {
+    use clap::Parser;
+    let unit = shipped_unit();
+    let exec: Vec<&str> = unit_value(&unit, "ExecStart").split_whitespace().collect();
+    assert_eq!(exec[0], "/usr/local/bin/ftpx");
+    let cli = ftpx::cli::Cli::try_parse_from(&exec)
+        .unwrap_or_else(|e| panic!("ExecStart is no ftpx command line: {e}"));
+    assert!(
+        matches!(cli.command, ftpx::cli::Command::Serve { .. }),
+        "{exec:?}"
+    );
+    assert_eq!(unit_value(&unit, "Type"), "simple");
+    assert_eq!(unit_value(&unit, "KillSignal"), "SIGTERM");
+    assert_ne!(unit_value(&unit, "User"), "root");
+
+    let shipped = ftpx::config::Config::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/etc/ftpx.toml"
+    )))
+    .unwrap();
+    let grace = shipped.limits.shutdown_grace_secs as f64;
+    let stop = time_span_secs(unit_value(&unit, "TimeoutStopSec"));
+    assert!(
+        stop > grace,
+        "TimeoutStopSec={stop} s does not exceed shutdown_grace_secs = {grace}"
+    );
+    let files: u64 = unit_value(&unit, "LimitNOFILE").parse().unwrap();
+    assert!(files as usize > 2 * shipped.limits.max_sessions, "{files}");
+
+    // What the server writes lies in ReadWritePaths, seen from WorkingDirectory;
+    // everything else is read-only under ProtectSystem=strict.
+    assert_eq!(unit_value(&unit, "ProtectSystem"), "strict");
+    let work = std::path::Path::new(unit_value(&unit, "WorkingDirectory"));
+    let writable: Vec<std::path::PathBuf> = unit_value(&unit, "ReadWritePaths")
+        .split_whitespace()
+        .map(|p| p.trim_start_matches('-').into())
+        .collect();
+    for wanted in [
+        &shipped.server.var_dir,
+        &shipped.server.cert_dir,
+        &shipped.server.log_file,
+    ] {
+        let full = work.join(wanted);
+        assert!(
+            writable.iter().any(|w| full.starts_with(w)),
+            "{} is not in ReadWritePaths {writable:?}",
+            full.display()
+        );
+    }
+    // logrotate rotates that log.
+    let rotate =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.logrotate"))
+            .unwrap();
+    let log = work.join(&shipped.server.log_file);
+    assert!(
+        rotate.contains(&format!("{} {{", log.display())),
+        "{rotate}"
+    );
+    assert!(rotate.contains("copytruncate"), "{rotate}");
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    let Ok(version) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        println!("systemd-analyze is not installed: the unit was not verified");
+        return;
+    };
+    assert!(version.status.success());
+    // verify checks that ExecStart's binary exists: point it at the one built.
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.service")).unwrap();
+    assert!(text.contains("ExecStart=/usr/local/bin/ftpx "));
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("ftpx.service");
+    std::fs::write(
+        &unit,
+        text.replace(
+            "ExecStart=/usr/local/bin/ftpx ",
+            &format!("ExecStart={BIN} "),
+        ),
+    )
+    .unwrap();
+    // --man=no: Documentation= names the man page, installed beside the binary.
+    let out = run(std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit));
+    assert_eq!(out.status, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stderr, "", "systemd-analyze verify warned");
+}
