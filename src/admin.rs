@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::cli::Cli;
 use crate::config::{Config, human_bytes, parse_size};
-use crate::server::Server;
+use crate::server::{Server, Stopping};
 use crate::store::users::{self, Password, User, UserDb};
 use crate::tls;
 
@@ -60,9 +60,38 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> Re
     tracing::info!(address = %local, "listening");
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
-    crate::server::run(listener, server, Arc::new(tls_config), shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    crate::server::run_reporting(
+        listener,
+        server,
+        Arc::new(tls_config),
+        shutdown_signal(),
+        say_stopping,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    eprintln!("ftpx: stopped");
+    Ok(())
+}
+
+/// Tells the operator's terminal (or the journal) why a stop takes time.
+fn say_stopping(stopping: Stopping) {
+    let sessions = |n: usize| match n {
+        1 => "1 session".to_string(),
+        n => format!("{n} sessions"),
+    };
+    match stopping {
+        Stopping::Waiting { sessions: 0, .. } => {
+            eprintln!("ftpx: stopping: no sessions to wait for")
+        }
+        Stopping::Waiting { sessions: n, grace } => eprintln!(
+            "ftpx: stopping: waiting up to {} s for {}",
+            grace.as_secs(),
+            sessions(n)
+        ),
+        Stopping::GraceOver { sessions: n } => {
+            eprintln!("ftpx: grace period over: closing {}", sessions(n))
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

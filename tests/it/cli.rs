@@ -905,3 +905,39 @@ fn systemd_analyze_verifies_the_unit() {
     assert_eq!(out.status, 0, "{}{}", out.stdout, out.stderr);
     assert_eq!(out.stderr, "", "systemd-analyze verify warned");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_says_what_the_server_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start_keeping_stderr(dir.path(), 0);
+    server.useradd("lea", "1MiB");
+    let mut session = ftpx::client::Client::connect(
+        "127.0.0.1",
+        server.port,
+        &server.ca(),
+        std::time::Duration::from_secs(20),
+    )
+    .await
+    .unwrap()
+    .with_journal_dir(dir.path().join("state"));
+    session.login("lea", PASSWORD, false).await.unwrap();
+
+    let stderr = dir.path().join("serve.stderr");
+    assert_eq!(server.terminate(), 0);
+    let said = std::fs::read_to_string(stderr).unwrap();
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(
+        lines.contains(&"ftpx: stopping: waiting up to 10 s for 1 session"),
+        "{said}"
+    );
+    assert_eq!(lines.last(), Some(&"ftpx: stopped"), "{said}");
+    drop(session);
+
+    let log = std::fs::read_to_string(dir.path().join("var/log/ftpx.log")).unwrap();
+    let shutting = log
+        .lines()
+        .find(|l| l.contains("shutting down"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(shutting.contains("sessions=1"), "{shutting}");
+    assert!(log.lines().last().unwrap().contains("stopped"), "{log}");
+}
