@@ -1,19 +1,21 @@
-//! The admin's subcommands: `serve`, `gen-cert`, and the user management
-//! commands `useradd`, `userdel`, `usermod` and `users`.
+//! The admin's subcommands: `serve`, `gen-cert`, the user management
+//! commands `useradd`, `userdel`, `usermod` and `users`, and `completions`
+//! and `man`, which print what a package installs beside the binary.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::cli::Cli;
 use crate::config::{Config, human_bytes, parse_size};
-use crate::server::Server;
+use crate::server::{Server, Stopping};
 use crate::store::users::{self, Password, User, UserDb};
 use crate::tls;
 
 /// `ftpx serve`: runs until SIGINT or SIGTERM.
-pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
-    let mut config = Config::load(config_path)?;
+pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> Result<(), String> {
+    let mut config = Config::from_arg(config_path)?;
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
@@ -58,9 +60,38 @@ pub async fn serve(config_path: &Path, listen: Option<SocketAddr>) -> Result<(),
     tracing::info!(address = %local, "listening");
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
-    crate::server::run(listener, server, Arc::new(tls_config), shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    crate::server::run_reporting(
+        listener,
+        server,
+        Arc::new(tls_config),
+        shutdown_signal(),
+        say_stopping,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    eprintln!("ftpx: stopped");
+    Ok(())
+}
+
+/// Tells the operator's terminal (or the journal) why a stop takes time.
+fn say_stopping(stopping: Stopping) {
+    let sessions = |n: usize| match n {
+        1 => "1 session".to_string(),
+        n => format!("{n} sessions"),
+    };
+    match stopping {
+        Stopping::Waiting { sessions: 0, .. } => {
+            eprintln!("ftpx: stopping: no sessions to wait for")
+        }
+        Stopping::Waiting { sessions: n, grace } => eprintln!(
+            "ftpx: stopping: waiting up to {} s for {}",
+            grace.as_secs(),
+            sessions(n)
+        ),
+        Stopping::GraceOver { sessions: n } => {
+            eprintln!("ftpx: grace period over: closing {}", sessions(n))
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -114,13 +145,13 @@ fn new_password(from_stdin: bool) -> Result<Password, String> {
 
 /// `ftpx useradd`.
 pub fn useradd(
-    config_path: &Path,
+    config_path: Option<&Path>,
     name: &str,
     quota: Option<&str>,
     max_files: Option<u64>,
     password_stdin: bool,
 ) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+    let config = Config::from_arg(config_path)?;
     users::check_name(name)?;
     let quota = match quota {
         Some(q) => parse_size(q)?,
@@ -154,8 +185,8 @@ pub fn useradd(
 }
 
 /// `ftpx userdel`.
-pub fn userdel(config_path: &Path, name: &str, remove_home: bool) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+pub fn userdel(config_path: Option<&Path>, name: &str, remove_home: bool) -> Result<(), String> {
+    let config = Config::from_arg(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
     users::check_name(name)?;
     let (home, partial) = (db.home(name), config.partial_dir().join(name));
@@ -187,14 +218,14 @@ pub fn userdel(config_path: &Path, name: &str, remove_home: bool) -> Result<(), 
 
 /// `ftpx usermod`.
 pub fn usermod(
-    config_path: &Path,
+    config_path: Option<&Path>,
     name: &str,
     quota: Option<&str>,
     max_files: Option<u64>,
     set_password: bool,
     password_stdin: bool,
 ) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+    let config = Config::from_arg(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
     if db.find(name)?.is_none() {
         return Err(format!("no user {name:?}"));
@@ -228,8 +259,8 @@ pub fn usermod(
 }
 
 /// `ftpx users`: name, quota, usage and files, one user a line.
-pub fn users(config_path: &Path) -> Result<(), String> {
-    let config = Config::load(config_path)?;
+pub fn users(config_path: Option<&Path>) -> Result<(), String> {
+    let config = Config::from_arg(config_path)?;
     let db = UserDb::new(&config.server.var_dir);
     println!(
         "{:<32} {:>14} {:>14} {:>10} {:>10}",
@@ -261,4 +292,43 @@ pub fn users(config_path: &Path) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// `ftpx completions SHELL`: the shell's completion script, made from the
+/// command-line definitions, so it never lags behind them.
+pub fn completions(shell: clap_complete::Shell) -> Result<(), String> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ftpx", &mut script);
+    print_all(&script)
+}
+
+/// `ftpx man`: the man page `ftpx.1`, in roff, made from the command-line
+/// definitions; with a directory, it and one page per subcommand, which
+/// `ftpx.1` refers to, are written there.
+pub fn man(dir: Option<&Path>) -> Result<(), String> {
+    use clap::CommandFactory;
+    if let Some(dir) = dir {
+        clap_mangen::generate_to(Cli::command(), dir)
+            .map_err(|e| format!("cannot write the man pages to {}: {e}", dir.display()))?;
+        println!("wrote the man pages to {}", dir.display());
+        return Ok(());
+    }
+    let mut page = Vec::new();
+    // As in the pages written to a directory: `help` is no page of its own.
+    clap_mangen::Man::new(Cli::command().disable_help_subcommand(true))
+        .render(&mut page)
+        .map_err(|e| format!("cannot make the man page: {e}"))?;
+    print_all(&page)
+}
+
+/// Writes `bytes` to standard output; a reader that stopped early
+/// (`ftpx man | head`) is not an error.
+fn print_all(bytes: &[u8]) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!("cannot write to standard output: {e}")),
+    }
 }

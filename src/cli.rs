@@ -17,9 +17,10 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct ConfigArg {
-    /// Server settings file.
-    #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_CONFIG)]
-    pub config: PathBuf,
+    /// Server settings file, which must exist [default: etc/ftpx.toml, or
+    /// the built-in defaults when that is missing].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +94,18 @@ pub enum Command {
     Users {
         #[command(flatten)]
         config: ConfigArg,
+    },
+    /// Print a completion script for SHELL to standard output.
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, ftpx.1, to standard output.
+    Man {
+        /// Write ftpx.1 and a page for each subcommand (ftpx-serve.1, ...)
+        /// into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 

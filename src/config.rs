@@ -1,6 +1,7 @@
 //! Server settings: one plain struct per section of `etc/ftpx.toml`, each
-//! field with its default. A missing file or key means the default; an
-//! unknown key is an error, so that a typo never silently falls back.
+//! field with its default. A missing key, or a missing `etc/ftpx.toml`,
+//! means the default; an unknown key, or a `--config` file that does not
+//! exist, is an error, so that a typo never silently falls back.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -213,11 +214,30 @@ impl Default for DefenderSection {
 }
 
 impl Config {
+    /// The settings a command runs on: the file given with `--config`,
+    /// which must exist (a typo must not run a server on the defaults), else
+    /// `etc/ftpx.toml`, whose absence means the defaults.
+    pub fn from_arg(given: Option<&Path>) -> Result<Config, String> {
+        match given {
+            Some(path) => Config::read(path, false),
+            None => Config::load(Path::new(DEFAULT_CONFIG)),
+        }
+    }
+
     /// Reads `path`; a missing file gives the defaults.
     pub fn load(path: &Path) -> Result<Config, String> {
+        Config::read(path, true)
+    }
+
+    fn read(path: &Path, missing_is_default: bool) -> Result<Config, String> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if missing_is_default {
+                    return Ok(Config::default());
+                }
+                return Err(format!("config file {} does not exist", path.display()));
+            }
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         let config: Config =
@@ -422,6 +442,12 @@ mod tests {
             std::fs::write(&p, bad).unwrap();
             assert!(Config::load(&p).is_err(), "{bad}");
         }
-        assert!(Config::load(&dir.path().join("missing.toml")).is_ok());
+        let missing = dir.path().join("missing.toml");
+        assert!(Config::load(&missing).is_ok());
+        let given = Config::from_arg(Some(&missing)).unwrap_err();
+        assert!(
+            given.contains("missing.toml") && given.contains("does not exist"),
+            "{given}"
+        );
     }
 }

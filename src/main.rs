@@ -26,7 +26,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve { listen, config } => runtime.block_on(admin::serve(&config.config, listen)),
+        Command::Serve { listen, config } => {
+            runtime.block_on(admin::serve(config.config.as_deref(), listen))
+        }
         Command::Connect(args) => {
             logging::init_client();
             return ExitCode::from(runtime.block_on(shell::run(args)));
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
             password_stdin,
             config,
         } => admin::useradd(
-            &config.config,
+            config.config.as_deref(),
             &name,
             quota.as_deref(),
             max_files,
@@ -49,7 +51,7 @@ fn main() -> ExitCode {
             name,
             remove_home,
             config,
-        } => admin::userdel(&config.config, &name, remove_home),
+        } => admin::userdel(config.config.as_deref(), &name, remove_home),
         Command::Usermod {
             name,
             quota,
@@ -58,14 +60,16 @@ fn main() -> ExitCode {
             password,
             config,
         } => admin::usermod(
-            &config.config,
+            config.config.as_deref(),
             &name,
             quota.as_deref(),
             max_files,
             password_stdin || password,
             password_stdin,
         ),
-        Command::Users { config } => admin::users(&config.config),
+        Command::Users { config } => admin::users(config.config.as_deref()),
+        Command::Completions { shell } => admin::completions(shell),
+        Command::Man { dir } => admin::man(dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,9 @@
 //! the TLS handshake under its deadline and hands each client to a
 //! [`session`](crate::server::session) task. Beside them, the sweeper clears expired
 //! unfinished uploads on a timer. On the stop signal it stops accepting,
-//! tells idle sessions, gives running transfers a grace period, and returns.
+//! tells idle sessions, gives running transfers a grace period, and returns,
+//! saying what it waits for (in the log, and to the caller of
+//! [`run_reporting`]).
 
 pub mod defender;
 pub mod session;
@@ -12,6 +14,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -140,12 +143,33 @@ fn busy() -> crate::error::Error {
     crate::error::Error::Unavailable("server busy checking passwords; try again later".into())
 }
 
+/// What [`run_reporting`] tells its caller while it stops, for the
+/// operator's terminal (the log has the same, always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopping {
+    /// The stop signal came; `sessions` still run and get up to `grace`.
+    Waiting { sessions: usize, grace: Duration },
+    /// The grace period is over; the `sessions` still running are closed.
+    GraceOver { sessions: usize },
+}
+
 /// Serves on `listener` until `shutdown` resolves, then drains sessions.
 pub async fn run(
     listener: TcpListener,
     server: Arc<Server>,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    run_reporting(listener, server, tls, shutdown, |_| {}).await
+}
+
+/// [`run`], telling `report` what it waits for once `shutdown` resolves.
+pub async fn run_reporting(
+    listener: TcpListener,
+    server: Arc<Server>,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+    mut report: impl FnMut(Stopping),
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -167,16 +191,26 @@ pub async fn run(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     }
     drop(listener);
     sweeper.abort();
-    info!(sessions = sessions.len(), "shutting down");
+    // Sessions that ended but were not collected yet are not waited for.
+    while sessions.try_join_next().is_some() {}
+    let grace = Duration::from_secs(server.config.limits.shutdown_grace_secs);
+    info!(
+        sessions = sessions.len(),
+        grace_secs = grace.as_secs(),
+        "shutting down"
+    );
+    report(Stopping::Waiting {
+        sessions: sessions.len(),
+        grace,
+    });
     let _ = stop_tx.send(true);
-    let grace = std::time::Duration::from_secs(server.config.limits.shutdown_grace_secs);
     let drained = tokio::time::timeout(grace, async {
         while sessions.join_next().await.is_some() {}
     })
@@ -186,6 +220,9 @@ pub async fn run(
             sessions = sessions.len(),
             "grace period over, closing the remaining sessions"
         );
+        report(Stopping::GraceOver {
+            sessions: sessions.len(),
+        });
         sessions.shutdown().await;
     }
     info!("stopped");

@@ -606,3 +606,338 @@ fn one_session_carries_many_transfers() {
         .count();
     assert_eq!(logins, 1, "{log}");
 }
+
+/// Runs `cmd` to its end, or kills it after `secs` seconds (then None).
+fn run_within(cmd: &mut std::process::Command, secs: u64) -> Option<Output> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Some(Output {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+#[test]
+fn a_config_file_named_on_the_command_line_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("etc/ftpx-typo.toml");
+    let serve = run_within(
+        ftpx(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&typo),
+        30,
+    )
+    .expect("serve ran on the defaults instead of refusing the missing config file");
+    assert_eq!(serve.status, 1, "{}", serve.stderr);
+    assert!(
+        serve.stderr.contains(&typo.display().to_string())
+            && serve.stderr.contains("does not exist"),
+        "{}",
+        serve.stderr
+    );
+    assert!(!serve.stdout.contains("listening"), "{}", serve.stdout);
+
+    for args in [
+        &["users", "--config", "nope.toml"][..],
+        &[
+            "useradd",
+            "bob",
+            "--password-stdin",
+            "--config",
+            "nope.toml",
+        ],
+        &["usermod", "bob", "--quota", "1MiB", "--config", "nope.toml"],
+        &["userdel", "bob", "--config", "nope.toml"],
+    ] {
+        let out = run(ftpx(dir.path()).args(args));
+        assert_eq!(out.status, 1, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("nope.toml") && out.stderr.contains("does not exist"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert_eq!(out.stdout, "", "{args:?}");
+    }
+    for made in ["var", "certs"] {
+        assert!(!dir.path().join(made).exists(), "{made}/ was made");
+    }
+
+    // Without --config, a missing etc/ftpx.toml still means the defaults.
+    let users = run(ftpx(dir.path()).args(["users"]));
+    assert_eq!(users.status, 0, "{}", users.stderr);
+    assert!(users.stdout.starts_with("USER"), "{}", users.stdout);
+}
+
+const SUBCOMMANDS: [&str; 9] = [
+    "serve",
+    "connect",
+    "gen-cert",
+    "useradd",
+    "userdel",
+    "usermod",
+    "users",
+    "completions",
+    "man",
+];
+
+#[test]
+fn completions_for_each_shell_know_the_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(ftpx(dir.path()).args(["completions", shell]));
+        assert_eq!(out.status, 0, "{shell}: {}", out.stderr);
+        assert!(!out.stdout.trim().is_empty(), "{shell}: empty script");
+        for sub in SUBCOMMANDS {
+            assert!(
+                out.stdout.contains(sub),
+                "{shell}: no {sub} in\n{}",
+                out.stdout
+            );
+        }
+        if shell == "bash" {
+            let script = dir.path().join("ftpx.bash");
+            std::fs::write(&script, &out.stdout).unwrap();
+            match std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&script)
+                .output()
+            {
+                Ok(check) => assert!(
+                    check.status.success(),
+                    "bash -n: {}",
+                    String::from_utf8_lossy(&check.stderr)
+                ),
+                Err(e) => println!("bash not run ({e}): the script's syntax is not checked"),
+            }
+        }
+    }
+    let bad = run(ftpx(dir.path()).args(["completions", "cmd.exe"]));
+    assert_eq!(bad.status, 2, "{}", bad.stderr);
+}
+
+#[test]
+fn man_prints_the_page_and_writes_one_per_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(ftpx(dir.path()).args(["man"]));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains(".TH ftpx 1"), "{}", out.stdout);
+    assert!(out.stdout.contains(".SH SUBCOMMANDS"), "{}", out.stdout);
+    for sub in SUBCOMMANDS {
+        // roff escapes the minus: ftpx\-gen\-cert(1).
+        let reference = format!("ftpx-{sub}(1)").replace('-', "\\-");
+        assert!(
+            out.stdout.contains(&reference),
+            "no {reference} in\n{}",
+            out.stdout
+        );
+    }
+    assert!(!out.stdout.contains("ftpx\\-help(1)"), "{}", out.stdout);
+
+    // Every page ftpx.1 refers to can be installed beside it.
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).unwrap();
+    let wrote = run(ftpx(dir.path()).args(["man", "--dir", "man1"]));
+    assert_eq!(wrote.status, 0, "{}", wrote.stderr);
+    assert_eq!(
+        std::fs::read_to_string(pages.join("ftpx.1")).unwrap(),
+        out.stdout
+    );
+    for sub in SUBCOMMANDS {
+        let page = std::fs::read_to_string(pages.join(format!("ftpx-{sub}.1"))).unwrap();
+        assert!(page.contains(".TH ftpx-"), "{sub}: {page}");
+    }
+    let serve = std::fs::read_to_string(pages.join("ftpx-serve.1")).unwrap();
+    assert!(serve.contains("\\-\\-config"), "{serve}");
+}
+
+/// The shipped systemd unit's `[Service]` settings, in order (a key may repeat).
+fn shipped_unit() -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.service")).unwrap();
+    let mut section = "";
+    let mut service = vec![];
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = line;
+        } else if section == "[Service]" {
+            let (k, v) = line.split_once('=').unwrap();
+            service.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    service
+}
+
+fn unit_value<'a>(unit: &'a [(String, String)], key: &str) -> &'a str {
+    let mut values = unit.iter().filter(|(k, _)| k == key);
+    let (_, v) = values
+        .next()
+        .unwrap_or_else(|| panic!("no {key}= in the unit"));
+    assert!(values.next().is_none(), "{key}= twice");
+    v
+}
+
+/// A systemd time span ("30", "30s", "1min 30s") in seconds.
+fn time_span_secs(span: &str) -> f64 {
+    let mut total = 0.0;
+    for part in span.split_whitespace() {
+        let digits = part
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(part.len());
+        let n: f64 = part[..digits].parse().unwrap();
+        total += n * match &part[digits..] {
+            "" | "s" | "sec" => 1.0,
+            "ms" | "msec" => 0.001,
+            "m" | "min" => 60.0,
+            "h" | "hr" => 3600.0,
+            unit => panic!("unit {unit:?} in {span:?}"),
+        };
+    }
+    total
+}
+
+#[test]
+fn the_systemd_unit_runs_serve_and_waits_longer_than_the_grace() {
+    use clap::Parser;
+    let unit = shipped_unit();
+    let exec: Vec<&str> = unit_value(&unit, "ExecStart").split_whitespace().collect();
+    assert_eq!(exec[0], "/usr/local/bin/ftpx");
+    let cli = ftpx::cli::Cli::try_parse_from(&exec)
+        .unwrap_or_else(|e| panic!("ExecStart is no ftpx command line: {e}"));
+    assert!(
+        matches!(cli.command, ftpx::cli::Command::Serve { .. }),
+        "{exec:?}"
+    );
+    assert_eq!(unit_value(&unit, "Type"), "simple");
+    assert_eq!(unit_value(&unit, "KillSignal"), "SIGTERM");
+    assert_ne!(unit_value(&unit, "User"), "root");
+
+    let shipped = ftpx::config::Config::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/etc/ftpx.toml"
+    )))
+    .unwrap();
+    let grace = shipped.limits.shutdown_grace_secs as f64;
+    let stop = time_span_secs(unit_value(&unit, "TimeoutStopSec"));
+    assert!(
+        stop > grace,
+        "TimeoutStopSec={stop} s does not exceed shutdown_grace_secs = {grace}"
+    );
+    let files: u64 = unit_value(&unit, "LimitNOFILE").parse().unwrap();
+    assert!(files as usize > 2 * shipped.limits.max_sessions, "{files}");
+
+    // What the server writes lies in ReadWritePaths, seen from WorkingDirectory;
+    // everything else is read-only under ProtectSystem=strict.
+    assert_eq!(unit_value(&unit, "ProtectSystem"), "strict");
+    let work = std::path::Path::new(unit_value(&unit, "WorkingDirectory"));
+    let writable: Vec<std::path::PathBuf> = unit_value(&unit, "ReadWritePaths")
+        .split_whitespace()
+        .map(|p| p.trim_start_matches('-').into())
+        .collect();
+    for wanted in [
+        &shipped.server.var_dir,
+        &shipped.server.cert_dir,
+        &shipped.server.log_file,
+    ] {
+        let full = work.join(wanted);
+        assert!(
+            writable.iter().any(|w| full.starts_with(w)),
+            "{} is not in ReadWritePaths {writable:?}",
+            full.display()
+        );
+    }
+    // logrotate rotates that log.
+    let rotate =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.logrotate"))
+            .unwrap();
+    let log = work.join(&shipped.server.log_file);
+    assert!(
+        rotate.contains(&format!("{} {{", log.display())),
+        "{rotate}"
+    );
+    assert!(rotate.contains("copytruncate"), "{rotate}");
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    let Ok(version) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        println!("systemd-analyze is not installed: the unit was not verified");
+        return;
+    };
+    assert!(version.status.success());
+    // verify checks that ExecStart's binary exists: point it at the one built.
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.service")).unwrap();
+    assert!(text.contains("ExecStart=/usr/local/bin/ftpx "));
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("ftpx.service");
+    std::fs::write(
+        &unit,
+        text.replace(
+            "ExecStart=/usr/local/bin/ftpx ",
+            &format!("ExecStart={BIN} "),
+        ),
+    )
+    .unwrap();
+    // --man=no: Documentation= names the man page, installed beside the binary.
+    let out = run(std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit));
+    assert_eq!(out.status, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stderr, "", "systemd-analyze verify warned");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_says_what_the_server_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start_keeping_stderr(dir.path(), 0);
+    server.useradd("lea", "1MiB");
+    let mut session = ftpx::client::Client::connect(
+        "127.0.0.1",
+        server.port,
+        &server.ca(),
+        std::time::Duration::from_secs(20),
+    )
+    .await
+    .unwrap()
+    .with_journal_dir(dir.path().join("state"));
+    session.login("lea", PASSWORD, false).await.unwrap();
+
+    let stderr = dir.path().join("serve.stderr");
+    assert_eq!(server.terminate(), 0);
+    let said = std::fs::read_to_string(stderr).unwrap();
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(
+        lines.contains(&"ftpx: stopping: waiting up to 10 s for 1 session"),
+        "{said}"
+    );
+    assert_eq!(lines.last(), Some(&"ftpx: stopped"), "{said}");
+    drop(session);
+
+    let log = std::fs::read_to_string(dir.path().join("var/log/ftpx.log")).unwrap();
+    let shutting = log
+        .lines()
+        .find(|l| l.contains("shutting down"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(shutting.contains("sessions=1"), "{shutting}");
+    assert!(log.lines().last().unwrap().contains("stopped"), "{log}");
+}

@@ -189,6 +189,17 @@ pub struct BinServer {
 impl BinServer {
     /// Starts `ftpx serve` in `dir` (which keeps its state between starts) on `port` (0: any).
     pub fn start(dir: &Path, port: u16) -> BinServer {
+        BinServer::start_with_stderr(dir, port, Stdio::null())
+    }
+
+    /// [`BinServer::start`], with the server's standard error kept in
+    /// `dir/serve.stderr`.
+    pub fn start_keeping_stderr(dir: &Path, port: u16) -> BinServer {
+        let file = std::fs::File::create(dir.join("serve.stderr")).unwrap();
+        BinServer::start_with_stderr(dir, port, Stdio::from(file))
+    }
+
+    fn start_with_stderr(dir: &Path, port: u16, stderr: Stdio) -> BinServer {
         std::fs::create_dir_all(dir.join("etc")).unwrap();
         if !dir.join("etc/ftpx.toml").exists() {
             std::fs::write(dir.join("etc/ftpx.toml"), test_config_toml()).unwrap();
@@ -198,7 +209,7 @@ impl BinServer {
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();
