@@ -111,3 +111,103 @@ async fn errors_are_said_once_without_codes_or_os_numbers() {
         assert_eq!(out.stderr, said);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dash_before_a_batch_command_lets_the_run_go_on_past_its_failure() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let batch = work.path().join("batch");
+    std::fs::write(&batch, "-rm nothere\nmkdir d\nrm nothere\nmkdir never\n").unwrap();
+    let out = run(ftpx(work.path())
+        .args([
+            "connect",
+            &format!("ann@127.0.0.1:{}", s.addr.port()),
+            "--ca",
+        ])
+        .arg(&s.ca)
+        .arg("-b")
+        .arg(&batch)
+        .env("FTPX_PASSWORD", PASSWORD));
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 2, "{}", out.stderr);
+    assert!(s.home("ann").join("d").is_dir());
+    assert!(!s.home("ann").join("never").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cd_dash_mkdir_p_df_and_the_local_commands() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let commands = "mkdir -p a/b/c; mkdir -p a/b; cd a/b; cd /; cd -; pwd; df; \
+                    lmkdir here; lls; !echo from a shell";
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", commands);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(s.home("ann").join("a/b/c").is_dir());
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "/a/b");
+    let df: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["Size", "Used", "Avail", "Use%", "Files", "Max", "Use%"]
+    );
+    assert_eq!(
+        df,
+        [
+            "1.0", "MiB", "0", "B", "1.0", "MiB", "0%", "3", "1000000", "1%"
+        ]
+    );
+    assert!(work.path().join("here").is_dir());
+    assert!(
+        lines[3].starts_with('d') && lines[3].ends_with(" here/"),
+        "{}",
+        out.stdout
+    );
+    assert!(lines[4].ends_with(" state/"), "{}", out.stdout);
+    assert_eq!(lines[5], "from a shell");
+    // mkdir -p over a file is an error, as mkdir(1) says.
+    std::fs::write(s.home("ann").join("f"), b"x").unwrap();
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "mkdir -p f/g");
+    assert_eq!(out.status, 1, "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_interactive_history_is_written_as_it_goes() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let mut child = ftpx(work.path())
+        .args([
+            "connect",
+            &format!("ann@127.0.0.1:{}", s.addr.port()),
+            "--ca",
+        ])
+        .arg(&s.ca)
+        .env("FTPX_PASSWORD", PASSWORD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, Write};
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"mkdir kept\npwd\n")
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "/\n");
+    // Killed, not exited: what was typed is in the history all the same.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let history = std::fs::read_to_string(work.path().join("state/history")).unwrap();
+    assert!(
+        history.contains("mkdir kept") && history.contains("pwd"),
+        "{history}"
+    );
+}

@@ -14,22 +14,27 @@ use crate::protocol::{Request, VPath};
 pub(super) const HELP: &str = "\
 commands (remote paths are relative to the remote directory; / is your home):
   pwd                      print the remote directory
-  cd [PATH]                change the remote directory (no PATH: /)
+  cd [PATH]                change the remote directory (no PATH: /; -: the one before)
   ls [PATH]                list a directory: type, size, modification time, name
-  mkdir PATH, rmdir PATH   make or remove (an empty) directory
+  mkdir [-p] PATH          make a directory (-p: and its parents, if missing)
+  rmdir PATH               remove an empty directory
   rm PATH                  remove a file
   mv FROM TO               rename or move
   put [-r] LOCAL [REMOTE]  upload a file (-r: a directory tree)
   get [-r] REMOTE [LOCAL]  download a file (-r: a directory tree)
   quota                    bytes and files used, their limits, and what
                            unfinished uploads hold of them
+  df                       the same, in the shape of df(1)
   uploads                  list unfinished uploads (they count against the quota
                            until they finish, are discarded or expire)
   discard PATH             drop the unfinished upload to PATH
-  lcd [DIR], lpwd          change or print the local directory
-  help, exit";
+  lcd [DIR], lpwd          change or print the local directory (~: your home)
+  lls [PATH], lmkdir PATH  list a local directory, make one
+  !COMMAND                 run COMMAND in a local shell
+  help, exit
+In a batch (-b) or -c, a command written -COMMAND may fail without ending the run.";
 
-/// Where to connect and as whom.
+/// A usage error: how the command is written.
 pub(super) fn usage(text: &str) -> ClientError {
     ClientError::Local(format!("usage: {text}"))
 }
@@ -49,6 +54,9 @@ pub(super) async fn execute_one(
     words: &[String],
 ) -> Result<Flow, ClientError> {
     let (cmd, args) = words.split_first().ok_or_else(|| usage("empty command"))?;
+    if let Some(command) = cmd.strip_prefix('!') {
+        return local_shell(command, args).map(|()| Flow::Continue);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     info!(command = %cmd, args = ?args, "command");
     match (cmd.as_str(), args.as_slice()) {
@@ -65,12 +73,14 @@ pub(super) async fn execute_one(
             let reply = remote.client().await?.request(&Request::Pwd).await?;
             out!("{}", printable(&crate::client::unquote(&reply.text)?));
         }
-        ("cd", [] | [_]) => {
-            let dir = remote.client().await?.cd(args.first().copied()).await?;
-            remote.cwd = dir;
+        ("cd", ["-"]) => {
+            let back = remote.previous_cwd.clone();
+            cd(remote, Some(&back)).await?
         }
+        ("cd", [] | [_]) => cd(remote, args.first().copied()).await?,
         ("ls" | "dir", [] | [_]) => ls(remote, args.first().copied()).await?,
-        ("mkdir", [p]) => simple(remote, Request::Mkd(p.to_string())).await?,
+        ("mkdir", ["-p", p]) => mkdir_parents(remote.client().await?, p).await?,
+        ("mkdir", [p]) if *p != "-p" => simple(remote, Request::Mkd(p.to_string())).await?,
         ("rmdir", [p]) => simple(remote, Request::Rmd(p.to_string())).await?,
         ("rm" | "delete", [p]) => simple(remote, Request::Dele(p.to_string())).await?,
         ("mv" | "rename", [from, to]) => {
@@ -84,6 +94,10 @@ pub(super) async fn execute_one(
             .await?
         }
         ("quota", []) => quota(remote).await?,
+        ("df", []) => df(remote).await?,
+        ("lls", [] | [_]) => lls(args.first().copied())?,
+        ("lmkdir", [p]) => std::fs::create_dir(local_path(p))
+            .map_err(|e| ClientError::Local(format!("{p}: {e}")))?,
         ("uploads", []) => {
             let reply = remote.client().await?.request(&Request::Parts).await?;
             for line in &reply.lines {
@@ -115,6 +129,80 @@ pub(super) async fn execute_one(
         }
     }
     Ok(Flow::Continue)
+}
+
+/// `cd [PATH]`, remembering where it was for `cd -`.
+async fn cd(remote: &mut Remote, path: Option<&str>) -> Result<(), ClientError> {
+    let dir = remote.client().await?.cd(path).await?;
+    remote.previous_cwd = std::mem::replace(&mut remote.cwd, dir);
+    Ok(())
+}
+
+/// `mkdir -p PATH`: each missing directory on the way, as mkdir(1) does.
+async fn mkdir_parents(client: &mut Client, path: &str) -> Result<(), ClientError> {
+    let target = client.remote_path(path)?;
+    let mut at = VPath::root();
+    for name in target.to_string().split('/').filter(|n| !n.is_empty()) {
+        at = at.join(name);
+        match client.request(&Request::Mkd(at.to_string())).await {
+            Ok(_) => {}
+            // There already: fine if it is a directory.
+            Err(ClientError::Server { code: 553, .. }) if remote_is_dir(client, &at).await => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `!COMMAND`: a local shell command, its output straight to the terminal.
+fn local_shell(command: &str, args: &[String]) -> Result<(), ClientError> {
+    let line = std::iter::once(command.to_string())
+        .chain(args.iter().map(|a| crate::protocol::quote(a)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let status = std::process::Command::new("sh")
+        .args(["-c", &line])
+        .status()
+        .map_err(|e| ClientError::Local(format!("cannot run sh: {e}")))?;
+    match status.success() {
+        true => Ok(()),
+        false => Err(ClientError::Local(format!("!{line}: {status}"))),
+    }
+}
+
+/// `lls [PATH]`: a local directory, as `ls` shows a remote one.
+fn lls(path: Option<&str>) -> Result<(), ClientError> {
+    let dir = local_path(path.unwrap_or("."));
+    let bad = |e: std::io::Error| ClientError::Local(format!("{}: {e}", dir.display()));
+    let mut entries: Vec<crate::protocol::Entry> = std::fs::read_dir(&dir)
+        .map_err(bad)?
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            let mtime = m
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?;
+            Some(crate::protocol::Entry {
+                kind: if m.is_dir() {
+                    'd'
+                } else if m.is_file() {
+                    'f'
+                } else {
+                    'o'
+                },
+                size: if m.is_file() { m.len() } else { 0 },
+                mtime: i64::try_from(mtime.as_secs()).unwrap_or(i64::MAX),
+                name: e.file_name().to_string_lossy().into_owned(),
+            })
+        })
+        .collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    for e in &entries {
+        out!("{}", format_entry(e));
+    }
+    Ok(())
 }
 
 /// `lcd [DIR]`: no DIR is the home directory.
@@ -166,6 +254,47 @@ async fn quota(remote: &mut Remote) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// `df`: the quota in the shape of df(1), bytes and files.
+async fn df(remote: &mut Remote) -> Result<(), ClientError> {
+    let reply = remote.client().await?.request(&Request::Quota).await?;
+    let nums: Vec<u64> = reply
+        .text
+        .split(' ')
+        .map_while(|w| w.parse().ok())
+        .collect();
+    let [used, limit, files, max_files, ..] = nums[..] else {
+        return Err(ClientError::Protocol(format!(
+            "bad quota reply {:?}",
+            reply.text
+        )));
+    };
+    let percent = |used: u64, of: u64| match of {
+        0 => "-".to_string(),
+        _ => format!("{}%", (u128::from(used) * 100).div_ceil(u128::from(of))),
+    };
+    out!(
+        "{:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>5}",
+        "Size",
+        "Used",
+        "Avail",
+        "Use%",
+        "Files",
+        "Max",
+        "Use%"
+    );
+    out!(
+        "{:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>5}",
+        human_bytes(limit),
+        human_bytes(used),
+        human_bytes(limit.saturating_sub(used)),
+        percent(used, limit),
+        files,
+        max_files,
+        percent(files, max_files)
+    );
+    Ok(())
+}
+
 /// `put LOCAL [REMOTE]`: into REMOTE when it is a directory.
 async fn put_file(
     remote: &mut Remote,
@@ -212,8 +341,8 @@ async fn get_file(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<
 }
 
 pub(super) const KNOWN: &[&str] = &[
-    "pwd", "cd", "ls", "dir", "mkdir", "rmdir", "rm", "delete", "mv", "rename", "quota", "uploads",
-    "discard", "put", "get", "exit", "quit", "bye", "lpwd",
+    "pwd", "cd", "ls", "dir", "mkdir", "rmdir", "rm", "delete", "mv", "rename", "quota", "df",
+    "uploads", "discard", "put", "get", "exit", "quit", "bye", "lpwd", "lls", "lmkdir",
 ];
 
 pub(super) fn usage_of(cmd: &str) -> &'static str {
@@ -221,7 +350,9 @@ pub(super) fn usage_of(cmd: &str) -> &'static str {
         "pwd" => "pwd",
         "cd" => "cd [PATH]",
         "ls" | "dir" => "ls [PATH]",
-        "mkdir" => "mkdir PATH",
+        "mkdir" => "mkdir [-p] PATH",
+        "lls" => "lls [PATH]",
+        "lmkdir" => "lmkdir PATH",
         "rmdir" => "rmdir PATH",
         "rm" | "delete" => "rm PATH",
         "mv" | "rename" => "mv FROM TO",

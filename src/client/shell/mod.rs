@@ -145,6 +145,8 @@ pub(super) struct Remote {
     client: Option<Client>,
     /// Remote directory to return to after a reconnect.
     cwd: String,
+    /// Where `cd -` goes.
+    previous_cwd: String,
 }
 
 impl Remote {
@@ -251,6 +253,7 @@ pub async fn run(args: ConnectArgs) -> u8 {
         retries: args.retries,
         client: None,
         cwd: "/".into(),
+        previous_cwd: "/".into(),
     };
     if let Err(e) = remote.open(args.register).await {
         info!(error = %e, "session not opened");
@@ -300,7 +303,15 @@ pub(super) async fn run_script(
                 return exit::FAILED;
             }
         };
-        for words in commands {
+        for mut words in commands {
+            // `-COMMAND`, as in sftp's batches: its failure does not end the run.
+            let may_fail = match words.first_mut().and_then(|w| w.strip_prefix('-')) {
+                Some(command) => {
+                    words[0] = command.to_string();
+                    true
+                }
+                None => false,
+            };
             let outcome = tokio::select! {
                 r = execute(remote, &words) => r,
                 _ = tokio::signal::ctrl_c() => {
@@ -313,7 +324,9 @@ pub(super) async fn run_script(
                 Ok(Flow::Exit) => return exit::OK,
                 Err(e) => {
                     eprintln!("ftpx: {}: {}", printable(&words.join(" ")), said(&e));
-                    return exit::FAILED;
+                    if !may_fail {
+                        return exit::FAILED;
+                    }
                 }
             }
         }
@@ -348,6 +361,9 @@ pub(super) async fn interactive(remote: &mut Remote) -> u8 {
             continue;
         }
         let _ = editor.add_history_entry(line.as_str());
+        // Written as it goes: a client killed keeps what was typed.
+        let _ = std::fs::create_dir_all(state_dir());
+        let _ = editor.append_history(&history);
         let commands = match protocol::split_commands(&line, true) {
             Ok(c) => c,
             Err(e) => {
