@@ -295,78 +295,120 @@ impl Entry {
 /// `allow_separators` is on for the client shell, where `a; b` is two
 /// commands; on the wire a bare `;` is an ordinary character.
 pub fn split_commands(line: &str, allow_separators: bool) -> Result<Vec<Vec<String>>, ParseError> {
+    Ok(split_words(line, allow_separators)?
+        .into_iter()
+        .map(|words| words.into_iter().map(|w| w.text).collect())
+        .collect())
+}
+
+/// One word of a shell line, and the glob pattern it stands for when it
+/// holds a `*`, `?` or `[` outside quotes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Word {
+    pub text: String,
+    /// The word as a glob pattern, its quoted or escaped characters taken
+    /// literally (written `[*]`, `[?]`, `[[]`, `[]]`); None when no
+    /// wildcard stands outside quotes.
+    pub pattern: Option<String>,
+}
+
+/// A word being read: its text, and its pattern with quoted wildcards
+/// escaped.
+#[derive(Default)]
+struct Reading {
+    text: String,
+    pattern: String,
+    glob: bool,
+    started: bool,
+}
+
+impl Reading {
+    fn push(&mut self, c: char, quoted: bool) {
+        self.started = true;
+        self.text.push(c);
+        match c {
+            '*' | '?' | '[' | ']' if quoted => {
+                self.pattern.push('[');
+                self.pattern.push(c);
+                self.pattern.push(']');
+            }
+            '*' | '?' | '[' => {
+                self.glob = true;
+                self.pattern.push(c);
+            }
+            c => self.pattern.push(c),
+        }
+    }
+
+    fn take(&mut self) -> Option<Word> {
+        let r = std::mem::take(self);
+        r.started.then(|| Word {
+            text: r.text,
+            pattern: r.glob.then_some(r.pattern),
+        })
+    }
+}
+
+/// [`split_commands`], keeping for each word the glob pattern it stands for.
+pub fn split_words(line: &str, allow_separators: bool) -> Result<Vec<Vec<Word>>, ParseError> {
     let mut commands = vec![];
-    let mut words: Vec<String> = vec![];
-    let mut word = String::new();
-    let mut in_word = false;
+    let mut words: Vec<Word> = vec![];
+    let mut word = Reading::default();
     let mut chars = line.chars();
+    let control = |c: char| c.is_control();
     while let Some(c) = chars.next() {
         match c {
-            ' ' | '\t' => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
+            ' ' | '\t' => words.extend(word.take()),
             ';' if allow_separators => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
+                words.extend(word.take());
                 if !words.is_empty() {
                     commands.push(std::mem::take(&mut words));
                 }
             }
             '"' => {
-                in_word = true;
+                word.started = true;
                 loop {
                     match chars.next() {
                         None => return Err(ParseError::UnterminatedQuote),
                         Some('"') => break,
                         Some('\\') => match chars.next() {
                             None => return Err(ParseError::UnterminatedQuote),
-                            Some(e @ ('"' | '\\')) => word.push(e),
-                            Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
+                            Some(e @ ('"' | '\\')) => word.push(e, true),
+                            Some(c) if control(c) => return Err(ParseError::ControlCharacter),
                             Some(other) => {
-                                word.push('\\');
-                                word.push(other);
+                                word.push('\\', true);
+                                word.push(other, true);
                             }
                         },
-                        Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
-                        Some(c) => word.push(c),
+                        Some(c) if control(c) => return Err(ParseError::ControlCharacter),
+                        Some(c) => word.push(c, true),
                     }
                 }
             }
             '\'' => {
-                in_word = true;
+                word.started = true;
                 loop {
                     match chars.next() {
                         None => return Err(ParseError::UnterminatedQuote),
                         Some('\'') => break,
-                        Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
-                        Some(c) => word.push(c),
+                        Some(c) if control(c) => return Err(ParseError::ControlCharacter),
+                        Some(c) => word.push(c, true),
                     }
                 }
             }
             '\\' if allow_separators => {
                 // POSIX shell: a backslash outside quotes takes the next character literally.
-                in_word = true;
                 match chars.next() {
-                    Some(c) if c.is_control() => return Err(ParseError::ControlCharacter),
-                    Some(c) => word.push(c),
-                    None => word.push('\\'),
+                    Some(c) if control(c) => return Err(ParseError::ControlCharacter),
+                    Some(c) => word.push(c, true),
+                    None => word.push('\\', true),
                 }
             }
-            c if c.is_control() => return Err(ParseError::ControlCharacter),
-            c => {
-                in_word = true;
-                word.push(c);
-            }
+            c if control(c) => return Err(ParseError::ControlCharacter),
+            c => word.push(c, false),
         }
     }
-    if in_word {
-        words.push(word);
-    }
+    words.extend(word.take());
     if !words.is_empty() {
         commands.push(words);
     }
@@ -821,6 +863,22 @@ mod tests {
                 "{line:?}"
             );
         }
+    }
+
+    #[test]
+    fn wildcards_outside_quotes_make_patterns() {
+        let w = |line: &str| split_words(line, true).unwrap().remove(0);
+        let words = w(r#"put *.jpg "a*b" 'c?' d\* [x]y plain"#);
+        let patterns: Vec<Option<&str>> = words.iter().map(|w| w.pattern.as_deref()).collect();
+        assert_eq!(
+            patterns,
+            [None, Some("*.jpg"), None, None, None, Some("[x]y"), None]
+        );
+        assert_eq!(words[2].text, "a*b");
+        assert_eq!(words[4].text, "d*");
+        // Quoted wildcards beside an unquoted one are taken literally.
+        assert_eq!(w(r#""x*"*"#)[0].pattern.as_deref(), Some("x[*]*"));
+        assert_eq!(w("''")[0].text, "");
     }
 
     #[test]

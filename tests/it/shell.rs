@@ -211,3 +211,38 @@ async fn the_interactive_history_is_written_as_it_goes() {
         "{history}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wildcards_expand_where_the_files_are_and_never_inside_quotes() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    for name in ["a.jpg", "b.jpg", "c.txt", ".hidden.jpg", "*.txt"] {
+        std::fs::write(w.join(name), name).unwrap();
+    }
+    std::fs::create_dir(w.join("got")).unwrap();
+    let commands = "mkdir pics; put *.jpg pics; put *.jpg; ls pics/*.jpg; \
+                    get pics/?.jpg got; rm *.jpg; put \"*.txt\"";
+    let out = connect_c(w, &s.ca, s.addr.port(), "ann", commands);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let home = s.home("ann");
+    for name in ["a.jpg", "b.jpg"] {
+        assert!(home.join("pics").join(name).is_file(), "pics/{name}");
+        assert!(!home.join(name).exists(), "{name} was removed");
+        assert_eq!(
+            std::fs::read(w.join("got").join(name)).unwrap(),
+            name.as_bytes()
+        );
+    }
+    assert!(!home.join("pics/.hidden.jpg").exists());
+    assert!(!home.join("c.txt").exists());
+    // Quoted: the file named `*.txt`, not the .txt files.
+    assert_eq!(std::fs::read(home.join("*.txt")).unwrap(), b"*.txt");
+    let listed: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("f ")).collect();
+    assert_eq!(listed.len(), 2, "{}", out.stdout);
+
+    let out = connect_c(w, &s.ca, s.addr.port(), "ann", "get *.png");
+    assert_eq!(out.status, 1);
+    assert!(out.stderr.contains("*.png: no match"), "{}", out.stderr);
+}

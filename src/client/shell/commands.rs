@@ -9,7 +9,7 @@ use super::tree::{get_tree, put_tree};
 use super::{Flow, Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
 use crate::config::human_bytes;
-use crate::protocol::{Request, VPath};
+use crate::protocol::{Request, VPath, Word};
 
 pub(super) const HELP: &str = "\
 commands (remote paths are relative to the remote directory; / is your home):
@@ -22,6 +22,7 @@ commands (remote paths are relative to the remote directory; / is your home):
   mv FROM TO               rename or move
   put [-r] LOCAL [REMOTE]  upload a file (-r: a directory tree)
   get [-r] REMOTE [LOCAL]  download a file (-r: a directory tree)
+  put, get, rm, ls with *, ? or [...]: every match (quote a name to take it as it is)
   quota                    bytes and files used, their limits, and what
                            unfinished uploads hold of them
   df                       the same, in the shape of df(1)
@@ -41,8 +42,16 @@ pub(super) fn usage(text: &str) -> ClientError {
 
 /// Runs one shell command. After any failure other than an error reply the
 /// session's state is unknown, so the next command reconnects.
-pub(super) async fn execute(remote: &mut Remote, words: &[String]) -> Result<Flow, ClientError> {
-    let result = execute_one(remote, words).await;
+pub(super) async fn execute(remote: &mut Remote, words: &[Word]) -> Result<Flow, ClientError> {
+    let result = match glob_command(words) {
+        Some((cmd, patterns)) => wildcards(remote, cmd, patterns)
+            .await
+            .map(|()| Flow::Continue),
+        None => {
+            let words: Vec<String> = words.iter().map(|w| w.text.clone()).collect();
+            execute_one(remote, &words).await
+        }
+    };
     if let Err(ClientError::Connection(_) | ClientError::Protocol(_)) = &result {
         remote.client = None;
     }
@@ -373,4 +382,99 @@ pub(super) async fn remote_is_dir(client: &mut Client, path: &VPath) -> bool {
         .request(&Request::Stat(path.to_string()))
         .await
         .is_ok_and(|reply| reply.text.starts_with('d'))
+}
+
+/// A command whose arguments hold wildcards: `put`, `get`, `rm` or `ls`
+/// with a pattern, and its arguments.
+fn glob_command(words: &[Word]) -> Option<(&str, &[Word])> {
+    let (cmd, args) = words.split_first()?;
+    let globs = matches!(cmd.text.as_str(), "put" | "get" | "rm" | "ls")
+        && args.iter().any(|a| a.pattern.is_some());
+    globs.then_some((cmd.text.as_str(), args))
+}
+
+/// `put`, `get`, `rm` and `ls` with wildcards. A pattern matches names in
+/// one directory, on the side where the files are: local files for `put`,
+/// remote names (from a listing) for the others; a name that starts with
+/// `.` only matches a pattern that does too, as in a shell. `put` and `get`
+/// of several files go into a directory: the last argument if it is one,
+/// else the working directory.
+async fn wildcards(remote: &mut Remote, cmd: &str, args: &[Word]) -> Result<(), ClientError> {
+    let (sources, dest) = match (cmd, args) {
+        ("put" | "get", [sources @ .., last]) if !sources.is_empty() && last.pattern.is_none() => {
+            (sources, Some(last.text.as_str()))
+        }
+        _ => (args, None),
+    };
+    let mut matched = vec![];
+    for word in sources {
+        let found = match (&word.pattern, cmd) {
+            (None, _) => vec![word.text.clone()],
+            (Some(p), "put") => local_matches(p)?,
+            (Some(p), _) => remote_matches_of(remote, p).await?,
+        };
+        if found.is_empty() {
+            return Err(ClientError::Local(format!("{}: no match", word.text)));
+        }
+        matched.extend(found);
+    }
+    for name in matched {
+        match cmd {
+            "put" => put_file(remote, &local_path(&name), Some(dest.unwrap_or("."))).await?,
+            "get" => get_file(remote, &name, Some(dest.unwrap_or("."))).await?,
+            "rm" => simple(remote, Request::Dele(name)).await?,
+            _ => ls(remote, Some(&name)).await?,
+        }
+    }
+    Ok(())
+}
+
+/// As a shell matches: a leading `.` only by a pattern that has one.
+fn glob_options() -> glob::MatchOptions {
+    glob::MatchOptions {
+        require_literal_leading_dot: true,
+        ..glob::MatchOptions::new()
+    }
+}
+
+/// Local paths matching `pattern`, sorted; regular files only.
+fn local_matches(pattern: &str) -> Result<Vec<String>, ClientError> {
+    let pattern = local_path(pattern).to_string_lossy().into_owned();
+    let paths = glob::glob_with(&pattern, glob_options())
+        .map_err(|e| ClientError::Local(format!("{pattern}: {e}")))?
+        .flatten()
+        .filter(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    Ok(paths)
+}
+
+/// Remote paths whose last name matches the last name of `pattern`, in the
+/// directory the rest of it names (no wildcards there).
+async fn remote_matches_of(remote: &mut Remote, pattern: &str) -> Result<Vec<String>, ClientError> {
+    let (dir, name) = match pattern.rsplit_once('/') {
+        Some((dir, name)) => (Some(if dir.is_empty() { "/" } else { dir }), name),
+        None => (None, pattern),
+    };
+    if dir.is_some_and(|d| d.contains(['*', '?', '['])) {
+        return Err(ClientError::Local(format!(
+            "{pattern}: wildcards only in the last name of a remote path"
+        )));
+    }
+    let pattern =
+        glob::Pattern::new(name).map_err(|e| ClientError::Local(format!("{pattern}: {e}")))?;
+    let options = glob_options();
+    let listing = remote.client().await?.list(dir).await?;
+    let mut names: Vec<String> = listing
+        .entries
+        .into_iter()
+        .filter(|e| pattern.matches_with(&e.name, options))
+        .map(|e| match dir {
+            Some("/") => format!("/{}", e.name),
+            Some(d) => format!("{d}/{}", e.name),
+            None => e.name,
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }

@@ -296,7 +296,7 @@ pub(super) async fn run_script(
     semicolons: bool,
 ) -> u8 {
     for line in lines {
-        let commands = match protocol::split_commands(&line, semicolons || line.contains(';')) {
+        let commands = match protocol::split_words(&line, semicolons || line.contains(';')) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("ftpx: {line:?}: {e}");
@@ -305,12 +305,12 @@ pub(super) async fn run_script(
         };
         for mut words in commands {
             // `-COMMAND`, as in sftp's batches: its failure does not end the run.
-            let may_fail = match words.first_mut().and_then(|w| w.strip_prefix('-')) {
-                Some(command) => {
-                    words[0] = command.to_string();
+            let may_fail = match words.first_mut() {
+                Some(first) if first.text.starts_with('-') => {
+                    first.text.remove(0);
                     true
                 }
-                None => false,
+                _ => false,
             };
             let outcome = tokio::select! {
                 r = execute(remote, &words) => r,
@@ -323,7 +323,8 @@ pub(super) async fn run_script(
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Exit) => return exit::OK,
                 Err(e) => {
-                    eprintln!("ftpx: {}: {}", printable(&words.join(" ")), said(&e));
+                    let typed: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+                    eprintln!("ftpx: {}: {}", printable(&typed.join(" ")), said(&e));
                     if !may_fail {
                         return exit::FAILED;
                     }
@@ -364,7 +365,7 @@ pub(super) async fn interactive(remote: &mut Remote) -> u8 {
         // Written as it goes: a client killed keeps what was typed.
         let _ = std::fs::create_dir_all(state_dir());
         let _ = editor.append_history(&history);
-        let commands = match protocol::split_commands(&line, true) {
+        let commands = match protocol::split_words(&line, true) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("ftpx: {e}");
