@@ -246,3 +246,20 @@ async fn wildcards_expand_where_the_files_are_and_never_inside_quotes() {
     assert_eq!(out.status, 1);
     assert!(out.stderr.contains("*.png: no match"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rm_r_removes_a_directory_and_all_in_it() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("x"), b"x").unwrap();
+    let commands = "mkdir -p d/e/f; mkdir -p d/g; put x d/e/f/x; put x d/x; put x kept; \
+                    rm -r d; rm -r kept; quota";
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", commands);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(!s.home("ann").join("d").exists());
+    assert!(!s.home("ann").join("kept").exists());
+    assert!(out.stdout.contains("files 0 of "), "{}", out.stdout);
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "rm -r nothere");
+    assert_eq!(out.status, 1);
+}

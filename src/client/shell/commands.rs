@@ -18,7 +18,8 @@ commands (remote paths are relative to the remote directory; / is your home):
   ls [PATH]                list a directory: type, size, modification time, name
   mkdir [-p] PATH          make a directory (-p: and its parents, if missing)
   rmdir PATH               remove an empty directory
-  rm PATH                  remove a file
+  rm [-r] PATH             remove a file (-r: a directory and all in it; asks first
+                           in the interactive shell)
   mv FROM TO               rename or move
   put [-r] LOCAL [REMOTE]  upload a file (-r: a directory tree)
   get [-r] REMOTE [LOCAL]  download a file (-r: a directory tree)
@@ -91,7 +92,10 @@ pub(super) async fn execute_one(
         ("mkdir", ["-p", p]) => mkdir_parents(remote.client().await?, p).await?,
         ("mkdir", [p]) if *p != "-p" => simple(remote, Request::Mkd(p.to_string())).await?,
         ("rmdir", [p]) => simple(remote, Request::Rmd(p.to_string())).await?,
-        ("rm" | "delete", [p]) => simple(remote, Request::Dele(p.to_string())).await?,
+        ("rm" | "delete", ["-r", p]) => remove_tree(remote, p).await?,
+        ("rm" | "delete", [p]) if *p != "-r" => {
+            simple(remote, Request::Dele(p.to_string())).await?
+        }
         ("mv" | "rename", [from, to]) => {
             simple(
                 remote,
@@ -263,6 +267,74 @@ async fn quota(remote: &mut Remote) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// `rm -r PATH`: a remote directory and everything in it, files first,
+/// then directories from the deepest up. In the interactive shell it asks
+/// first, saying how much would go.
+async fn remove_tree(remote: &mut Remote, path: &str) -> Result<(), ClientError> {
+    let client = remote.client().await?;
+    let root = client.remote_path(path)?;
+    if !remote_is_dir(client, &root).await {
+        return client
+            .request(&Request::Dele(root.to_string()))
+            .await
+            .map(|_| ());
+    }
+    let (mut files, mut dirs) = (vec![], vec![root.clone()]);
+    let mut next = 0;
+    while let Some(dir) = dirs.get(next).cloned() {
+        next += 1;
+        for entry in client.list(Some(&dir.to_string())).await?.entries {
+            let path = dir.join(&entry.name);
+            match entry.kind {
+                'd' => dirs.push(path),
+                _ => files.push(path),
+            }
+            if files.len() + dirs.len() > super::tree::MAX_TREE_ENTRIES {
+                return Err(ClientError::Local(format!(
+                    "{root}: more than {} entries; remove it in parts",
+                    super::tree::MAX_TREE_ENTRIES
+                )));
+            }
+        }
+    }
+    let question = format!(
+        "remove {} and all in it: {} files, {} directories? [y/N] ",
+        printable(&root.to_string()),
+        files.len(),
+        dirs.len() - 1
+    );
+    if !confirmed(&question) {
+        return Err(ClientError::Local("not removed".into()));
+    }
+    let client = remote.client().await?;
+    let dele: Vec<Request> = files.iter().map(|f| Request::Dele(f.to_string())).collect();
+    // Parents were listed before their children: the reverse is deepest first.
+    let rmd: Vec<Request> = dirs
+        .iter()
+        .rev()
+        .map(|d| Request::Rmd(d.to_string()))
+        .collect();
+    for batch in [dele, rmd] {
+        client
+            .request_many(&batch, |_, reply| reply.map(|_| ()))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Asks `question` on the terminal; without one (a script), the answer is yes.
+fn confirmed(question: &str) -> bool {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return true;
+    }
+    eprint!("{question}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let read = tokio::task::block_in_place(|| std::io::stdin().read_line(&mut answer));
+    read.is_ok() && matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
 /// `df`: the quota in the shape of df(1), bytes and files.
 async fn df(remote: &mut Remote) -> Result<(), ClientError> {
     let reply = remote.client().await?.request(&Request::Quota).await?;
@@ -363,7 +435,7 @@ pub(super) fn usage_of(cmd: &str) -> &'static str {
         "lls" => "lls [PATH]",
         "lmkdir" => "lmkdir PATH",
         "rmdir" => "rmdir PATH",
-        "rm" | "delete" => "rm PATH",
+        "rm" | "delete" => "rm [-r] PATH",
         "mv" | "rename" => "mv FROM TO",
         "put" => "put [-r] LOCAL [REMOTE]",
         "get" => "get [-r] REMOTE [LOCAL]",
