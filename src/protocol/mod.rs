@@ -79,6 +79,8 @@
 //!   that stopped, waiting to be resumed, or one running now): its declared
 //!   size, the bytes stored so far, the Unix time of its last save and its
 //!   target, quoted as a word; then `213 N unfinished uploads`.
+//! - `MTIME PATH SECONDS` → 200: sets the modification time of the file at
+//!   PATH (Unix seconds), as `put -p` keeps a local file's.
 //! - `DISCARD PATH` → 200: the unfinished upload to PATH is removed and
 //!   stops counting; 550 if there is none, 450 while it is running.
 //! - `PUT PATH SIZE [CHUNK]` (CHUNK defaults to 262144) → 150 with up to two resume candidates,
@@ -526,6 +528,10 @@ pub enum Request {
     Quota,
     Parts,
     Discard(String),
+    Mtime {
+        path: String,
+        mtime: u64,
+    },
     Put {
         path: String,
         size: u64,
@@ -573,6 +579,7 @@ impl Request {
             Request::Quota => "QUOTA",
             Request::Parts => "PARTS",
             Request::Discard(_) => "DISCARD",
+            Request::Mtime { .. } => "MTIME",
             Request::Put { .. } => "PUT",
             Request::Send { .. } => "SEND",
             Request::Get { .. } => "GET",
@@ -642,6 +649,13 @@ impl Request {
             "QUOTA" => none("QUOTA", Request::Quota),
             "PARTS" => none("PARTS", Request::Parts),
             "DISCARD" => Ok(Request::Discard(one("DISCARD")?)),
+            "MTIME" => match args {
+                [path, mtime] => Ok(Request::Mtime {
+                    path: path.clone(),
+                    mtime: parse_u64(mtime)?,
+                }),
+                _ => Err(wrong("MTIME", "PATH SECONDS")),
+            },
             "PUT" => match args {
                 [path, size, rest @ ..] if rest.len() <= 1 => Ok(Request::Put {
                     path: path.clone(),
@@ -691,6 +705,7 @@ impl Request {
             Request::Quota => "QUOTA".into(),
             Request::Parts => "PARTS".into(),
             Request::Discard(p) => format!("DISCARD {}", q(p)),
+            Request::Mtime { path, mtime } => format!("MTIME {} {mtime}", q(path)),
             Request::Put { path, size, chunk } => format!("PUT {} {size} {chunk}", q(path)),
             Request::Send { path, size } => format!("SEND {} {size}", q(path)),
             Request::Get { path, candidates } => {
@@ -982,6 +997,10 @@ mod tests {
             Request::Quota,
             Request::Parts,
             Request::Discard("a \"b\"".into()),
+            Request::Mtime {
+                path: "m t".into(),
+                mtime: 1_700_000_000,
+            },
             Request::Put {
                 path: "p".into(),
                 size: u64::MAX,

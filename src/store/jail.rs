@@ -227,6 +227,17 @@ impl Home {
         Ok(file.into_std())
     }
 
+    /// Sets the modification time of the regular file at `path` to `mtime`
+    /// Unix seconds (at most `i64::MAX`, as file times are).
+    pub fn set_mtime(&self, path: &VPath, mtime: u64) -> Result<()> {
+        let file = self.open_read(path)?;
+        let secs = i64::try_from(mtime)
+            .map_err(|_| Error::BadArgument(format!("time {mtime} is out of range")))?;
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.unsigned_abs());
+        file.set_modified(when)
+            .map_err(|e| Error::fs(e, &path.to_string()))
+    }
+
     /// Checks that an upload may land at `path`: not the home itself, its
     /// directory exists, and it is not a directory. Returns what it would
     /// replace: None when the name is free, else the size of the file there

@@ -263,3 +263,33 @@ async fn rm_r_removes_a_directory_and_all_in_it() {
     let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "rm -r nothere");
     assert_eq!(out.status, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn put_p_and_get_p_keep_the_modification_time() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let old = work.path().join("old");
+    std::fs::write(&old, b"from 2001").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(then)
+        .unwrap();
+    let commands = "put -p old; ls old; get -p old back; put old plain";
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", commands);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(mtime(&s.home("ann").join("old")), then);
+    assert!(
+        out.stdout.contains("2001-09-09 01:46  old"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(mtime(&work.path().join("back")), then);
+    assert_ne!(mtime(&s.home("ann").join("plain")), then);
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put -p nothere");
+    assert_eq!(out.status, 1);
+}

@@ -9,7 +9,7 @@ use super::tree::{get_tree, put_tree};
 use super::{Flow, Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
 use crate::config::human_bytes;
-use crate::protocol::{Request, VPath, Word};
+use crate::protocol::{Entry, Request, VPath, Word};
 
 pub(super) const HELP: &str = "\
 commands (remote paths are relative to the remote directory; / is your home):
@@ -21,8 +21,10 @@ commands (remote paths are relative to the remote directory; / is your home):
   rm [-r] PATH             remove a file (-r: a directory and all in it; asks first
                            in the interactive shell)
   mv FROM TO               rename or move
-  put [-r] LOCAL [REMOTE]  upload a file (-r: a directory tree)
-  get [-r] REMOTE [LOCAL]  download a file (-r: a directory tree)
+  put [-r|-p] LOCAL [REMOTE]  upload a file (-r: a directory tree; -p: keep its
+                           modification time)
+  get [-r|-p] REMOTE [LOCAL]  download a file (-r: a directory tree; -p: keep
+                           its modification time)
   put, get, rm, ls with *, ? or [...]: every match (quote a name to take it as it is)
   quota                    bytes and files used, their limits, and what
                            unfinished uploads hold of them
@@ -125,14 +127,23 @@ pub(super) async fn execute_one(
         ("put", ["-r", local, rest @ ..]) if rest.len() <= 1 => {
             put_tree(remote, &local_path(local), rest.first().copied()).await?
         }
-        ("put", [local, rest @ ..]) if rest.len() <= 1 && *local != "-r" => {
-            put_file(remote, &local_path(local), rest.first().copied()).await?
+        ("put", ["-p", local, rest @ ..]) if rest.len() <= 1 => {
+            let local = local_path(local);
+            let target = put_file(remote, &local, rest.first().copied()).await?;
+            keep_mtime_up(remote, &local, &target).await?
+        }
+        ("put", [local, rest @ ..]) if rest.len() <= 1 && !local.starts_with('-') => {
+            put_file(remote, &local_path(local), rest.first().copied()).await?;
         }
         ("get", ["-r", src, rest @ ..]) if rest.len() <= 1 => {
             get_tree(remote, src, rest.first().copied()).await?
         }
-        ("get", [src, rest @ ..]) if rest.len() <= 1 && *src != "-r" => {
-            get_file(remote, src, rest.first().copied()).await?
+        ("get", ["-p", src, rest @ ..]) if rest.len() <= 1 => {
+            let local = get_file(remote, src, rest.first().copied()).await?;
+            keep_mtime_down(remote, src, &local).await?
+        }
+        ("get", [src, rest @ ..]) if rest.len() <= 1 && !src.starts_with('-') => {
+            get_file(remote, src, rest.first().copied()).await?;
         }
         (c, _) if KNOWN.contains(&c) => return Err(usage(usage_of(c))),
         (c, _) => {
@@ -381,7 +392,7 @@ async fn put_file(
     remote: &mut Remote,
     local: &Path,
     dest: Option<&str>,
-) -> Result<(), ClientError> {
+) -> Result<VPath, ClientError> {
     let name = local
         .file_name()
         .ok_or_else(|| ClientError::Local(format!("{}: not a file", local.display())))?
@@ -398,11 +409,50 @@ async fn put_file(
         .await;
     bar.finish_and_clear();
     report(&t?, &target.to_string());
-    Ok(())
+    Ok(target)
+}
+
+/// `put -p`: the uploaded file gets the local file's modification time.
+async fn keep_mtime_up(
+    remote: &mut Remote,
+    local: &Path,
+    target: &VPath,
+) -> Result<(), ClientError> {
+    let mtime = std::fs::metadata(local)
+        .and_then(|m| m.modified())
+        .map_err(|e| ClientError::Local(format!("{}: {e}", local.display())))?;
+    let secs = mtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let request = Request::Mtime {
+        path: target.to_string(),
+        mtime: secs,
+    };
+    remote.client().await?.request(&request).await.map(|_| ())
+}
+
+/// `get -p`: the downloaded file gets the remote file's modification time.
+async fn keep_mtime_down(remote: &mut Remote, src: &str, local: &Path) -> Result<(), ClientError> {
+    let client = remote.client().await?;
+    let path = client.remote_path(src)?;
+    let stat = client.request(&Request::Stat(path.to_string())).await?;
+    let entry = Entry::parse(&stat.text)
+        .map_err(|_| ClientError::Protocol(format!("bad STAT reply {:?}", stat.text)))?;
+    let when =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(entry.mtime.max(0).unsigned_abs());
+    std::fs::File::options()
+        .write(true)
+        .open(local)
+        .and_then(|f| f.set_modified(when))
+        .map_err(|e| ClientError::Local(format!("{}: {e}", local.display())))
 }
 
 /// `get REMOTE [LOCAL]`: into LOCAL when it is a directory.
-async fn get_file(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<(), ClientError> {
+async fn get_file(
+    remote: &mut Remote,
+    src: &str,
+    dest: Option<&str>,
+) -> Result<PathBuf, ClientError> {
     let source = remote.client().await?.remote_path(src)?;
     let name = source
         .file_name()
@@ -418,7 +468,7 @@ async fn get_file(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<
         .await;
     bar.finish_and_clear();
     report(&t?, &local.display().to_string());
-    Ok(())
+    Ok(local)
 }
 
 pub(super) const KNOWN: &[&str] = &[
@@ -437,8 +487,8 @@ pub(super) fn usage_of(cmd: &str) -> &'static str {
         "rmdir" => "rmdir PATH",
         "rm" | "delete" => "rm [-r] PATH",
         "mv" | "rename" => "mv FROM TO",
-        "put" => "put [-r] LOCAL [REMOTE]",
-        "get" => "get [-r] REMOTE [LOCAL]",
+        "put" => "put [-r|-p] LOCAL [REMOTE]",
+        "get" => "get [-r|-p] REMOTE [LOCAL]",
         "uploads" => "uploads",
         "discard" => "discard PATH",
         _ => "see help",
@@ -492,8 +542,8 @@ async fn wildcards(remote: &mut Remote, cmd: &str, args: &[Word]) -> Result<(), 
     }
     for name in matched {
         match cmd {
-            "put" => put_file(remote, &local_path(&name), Some(dest.unwrap_or("."))).await?,
-            "get" => get_file(remote, &name, Some(dest.unwrap_or("."))).await?,
+            "put" => drop(put_file(remote, &local_path(&name), Some(dest.unwrap_or("."))).await?),
+            "get" => drop(get_file(remote, &name, Some(dest.unwrap_or("."))).await?),
             "rm" => simple(remote, Request::Dele(name)).await?,
             _ => ls(remote, Some(&name)).await?,
         }

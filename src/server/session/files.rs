@@ -184,6 +184,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .await
     }
 
+    pub(super) async fn mtime(&mut self, arg: String, mtime: u64) -> Result<()> {
+        let path = self.resolve(&arg)?;
+        let home = self.logged_in()?.home.clone();
+        let p = path.clone();
+        blocking(move || home.set_mtime(&p, mtime)).await?;
+        self.log_ok("MTIME", &path, 0);
+        self.reply(Code::Ok, "modification time set").await
+    }
+
     pub(super) async fn discard(&mut self, arg: String) -> Result<()> {
         let path = self.resolve(&arg)?;
         let owner = self.logged_in()?.clone();

@@ -271,6 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Quota => self.quota().await,
             Request::Parts => self.parts().await,
             Request::Discard(path) => self.discard(path).await,
+            Request::Mtime { path, mtime } => self.mtime(path, mtime).await,
             Request::Put { path, size, chunk } => self.put(path, size, chunk).await,
             Request::Get { path, candidates } => self.get(path, candidates).await,
         }
@@ -325,7 +326,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn help(&mut self) -> Result<()> {
-        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PARTS DISCARD PUT SEND GET NOOP HELP QUIT";
+        let verbs = "LOGIN REGISTER PWD CWD LIST STAT HASH MKD RMD DELE RENAME QUOTA PARTS DISCARD MTIME PUT SEND GET NOOP HELP QUIT";
         self.conn.write_line(&Code::Help.continued(verbs)).await?;
         self.reply(
             Code::Help,
