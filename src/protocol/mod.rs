@@ -457,6 +457,11 @@ pub fn parse_hash(s: &str) -> Result<blake3::Hash, ParseError> {
     blake3::Hash::from_hex(s).map_err(|_| ParseError::BadHash(truncate(s)))
 }
 
+/// A request with the wrong arguments for its verb.
+fn wrong(verb: &'static str, expected: &'static str) -> ParseError {
+    ParseError::WrongArgs { verb, expected }
+}
+
 fn parse_u64(s: &str) -> Result<u64, ParseError> {
     if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ParseError::BadNumber(truncate(s)));
@@ -601,36 +606,20 @@ impl Request {
         }
         let verb = words[0].to_ascii_uppercase();
         let args = &words[1..];
-        let wrong =
-            |verb: &'static str, expected: &'static str| ParseError::WrongArgs { verb, expected };
-        let one = |verb: &'static str| match args {
-            [a] => Ok(a.clone()),
-            _ => Err(wrong(verb, "one argument")),
-        };
         let optional = |verb: &'static str| match args {
             [] => Ok(None),
             [a] => Ok(Some(a.clone())),
             _ => Err(wrong(verb, "at most one argument")),
+        };
+        let one = |verb: &'static str| match args {
+            [a] => Ok(a.clone()),
+            _ => Err(wrong(verb, "one argument")),
         };
         let none = |verb: &'static str, req: Request| match args {
             [] => Ok(req),
             _ => Err(wrong(verb, "no arguments")),
         };
         match verb.as_str() {
-            "LOGIN" | "REGISTER" => {
-                let [user, password] = args else {
-                    return Err(wrong(
-                        if verb == "LOGIN" { "LOGIN" } else { "REGISTER" },
-                        "USER PASSWORD",
-                    ));
-                };
-                let (user, password) = (user.clone(), password.clone());
-                Ok(if verb == "LOGIN" {
-                    Request::Login { user, password }
-                } else {
-                    Request::Register { user, password }
-                })
-            }
             "PWD" => none("PWD", Request::Pwd),
             "CWD" => Ok(Request::Cwd(optional("CWD")?)),
             "LIST" => Ok(Request::List(optional("LIST")?)),
@@ -639,50 +628,61 @@ impl Request {
             "MKD" => Ok(Request::Mkd(one("MKD")?)),
             "RMD" => Ok(Request::Rmd(one("RMD")?)),
             "DELE" => Ok(Request::Dele(one("DELE")?)),
-            "RENAME" => match args {
-                [from, to] => Ok(Request::Rename {
-                    from: from.clone(),
-                    to: to.clone(),
-                }),
-                _ => Err(wrong("RENAME", "FROM TO")),
-            },
             "QUOTA" => none("QUOTA", Request::Quota),
             "PARTS" => none("PARTS", Request::Parts),
             "DISCARD" => Ok(Request::Discard(one("DISCARD")?)),
-            "MTIME" => match args {
-                [path, mtime] => Ok(Request::Mtime {
-                    path: path.clone(),
-                    mtime: parse_u64(mtime)?,
-                }),
-                _ => Err(wrong("MTIME", "PATH SECONDS")),
-            },
-            "PUT" => match args {
-                [path, size, rest @ ..] if rest.len() <= 1 => Ok(Request::Put {
-                    path: path.clone(),
-                    size: parse_u64(size)?,
-                    chunk: rest.first().map_or(Ok(DEFAULT_CHUNK), |c| parse_u64(c))?,
-                }),
-                _ => Err(wrong("PUT", "PATH SIZE [CHUNK]")),
-            },
-            "SEND" => match args {
-                [path, size] => Ok(Request::Send {
-                    path: path.clone(),
-                    size: parse_u64(size)?,
-                }),
-                _ => Err(wrong("SEND", "PATH SIZE")),
-            },
-            "GET" => match args {
-                [path, rest @ ..] => Ok(Request::Get {
-                    path: path.clone(),
-                    candidates: parse_candidates(rest)?,
-                }),
-                _ => Err(wrong("GET", "PATH [OFFSET HASH]...")),
-            },
             "NOOP" => none("NOOP", Request::Noop),
             "HELP" => none("HELP", Request::Help),
             "QUIT" => none("QUIT", Request::Quit),
-            _ => Err(ParseError::UnknownVerb(truncate(&words[0]))),
+            _ => Request::parse_with_args(&verb, args)
+                .unwrap_or_else(|| Err(ParseError::UnknownVerb(truncate(&words[0])))),
         }
+    }
+
+    /// The requests of several arguments; None for an unknown verb.
+    fn parse_with_args(verb: &str, args: &[String]) -> Option<Result<Request, ParseError>> {
+        let parsed = match (verb, args) {
+            ("LOGIN", [user, password]) => Ok(Request::Login {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            ("REGISTER", [user, password]) => Ok(Request::Register {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            ("RENAME", [from, to]) => Ok(Request::Rename {
+                from: from.clone(),
+                to: to.clone(),
+            }),
+            ("MTIME", [path, mtime]) => parse_u64(mtime).map(|mtime| Request::Mtime {
+                path: path.clone(),
+                mtime,
+            }),
+            ("PUT", [path, size, rest @ ..]) if rest.len() <= 1 => (|| {
+                Ok(Request::Put {
+                    path: path.clone(),
+                    size: parse_u64(size)?,
+                    chunk: rest.first().map_or(Ok(DEFAULT_CHUNK), |c| parse_u64(c))?,
+                })
+            })(),
+            ("SEND", [path, size]) => parse_u64(size).map(|size| Request::Send {
+                path: path.clone(),
+                size,
+            }),
+            ("GET", [path, rest @ ..]) => parse_candidates(rest).map(|candidates| Request::Get {
+                path: path.clone(),
+                candidates,
+            }),
+            ("LOGIN", _) => Err(wrong("LOGIN", "USER PASSWORD")),
+            ("REGISTER", _) => Err(wrong("REGISTER", "USER PASSWORD")),
+            ("RENAME", _) => Err(wrong("RENAME", "FROM TO")),
+            ("MTIME", _) => Err(wrong("MTIME", "PATH SECONDS")),
+            ("PUT", _) => Err(wrong("PUT", "PATH SIZE [CHUNK]")),
+            ("SEND", _) => Err(wrong("SEND", "PATH SIZE")),
+            ("GET", _) => Err(wrong("GET", "PATH [OFFSET HASH]...")),
+            _ => return None,
+        };
+        Some(parsed)
     }
 
     /// Formats the request as a line (without its line end).

@@ -74,12 +74,7 @@ pub(super) async fn execute_one(
     match (cmd.as_str(), args.as_slice()) {
         ("help" | "?", _) => out!("{HELP}"),
         ("exit" | "quit" | "bye", []) => return Ok(Flow::Exit),
-        ("lpwd", []) => out!(
-            "{}",
-            std::env::current_dir()
-                .map_err(|e| ClientError::Local(e.to_string()))?
-                .display()
-        ),
+        ("lpwd", []) => lpwd()?,
         ("lcd", dir) => lcd(dir.first().copied())?,
         ("pwd", []) => {
             let reply = remote.client().await?.request(&Request::Pwd).await?;
@@ -98,32 +93,14 @@ pub(super) async fn execute_one(
         ("rm" | "delete", [p]) if *p != "-r" => {
             simple(remote, Request::Dele(p.to_string())).await?
         }
-        ("mv" | "rename", [from, to]) => {
-            simple(
-                remote,
-                Request::Rename {
-                    from: from.to_string(),
-                    to: to.to_string(),
-                },
-            )
-            .await?
-        }
+        ("mv" | "rename", [from, to]) => simple(remote, rename(from, to)).await?,
         ("quota", []) => quota(remote).await?,
         ("df", []) => df(remote).await?,
         ("lls", [] | [_]) => lls(args.first().copied())?,
         ("lmkdir", [p]) => std::fs::create_dir(local_path(p))
             .map_err(|e| ClientError::Local(format!("{p}: {e}")))?,
-        ("uploads", []) => {
-            let reply = remote.client().await?.request(&Request::Parts).await?;
-            for line in &reply.lines {
-                out!("{}", format_unfinished(line)?);
-            }
-        }
-        ("discard", [path]) => {
-            let client = remote.client().await?;
-            let path = client.remote_path(path)?;
-            client.request(&Request::Discard(path.to_string())).await?;
-        }
+        ("uploads", []) => uploads(remote).await?,
+        ("discard", [path]) => simple(remote, Request::Discard(path.to_string())).await?,
         ("put", ["-r", local, rest @ ..]) if rest.len() <= 1 => {
             put_tree(remote, &local_path(local), rest.first().copied()).await?
         }
@@ -153,6 +130,28 @@ pub(super) async fn execute_one(
         }
     }
     Ok(Flow::Continue)
+}
+
+fn lpwd() -> Result<(), ClientError> {
+    let dir = std::env::current_dir().map_err(|e| ClientError::Local(e.to_string()))?;
+    out!("{}", dir.display());
+    Ok(())
+}
+
+fn rename(from: &str, to: &str) -> Request {
+    Request::Rename {
+        from: from.to_string(),
+        to: to.to_string(),
+    }
+}
+
+/// `uploads`: the unfinished uploads, one a line.
+async fn uploads(remote: &mut Remote) -> Result<(), ClientError> {
+    let reply = remote.client().await?.request(&Request::Parts).await?;
+    for line in &reply.lines {
+        out!("{}", format_unfinished(line)?);
+    }
+    Ok(())
 }
 
 /// `cd [PATH]`, remembering where it was for `cd -`.

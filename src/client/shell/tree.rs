@@ -416,6 +416,19 @@ impl Walk {
                 "the remote tree has more than {MAX_TREE_PENDING} directories waiting to be copied; copy it in parts"
             )));
         }
+        self.copy_files(remote, rdir, ldir, files).await?;
+        subdirs.reverse();
+        Ok(subdirs)
+    }
+
+    /// Copies the files of one directory, skipping those already complete.
+    async fn copy_files(
+        &mut self,
+        remote: &mut Remote,
+        rdir: &VPath,
+        ldir: &Path,
+        files: Vec<(String, u64)>,
+    ) -> Result<(), ClientError> {
         self.total.inc_length(files.len() as u64);
         for (name, size) in files {
             let (rpath, lpath) = (rdir.join(&name), ldir.join(&name));
@@ -443,8 +456,7 @@ impl Walk {
             self.got += 1;
             self.total.inc(1);
         }
-        subdirs.reverse();
-        Ok(subdirs)
+        Ok(())
     }
 }
 
