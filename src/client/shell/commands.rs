@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-use super::output::{file_bar, format_entry, format_unfinished, printable, report};
+use super::output::{file_bar, format_entry, format_unfinished, printable, report_file};
 use super::tree::{get_tree, put_tree};
 use super::{Flow, Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
@@ -187,7 +187,7 @@ async fn put_file(
         .transfer(&Transfer::Put(local.to_path_buf(), target.clone()), &bar)
         .await;
     bar.finish_and_clear();
-    report(&t?, &target.to_string());
+    report_file(&t?, &target.to_string(), &bar);
     Ok(())
 }
 
@@ -207,7 +207,7 @@ async fn get_file(remote: &mut Remote, src: &str, dest: Option<&str>) -> Result<
         .transfer(&Transfer::Get(source, local.clone()), &bar)
         .await;
     bar.finish_and_clear();
-    report(&t?, &local.display().to_string());
+    report_file(&t?, &local.display().to_string(), &bar);
     Ok(())
 }
 
