@@ -10,6 +10,7 @@ mod hostile;
 mod jail;
 mod props;
 mod quota;
+mod screen;
 mod shell;
 mod transfer;
 mod wire;

@@ -293,3 +293,56 @@ async fn put_p_and_get_p_keep_the_modification_time() {
     let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "put -p nothere");
     assert_eq!(out.status, 1);
 }
+
+/// `size: … in … s, …/s`: what a summary on stderr says after the name.
+fn is_summary(line: &str, head: &str, size: &str) -> bool {
+    line.strip_prefix(&format!("{head}: {size} in "))
+        .and_then(|rest| rest.split_once(" s, "))
+        .is_some_and(|(secs, rate)| secs.parse::<f64>().is_ok() && rate.ends_with("/s"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_transfer_ends_with_one_summary_line_on_stderr() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 64 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::write(w.join("big"), data(3 << 20, 1)).unwrap();
+    std::fs::create_dir(w.join("tree")).unwrap();
+    for i in 0..4 {
+        std::fs::write(w.join(format!("tree/{i}")), data(1024, i)).unwrap();
+    }
+    let out = connect_c(
+        w,
+        &s.ca,
+        s.addr.port(),
+        "ann",
+        "put big; get big copy; put -r tree; put -r tree; get -r tree back",
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    // Standard output as before: hash lines and the tree lines.
+    let trees: Vec<_> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(" files "))
+        .collect();
+    assert_eq!(
+        trees,
+        [
+            "4 files sent, 0 already complete",
+            "0 files sent, 4 already complete",
+            "4 files received, 0 already complete"
+        ],
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.stdout.lines().count(), 2 + 4 + 3 + 4, "{}", out.stdout);
+    // Standard error: one line for each transfer and nothing else.
+    let err: Vec<_> = out.stderr.lines().collect();
+    assert_eq!(err.len(), 5, "{}", out.stderr);
+    assert!(is_summary(err[0], "big", "3.0 MiB"), "{}", out.stderr);
+    assert!(is_summary(err[1], "big", "3.0 MiB"), "{}", out.stderr);
+    assert!(is_summary(err[2], trees[0], "4.0 KiB"), "{}", out.stderr);
+    assert!(is_summary(err[3], trees[1], "0 B"), "{}", out.stderr);
+    assert!(is_summary(err[4], trees[2], "4.0 KiB"), "{}", out.stderr);
+}

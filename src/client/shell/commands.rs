@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-use super::output::{file_bar, format_entry, format_unfinished, printable, report};
+use super::output::{file_bar, format_entry, format_unfinished, printable, report_file};
 use super::tree::{get_tree, put_tree};
 use super::{Flow, Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
@@ -407,7 +407,7 @@ async fn put_file(
         .transfer(&Transfer::Put(local.to_path_buf(), target.clone()), &bar)
         .await;
     bar.finish_and_clear();
-    report(&t?, &target.to_string());
+    report_file(&t?, &target.to_string(), &bar);
     Ok(target)
 }
 
@@ -466,7 +466,7 @@ async fn get_file(
         .transfer(&Transfer::Get(source, local.clone()), &bar)
         .await;
     bar.finish_and_clear();
-    report(&t?, &local.display().to_string());
+    report_file(&t?, &local.display().to_string(), &bar);
     Ok(local)
 }
 

@@ -2,10 +2,15 @@
 //! listings, times, and progress bars (drawn only on a terminal).
 
 use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{
+    HumanBytes, HumanDuration, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState,
+    ProgressStyle,
+};
 
 use crate::client::{ClientError, Transferred};
+use crate::config::human_bytes;
 use crate::protocol::{self, Entry};
 
 /// What went wrong, said once for a person and made safe for the
@@ -62,7 +67,8 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
-/// Exit statuses of `ftpx connect`.
+/// The hash line of a transfer on stdout, after the line saying where it
+/// resumed, if it did.
 pub(super) fn report(t: &Transferred, name: &str) {
     if t.resumed_at > 0 {
         out!("resumed at {} bytes", t.resumed_at);
@@ -127,34 +133,228 @@ pub(super) fn draw() -> bool {
     std::io::stderr().is_terminal()
 }
 
-pub(super) fn file_bar(multi: Option<&MultiProgress>, name: &str) -> ProgressBar {
-    if !draw() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{msg:24!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
+/// The style of a file's bar: its name, then the bar, bytes, rate and ETA
+/// once its size is known (never a full bar reading `0 B/0 B` before).
+/// The bar takes what the terminal's width leaves, so a line never wraps.
+fn file_style() -> ProgressStyle {
+    ProgressStyle::with_template("{msg:20!} [{wide_bar}] {sizes}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(printable(name).into_owned());
-    match multi {
+        .with_key("sizes", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            if let Some(len) = s.len() {
+                let _ = write!(
+                    w,
+                    "{}/{} {}/s ETA {:#}",
+                    HumanBytes(s.pos()),
+                    HumanBytes(len),
+                    HumanBytes(s.per_sec() as u64),
+                    HumanDuration(s.eta())
+                );
+            }
+        })
+        .progress_chars("=> ")
+}
+
+/// The bar of one `put` or `get`, drawn only on a terminal; its size is
+/// set when the transfer starts.
+pub(super) fn file_bar(multi: Option<&MultiProgress>, name: &str) -> ProgressBar {
+    let bar = if draw() {
+        ProgressBar::no_length().with_style(file_style())
+    } else {
+        ProgressBar::hidden()
+    };
+    // Into the multi before anything is drawn: a line drawn by the bar
+    // alone would be left on the screen, unknown to the multi.
+    let bar = match multi {
         Some(m) => m.add(bar),
         None => bar,
+    };
+    // Hidden too: the summary names the file by it.
+    bar.set_message(printable(name).into_owned());
+    bar
+}
+
+/// The hash line of one `put` or `get` on stdout, then its summary on
+/// stderr: what moved, how long it took, how fast, and where it resumed.
+/// `bar` is the transfer's own: it gives the name and the time.
+pub(super) fn report_file(t: &Transferred, name: &str, bar: &ProgressBar) {
+    report(t, name);
+    eprintln!("{}", file_summary(t, &bar.message(), bar.elapsed()));
+}
+
+/// `big: 24.0 MiB in 0.31 s, 77.4 MiB/s`, and where it resumed, if it did.
+fn file_summary(t: &Transferred, name: &str, took: Duration) -> String {
+    let moved = t.size.saturating_sub(t.resumed_at);
+    let mut line = format!("{}: {}", printable(name), summary(moved, took));
+    if t.resumed_at > 0 {
+        line.push_str(&format!(
+            " (resumed at {} of {})",
+            human_bytes(t.resumed_at),
+            human_bytes(t.size)
+        ));
+    }
+    line
+}
+
+/// `3.1 MiB in 0.91 s, 3.4 MiB/s`.
+pub(super) fn summary(bytes: u64, took: Duration) -> String {
+    let secs = took.as_secs_f64();
+    let rate = bytes as f64 / secs.max(0.001);
+    format!(
+        "{} in {}, {}/s",
+        human_bytes(bytes),
+        seconds(took),
+        human_bytes(rate as u64)
+    )
+}
+
+/// `0.31 s`, `12.5 s`, `3 min 05 s`.
+fn seconds(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 10.0 {
+        format!("{secs:.2} s")
+    } else if secs < 60.0 {
+        format!("{secs:.1} s")
+    } else {
+        let whole = d.as_secs();
+        format!("{} min {:02} s", whole / 60, whole % 60)
     }
 }
 
-pub(super) fn total_bar(multi: &MultiProgress, total: u64) -> ProgressBar {
-    if !draw() {
-        return ProgressBar::hidden();
+/// What a person sees of `put -r` and `get -r`: one overall bar (files
+/// and bytes, rate, ETA) and the bar of the file being transferred, both
+/// reused from file to file and both gone at the end, when only the
+/// result lines and the summary are left.
+pub(super) struct TreeProgress {
+    multi: MultiProgress,
+    total: ProgressBar,
+    file: ProgressBar,
+    /// Whether each bar is shown yet: none before there is something to show.
+    shown: (bool, bool),
+    files: u64,
+    files_total: u64,
+    /// Bytes of the files done (resumed parts included), for the bar.
+    done: u64,
+    /// Bytes sent or received, for the summary.
+    moved: u64,
+    started: Instant,
+}
+
+impl TreeProgress {
+    pub(super) fn new() -> TreeProgress {
+        // The bars start hidden and draw only through the multi, once
+        // added to it: a line drawn by a bar alone would be left on the
+        // screen, unknown to the multi.
+        let (multi, total, file) = if draw() {
+            let total = ProgressBar::hidden().with_style(
+                ProgressStyle::with_template(
+                    "{msg} files [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            let file = ProgressBar::hidden().with_style(file_style());
+            (MultiProgress::new(), total, file)
+        } else {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::hidden());
+            (multi, ProgressBar::hidden(), ProgressBar::hidden())
+        };
+        total.set_length(0);
+        TreeProgress {
+            multi,
+            total,
+            file,
+            shown: (false, false),
+            files: 0,
+            files_total: 0,
+            done: 0,
+            moved: 0,
+            started: Instant::now(),
+        }
     }
-    let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("total {pos}/{len} files [{bar:30}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    multi.add(bar)
+
+    /// More to do: `files` files of `bytes` bytes in all.
+    pub(super) fn add(&mut self, files: u64, bytes: u64) {
+        self.files_total += files;
+        self.total.inc_length(bytes);
+        self.count();
+        if !self.shown.0 && self.files_total > 0 {
+            self.shown.0 = true;
+            self.multi.add(self.total.clone());
+        }
+    }
+
+    /// One file of `size` bytes needs nothing done: already complete.
+    pub(super) fn skip(&mut self, size: u64) {
+        self.files_total = self.files_total.saturating_sub(1);
+        let len = self.total.length().unwrap_or(0);
+        self.total.set_length(len.saturating_sub(size));
+        self.count();
+    }
+
+    fn count(&self) {
+        self.total
+            .set_message(format!("{}/{}", self.files, self.files_total));
+    }
+
+    /// The bar for the next file, `name` of `size` bytes.
+    pub(super) fn file(&mut self, name: &str, size: u64) -> &ProgressBar {
+        self.file.reset();
+        self.file.set_length(size);
+        self.file.set_message(printable(name).into_owned());
+        if !self.shown.1 {
+            self.shown.1 = true;
+            self.multi.add(self.file.clone());
+        }
+        &self.file
+    }
+
+    /// Runs `work`, a transfer drawn on the file bar, and meanwhile moves
+    /// the overall bar along with it.
+    pub(super) async fn follow<T>(&self, work: impl Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                t = &mut work => return t,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    self.total.set_position(self.done + self.file.position());
+                }
+            }
+        }
+    }
+
+    /// A file is done: its hash line on stdout, and the bars move on.
+    pub(super) fn done(&mut self, t: &Transferred, name: &str) {
+        self.multi.suspend(|| report(t, name));
+        self.files += 1;
+        self.done += t.size;
+        self.moved += t.size.saturating_sub(t.resumed_at);
+        self.total.set_position(self.done);
+        self.count();
+    }
+
+    /// Runs `f`, which prints, with the bars out of the way.
+    pub(super) fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.multi.suspend(f)
+    }
+
+    /// The end: the bars go, `line` goes to stdout as it is and to stderr
+    /// with the bytes moved, the time and the rate.
+    pub(super) fn finish(self, line: &str) {
+        let took = self.started.elapsed();
+        let moved = self.moved;
+        drop(self);
+        out!("{line}");
+        eprintln!("{line}: {}", summary(moved, took));
+    }
+}
+
+impl Drop for TreeProgress {
+    /// The bars go, whether the tree is done or failed.
+    fn drop(&mut self) {
+        self.file.finish_and_clear();
+        self.total.finish_and_clear();
+        let _ = self.multi.clear();
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +381,34 @@ mod tests {
             e.ends_with("\\x1b]0;pwned\\x07") && !e.contains('\u{1b}'),
             "{e}"
         );
+    }
+
+    #[test]
+    fn summaries_say_bytes_time_rate_and_where_a_transfer_resumed() {
+        let t = Transferred {
+            hash: blake3::hash(b""),
+            size: 24 << 20,
+            resumed_at: 0,
+        };
+        let took = Duration::from_millis(310);
+        assert_eq!(
+            file_summary(&t, "big", took),
+            "big: 24.0 MiB in 0.31 s, 77.4 MiB/s"
+        );
+        let resumed = Transferred {
+            resumed_at: 16 << 20,
+            ..t
+        };
+        assert_eq!(
+            file_summary(&resumed, "a\u{1b}b", Duration::from_secs(2)),
+            "a\\x1bb: 8.0 MiB in 2.00 s, 4.0 MiB/s (resumed at 16.0 MiB of 24.0 MiB)"
+        );
+        assert_eq!(
+            summary(3 << 20, Duration::from_secs(75)),
+            "3.0 MiB in 1 min 15 s, 41.0 KiB/s"
+        );
+        assert_eq!(summary(0, Duration::ZERO), "0 B in 0.00 s, 0 B/s");
+        assert_eq!(seconds(Duration::from_millis(12_340)), "12.3 s");
     }
 
     #[test]

@@ -5,10 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar};
-
 use super::commands::remote_is_dir;
-use super::output::{file_bar, printable, report, said, total_bar};
+use super::output::{TreeProgress, printable, said};
 use super::{Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
 use crate::protocol::{self, Entry, Request, VPath};
@@ -92,23 +90,20 @@ pub(super) async fn put_tree(
         .map(|(_, f)| f)
         .partition(|(_, _, size)| *size <= protocol::MAX_SEND);
 
-    let multi = MultiProgress::new();
-    let total = total_bar(&multi, (small.len() + big.len()) as u64);
+    let mut progress = TreeProgress::new();
+    let bytes = small.iter().chain(&big).map(|(_, _, size)| size).sum();
+    progress.add((small.len() + big.len()) as u64, bytes);
     let small = small.into_iter().map(|(p, r, _)| (p, r)).collect();
-    let mut sent = send_small_files(remote, &multi, &total, small).await?;
-    for (path, rpath, _) in big {
-        let bar = file_bar(Some(&multi), &rpath.to_string());
-        let t = remote
-            .transfer(&Transfer::Put(path, rpath.clone()), &bar)
-            .await;
-        bar.finish_and_clear();
-        let t = t?;
-        multi.suspend(|| report(&t, &rpath.to_string()));
+    let mut sent = send_small_files(remote, &mut progress, small).await?;
+    for (path, rpath, size) in big {
+        let bar = progress.file(&rpath.to_string(), size).clone();
+        let t = progress
+            .follow(remote.transfer(&Transfer::Put(path, rpath.clone()), &bar))
+            .await?;
+        progress.done(&t, &rpath.to_string());
         sent += 1;
-        total.inc(1);
     }
-    total.finish_and_clear();
-    out!("{sent} files sent, {skipped} already complete");
+    progress.finish(&format!("{sent} files sent, {skipped} already complete"));
     Ok(())
 }
 
@@ -213,8 +208,7 @@ async fn make_dirs_and_compare(
 /// and sends again those not yet stored. Returns how many were sent.
 async fn send_small_files(
     remote: &mut Remote,
-    multi: &MultiProgress,
-    total: &ProgressBar,
+    progress: &mut TreeProgress,
     mut pending: Vec<(PathBuf, VPath)>,
 ) -> Result<usize, ClientError> {
     let mut sent = 0;
@@ -228,8 +222,7 @@ async fn send_small_files(
             .send_many(&pending, |i, outcome| match outcome {
                 Ok(t) => {
                     stored[i] = true;
-                    multi.suspend(|| report(&t, &pending[i].1.to_string()));
-                    total.inc(1);
+                    progress.done(&t, &pending[i].1.to_string());
                 }
                 Err(e) => {
                     refused.get_or_insert(e);
@@ -245,7 +238,7 @@ async fn send_small_files(
             Err(e) if e.is_retriable() && attempt < remote.retries => {
                 attempt += 1;
                 remote.client = None;
-                multi.suspend(|| {
+                progress.suspend(|| {
                     eprintln!(
                         "ftpx: {}; retrying ({attempt}/{})",
                         said(&e),
@@ -326,12 +319,11 @@ pub(super) async fn get_tree(
             subdirs,
         });
     }
-    walk.total.finish_and_clear();
-    out!(
+    let line = format!(
         "{} files received, {} already complete",
-        walk.got,
-        walk.skipped
+        walk.got, walk.skipped
     );
+    walk.progress.finish(&line);
     Ok(())
 }
 
@@ -341,21 +333,17 @@ pub(super) struct Walk {
     pending: usize,
     got: usize,
     skipped: usize,
-    multi: MultiProgress,
-    total: ProgressBar,
+    progress: TreeProgress,
 }
 
 impl Default for Walk {
     fn default() -> Walk {
-        let multi = MultiProgress::new();
-        let total = total_bar(&multi, 0);
         Walk {
             entries: 0,
             pending: 0,
             got: 0,
             skipped: 0,
-            multi,
-            total,
+            progress: TreeProgress::new(),
         }
     }
 }
@@ -390,7 +378,7 @@ impl Walk {
         } in listing.entries
         {
             if !safe_name(&name) {
-                self.multi.suspend(|| {
+                self.progress.suspend(|| {
                     eprintln!(
                         "ftpx: skipping {} in {}: not a usable file name",
                         printable(&format!("{name:?}")),
@@ -402,7 +390,7 @@ impl Walk {
             match kind {
                 'd' => subdirs.push(name),
                 'f' => files.push((name, size)),
-                _ => self.multi.suspend(|| {
+                _ => self.progress.suspend(|| {
                     eprintln!(
                         "ftpx: skipping {}: not a regular file",
                         printable(&rdir.join(&name).to_string())
@@ -429,7 +417,8 @@ impl Walk {
         ldir: &Path,
         files: Vec<(String, u64)>,
     ) -> Result<(), ClientError> {
-        self.total.inc_length(files.len() as u64);
+        let bytes = files.iter().map(|(_, size)| size).sum();
+        self.progress.add(files.len() as u64, bytes);
         for (name, size) in files {
             let (rpath, lpath) = (rdir.join(&name), ldir.join(&name));
             // Only a regular file (not a link) can already be complete.
@@ -442,19 +431,16 @@ impl Walk {
                 && remote_matches(remote.client().await?, &rpath, size, || local_hash(&lp)).await
             {
                 self.skipped += 1;
-                self.total.inc(1);
+                self.progress.skip(size);
                 continue;
             }
-            let bar = file_bar(Some(&self.multi), &rpath.to_string());
-            let t = remote
-                .transfer(&Transfer::Get(rpath, lpath.clone()), &bar)
-                .await;
-            bar.finish_and_clear();
-            let t = t?;
-            self.multi
-                .suspend(|| report(&t, &lpath.display().to_string()));
+            let bar = self.progress.file(&rpath.to_string(), size).clone();
+            let t = self
+                .progress
+                .follow(remote.transfer(&Transfer::Get(rpath, lpath.clone()), &bar))
+                .await?;
+            self.progress.done(&t, &lpath.display().to_string());
             self.got += 1;
-            self.total.inc(1);
         }
         Ok(())
     }
