@@ -346,3 +346,46 @@ async fn each_transfer_ends_with_one_summary_line_on_stderr() {
     assert!(is_summary(err[3], trees[1], "0 B"), "{}", out.stderr);
     assert!(is_summary(err[4], trees[2], "4.0 KiB"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ls_hides_dot_names_unless_asked_and_sorts_as_told() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let home = s.home("ann");
+    let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    for (name, size, secs) in [
+        ("a", 300, 3_000),
+        ("b", 100, 1_000),
+        ("c", 2_000_000, 2_000),
+    ] {
+        std::fs::write(home.join(name), vec![0u8; size]).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(home.join(name))
+            .unwrap();
+        f.set_modified(at(secs)).unwrap();
+    }
+    std::fs::write(home.join(".hidden"), b"").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let names = |commands: &str| -> Vec<String> {
+        let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", commands);
+        assert_eq!(out.status, 0, "{}", out.stderr);
+        out.stdout
+            .lines()
+            .map(|l| l.rsplit("  ").next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("ls"), ["a", "b", "c"]);
+    assert_eq!(names("ls -a"), [".hidden", "a", "b", "c"]);
+    assert_eq!(names("ls -t"), ["a", "c", "b"]);
+    assert_eq!(names("ls -S"), ["c", "a", "b"]);
+    assert_eq!(names("ls -Sr"), ["b", "a", "c"]);
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "ls -lh c; ls -x");
+    assert!(out.stdout.contains("1.9 MiB"), "{}", out.stdout);
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("usage: ls [-alhtSr] [PATH]"),
+        "{}",
+        out.stderr
+    );
+}

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-use super::output::{file_bar, format_entry, format_unfinished, printable, report_file};
+use super::output::{
+    file_bar, format_entry, format_entry_as, format_unfinished, printable, report_file,
+};
 use super::tree::{get_tree, put_tree};
 use super::{Flow, Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
@@ -15,7 +17,9 @@ pub(super) const HELP: &str = "\
 commands (remote paths are relative to the remote directory; / is your home):
   pwd                      print the remote directory
   cd [PATH]                change the remote directory (no PATH: /; -: the one before)
-  ls [PATH]                list a directory: type, size, modification time, name
+  ls [-alhtSr] [PATH]      list a directory: type, size, modification time (UTC),
+                           name; -a names starting with . too, -l local time,
+                           -h human sizes, -t newest or -S largest first, -r reversed
   mkdir [-p] PATH          make a directory (-p: and its parents, if missing)
   rmdir PATH               remove an empty directory
   rm [-r] PATH             remove a file (-r: a directory and all in it; asks first
@@ -85,7 +89,7 @@ pub(super) async fn execute_one(
             cd(remote, Some(&back)).await?
         }
         ("cd", [] | [_]) => cd(remote, args.first().copied()).await?,
-        ("ls" | "dir", [] | [_]) => ls(remote, args.first().copied()).await?,
+        ("ls" | "dir", args) => ls(remote, args).await?,
         ("mkdir", ["-p", p]) => mkdir_parents(remote.client().await?, p).await?,
         ("mkdir", [p]) if *p != "-p" => simple(remote, Request::Mkd(p.to_string())).await?,
         ("rmdir", [p]) => simple(remote, Request::Rmd(p.to_string())).await?,
@@ -235,10 +239,63 @@ fn lcd(dir: Option<&str>) -> Result<(), ClientError> {
         .map_err(|e| ClientError::Local(format!("{}: {e}", dir.display())))
 }
 
-async fn ls(remote: &mut Remote, path: Option<&str>) -> Result<(), ClientError> {
+/// How `ls` shows a listing: `-a` all names (else not those starting with
+/// `.`), `-l` local time, `-h` human sizes, `-t` newest first, `-S` largest
+/// first, `-r` the other way round.
+#[derive(Debug, Default, Clone, Copy)]
+struct LsOptions {
+    all: bool,
+    local_time: bool,
+    human: bool,
+    by_time: bool,
+    by_size: bool,
+    reverse: bool,
+}
+
+/// `ls [-alhtSr] [PATH]`: the options and the path.
+fn ls_arguments<'a>(args: &[&'a str]) -> Result<(LsOptions, Option<&'a str>), ClientError> {
+    let mut o = LsOptions::default();
+    let mut path = None;
+    for arg in args {
+        match arg.strip_prefix('-') {
+            Some(flags) if !flags.is_empty() => {
+                for f in flags.chars() {
+                    match f {
+                        'a' => o.all = true,
+                        'l' => o.local_time = true,
+                        'h' => o.human = true,
+                        't' => o.by_time = true,
+                        'S' => o.by_size = true,
+                        'r' => o.reverse = true,
+                        _ => return Err(usage(usage_of("ls"))),
+                    }
+                }
+            }
+            _ if path.is_none() => path = Some(*arg),
+            _ => return Err(usage(usage_of("ls"))),
+        }
+    }
+    Ok((o, path))
+}
+
+async fn ls(remote: &mut Remote, args: &[&str]) -> Result<(), ClientError> {
+    let (o, path) = ls_arguments(args)?;
     let listing = remote.client().await?.list(path).await?;
-    for entry in &listing.entries {
-        out!("{}", format_entry(entry));
+    let mut entries: Vec<_> = listing
+        .entries
+        .iter()
+        .filter(|e| o.all || !e.name.starts_with('.') || listing.entries.len() == 1)
+        .collect();
+    if o.by_time {
+        entries.sort_by(|a, b| b.mtime.cmp(&a.mtime).then(a.name.cmp(&b.name)));
+    } else if o.by_size {
+        entries.sort_by(|a, b| b.size.cmp(&a.size).then(a.name.cmp(&b.name)));
+    }
+    if o.reverse {
+        entries.reverse();
+    }
+    for entry in entries {
+        out!("{}", format_entry_as(entry, o.local_time, o.human));
     }
     if listing.truncated {
         eprintln!(
@@ -479,7 +536,7 @@ pub(super) fn usage_of(cmd: &str) -> &'static str {
     match cmd {
         "pwd" => "pwd",
         "cd" => "cd [PATH]",
-        "ls" | "dir" => "ls [PATH]",
+        "ls" | "dir" => "ls [-alhtSr] [PATH]",
         "mkdir" => "mkdir [-p] PATH",
         "lls" => "lls [PATH]",
         "lmkdir" => "lmkdir PATH",
@@ -544,7 +601,7 @@ async fn wildcards(remote: &mut Remote, cmd: &str, args: &[Word]) -> Result<(), 
             "put" => drop(put_file(remote, &local_path(&name), Some(dest.unwrap_or("."))).await?),
             "get" => drop(get_file(remote, &name, Some(dest.unwrap_or("."))).await?),
             "rm" => simple(remote, Request::Dele(name)).await?,
-            _ => ls(remote, Some(&name)).await?,
+            _ => ls(remote, &[&name]).await?,
         }
     }
     Ok(())

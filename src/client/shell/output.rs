@@ -79,13 +79,45 @@ pub(super) fn report(t: &Transferred, name: &str) {
 /// `f 12 1700000000 "a b"` → `f         12  2023-11-14 22:13  a b`, the
 /// name escaped for the terminal.
 pub(super) fn format_entry(e: &Entry) -> String {
+    format_entry_as(e, false, false)
+}
+
+/// [`format_entry`] with the time in the local time zone (`ls -l`) and the
+/// size in human units (`ls -h`).
+pub(super) fn format_entry_as(e: &Entry, local_time: bool, human: bool) -> String {
     let slash = if e.kind == 'd' { "/" } else { "" };
+    let size = match human {
+        true => human_bytes(e.size),
+        false => e.size.to_string(),
+    };
+    let time = match local_time {
+        true => format_local_time(e.mtime),
+        false => format_time(e.mtime),
+    };
     format!(
-        "{} {:>12}  {}  {}{slash}",
+        "{} {size:>12}  {time}  {}{slash}",
         printable(&e.kind.to_string()),
-        e.size,
-        format_time(e.mtime),
         printable(&e.name)
+    )
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM` in the local time zone.
+pub(super) fn format_local_time(secs: i64) -> String {
+    #[allow(clippy::unnecessary_cast)]
+    let t = secs as libc::time_t;
+    // SAFETY: `tm` is a plain C struct for localtime_r to fill; both
+    // pointers are valid for the call.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return format_time(secs);
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min
     )
 }
 
