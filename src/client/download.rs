@@ -88,7 +88,7 @@ impl Client {
             }
             Err(Stopped { error, verified }) => {
                 landing.stopped(&file, journal, &error, verified);
-                info!(remote = %landing.source, local = %target.display(), verified, error = %error, ms, "download stopped");
+                info!(remote = %landing.source, local = %target.display(), verified, error = ?error.to_string(), ms, "download stopped");
                 self.download_stopped(error).await
             }
         }

@@ -103,7 +103,7 @@ impl Client {
         let reply = self.read_reply().await?;
         let theirs = reply.text.split(' ').next().unwrap_or_default();
         Ok(if reply.code == 226 && theirs == protocol::hex(&hash) {
-            info!(local = %local.display(), remote = %remote, size, hash = %theirs, "upload complete");
+            info!(local = %local.display(), remote = %remote, size, hash = ?theirs, "upload complete");
             Ok(Transferred {
                 hash,
                 size,
@@ -115,7 +115,7 @@ impl Client {
                 protocol::hex(&hash)
             )))
         } else {
-            info!(local = %local.display(), remote = %remote, code = reply.code, error = %reply.text, "upload failed");
+            info!(local = %local.display(), remote = %remote, code = reply.code, error = ?reply.text, "upload failed");
             Err(ClientError::Server {
                 code: reply.code,
                 text: reply.text,
@@ -263,7 +263,7 @@ fn upload_answered(
     } = &journal.record;
     let (size, chunk) = (*size, *chunk);
     if reply.code != 226 {
-        info!(local, remote, code = reply.code, error = %reply.text, ms, "upload failed");
+        info!(local, remote, code = reply.code, error = ?reply.text, ms, "upload failed");
         if matches!(reply.code, 452 | 454) || size <= chunk {
             journal.remove();
         }

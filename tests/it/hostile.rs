@@ -607,3 +607,26 @@ async fn frames_beyond_the_plan_are_refused() {
         assert!(!work.join("f").exists());
     }
 }
+
+#[tokio::test]
+async fn server_text_reaches_the_client_log_escaped() {
+    let fake = Fake::start("220 fake ready", |req| match verb(req) {
+        "GET" => Answer::Send(b"450 busy\r2026-01-01 INFO forged line \x1b[2J\n".to_vec()),
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(&work)
+        .env("FTPX_STATE_DIR", work.join(".state"))
+        .env("FTPX_PASSWORD", PASSWORD)
+        .args(["connect", &format!("ann@127.0.0.1:{}", fake.port), "--ca"])
+        .arg(&fake.ca)
+        .args(["--timeout", "10", "--retries", "1", "-c", "get x"]);
+    let run = tokio::task::spawn_blocking(move || run(cmd)).await.unwrap();
+    assert_eq!(run.status, 1, "{}", run.err());
+    let log = std::fs::read_to_string(work.join(".state/ftpx.log")).unwrap();
+    assert!(log.contains("transfer interrupted"), "{log}");
+    assert!(!log.contains('\r') && !log.contains('\x1b'), "{log:?}");
+    assert!(log.lines().all(|l| !l.starts_with("2026-01-01")), "{log}");
+}

@@ -74,7 +74,7 @@ pub(super) async fn execute_one(
         return local_shell(command, args).map(|()| Flow::Continue);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    info!(command = %cmd, args = ?args, "command");
+    info!(command = ?cmd, args = ?args, "command");
     match (cmd.as_str(), args.as_slice()) {
         ("help" | "?", _) => out!("{HELP}"),
         ("exit" | "quit" | "bye", []) => return Ok(Flow::Exit),

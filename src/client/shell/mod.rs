@@ -207,7 +207,7 @@ impl Remote {
                             self.retries
                         )
                     });
-                    info!(error = %e, attempt, "transfer interrupted; retrying");
+                    info!(error = ?e.to_string(), attempt, "transfer interrupted; retrying");
                     tokio::time::sleep(wait).await;
                 }
                 other => return other,
@@ -256,7 +256,7 @@ pub async fn run(args: ConnectArgs) -> u8 {
         previous_cwd: "/".into(),
     };
     if let Err(e) = remote.open(args.register).await {
-        info!(error = %e, "session not opened");
+        info!(error = ?e.to_string(), "session not opened");
         if let ClientError::Server { code: 430, .. } = e {
             eprintln!("ftpx: login failed: unknown user or wrong password");
         } else {
