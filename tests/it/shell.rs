@@ -348,7 +348,7 @@ async fn each_transfer_ends_with_one_summary_line_on_stderr() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn ls_hides_dot_names_unless_asked_and_sorts_as_told() {
+async fn ls_shows_every_name_and_sorts_as_told() {
     let s = TestServer::start().await;
     s.add_user("ann", 1 << 20);
     let home = s.home("ann");
@@ -375,16 +375,16 @@ async fn ls_hides_dot_names_unless_asked_and_sorts_as_told() {
             .map(|l| l.rsplit("  ").next().unwrap().to_string())
             .collect()
     };
-    assert_eq!(names("ls"), ["a", "b", "c"]);
+    assert_eq!(names("ls"), [".hidden", "a", "b", "c"]);
     assert_eq!(names("ls -a"), [".hidden", "a", "b", "c"]);
-    assert_eq!(names("ls -t"), ["a", "c", "b"]);
-    assert_eq!(names("ls -S"), ["c", "a", "b"]);
-    assert_eq!(names("ls -Sr"), ["b", "a", "c"]);
+    assert_eq!(names("ls -t"), [".hidden", "a", "c", "b"]);
+    assert_eq!(names("ls -S"), ["c", "a", "b", ".hidden"]);
+    assert_eq!(names("ls -Sr"), [".hidden", "b", "a", "c"]);
     let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "ls -lh c; ls -x");
     assert!(out.stdout.contains("1.9 MiB"), "{}", out.stdout);
     assert_eq!(out.status, 1, "{}", out.stderr);
     assert!(
-        out.stderr.contains("usage: ls [-alhtSr] [PATH]"),
+        out.stderr.contains("usage: ls [-lhtSr] [PATH]"),
         "{}",
         out.stderr
     );

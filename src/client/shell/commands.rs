@@ -17,9 +17,9 @@ pub(super) const HELP: &str = "\
 commands (remote paths are relative to the remote directory; / is your home):
   pwd                      print the remote directory
   cd [PATH]                change the remote directory (no PATH: /; -: the one before)
-  ls [-alhtSr] [PATH]      list a directory: type, size, modification time (UTC),
-                           name; -a names starting with . too, -l local time,
-                           -h human sizes, -t newest or -S largest first, -r reversed
+  ls [-lhtSr] [PATH]       list a directory: type, size, modification time (UTC),
+                           name; -l local time, -h human sizes, -t newest or
+                           -S largest first, -r reversed
   mkdir [-p] PATH          make a directory (-p: and its parents, if missing)
   rmdir PATH               remove an empty directory
   rm [-r] PATH             remove a file (-r: a directory and all in it; asks first
@@ -239,12 +239,12 @@ fn lcd(dir: Option<&str>) -> Result<(), ClientError> {
         .map_err(|e| ClientError::Local(format!("{}: {e}", dir.display())))
 }
 
-/// How `ls` shows a listing: `-a` all names (else not those starting with
-/// `.`), `-l` local time, `-h` human sizes, `-t` newest first, `-S` largest
-/// first, `-r` the other way round.
+/// How `ls` shows a listing: `-l` local time, `-h` human sizes, `-t` newest
+/// first, `-S` largest first, `-r` the other way round. Every entry is
+/// shown, names starting with `.` too, as the contract of `ls` says; `-a`
+/// is taken for the habit of other clients and changes nothing.
 #[derive(Debug, Default, Clone, Copy)]
 struct LsOptions {
-    all: bool,
     local_time: bool,
     human: bool,
     by_time: bool,
@@ -261,7 +261,7 @@ fn ls_arguments<'a>(args: &[&'a str]) -> Result<(LsOptions, Option<&'a str>), Cl
             Some(flags) if !flags.is_empty() => {
                 for f in flags.chars() {
                     match f {
-                        'a' => o.all = true,
+                        'a' => {}
                         'l' => o.local_time = true,
                         'h' => o.human = true,
                         't' => o.by_time = true,
@@ -281,11 +281,7 @@ fn ls_arguments<'a>(args: &[&'a str]) -> Result<(LsOptions, Option<&'a str>), Cl
 async fn ls(remote: &mut Remote, args: &[&str]) -> Result<(), ClientError> {
     let (o, path) = ls_arguments(args)?;
     let listing = remote.client().await?.list(path).await?;
-    let mut entries: Vec<_> = listing
-        .entries
-        .iter()
-        .filter(|e| o.all || !e.name.starts_with('.') || listing.entries.len() == 1)
-        .collect();
+    let mut entries: Vec<_> = listing.entries.iter().collect();
     if o.by_time {
         entries.sort_by(|a, b| b.mtime.cmp(&a.mtime).then(a.name.cmp(&b.name)));
     } else if o.by_size {
@@ -536,7 +532,7 @@ pub(super) fn usage_of(cmd: &str) -> &'static str {
     match cmd {
         "pwd" => "pwd",
         "cd" => "cd [PATH]",
-        "ls" | "dir" => "ls [-alhtSr] [PATH]",
+        "ls" | "dir" => "ls [-lhtSr] [PATH]",
         "mkdir" => "mkdir [-p] PATH",
         "lls" => "lls [PATH]",
         "lmkdir" => "lmkdir PATH",
