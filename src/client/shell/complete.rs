@@ -129,7 +129,9 @@ impl Completion {
                         dir: e.kind == 'd',
                         name: e.name,
                     })
-                    .filter(|n| safe(&n.name))
+                    // A control character comes escaped (`\u{1b}`): a
+                    // backslash, which no remote path may hold.
+                    .filter(|n| safe(&n.name) && !n.name.contains('\\'))
                     .collect();
                 self.remember(key, names.clone());
                 names
