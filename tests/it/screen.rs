@@ -313,6 +313,14 @@ async fn tab_completes_commands_and_local_and_remote_paths() {
     sh.type_keys("lcd ~/de\t\r");
     sh.row("ftpx:/> lcd ~/deep/");
     sh.prompt("ftpx:/> ");
+    // Tab twice lists the choices, directories with their /.
+    sh.type_keys("ls \t\t");
+    sh.wait_until("the choices", |rows, _| {
+        rows.iter()
+            .any(|r| r.contains("photos/") && r.contains("report-2026.pdf"))
+    });
+    sh.type_keys("\r");
+    sh.prompt("ftpx:/> ");
     // A remote directory ends in /.
     sh.type_keys("cd pho\t");
     sh.wait_until("photos/ completed", |_, at| {
