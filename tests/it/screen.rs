@@ -140,3 +140,205 @@ async fn a_single_put_leaves_its_hash_and_a_summary_on_screen() {
     assert!(lines[2].ends_with("  again"), "{screen}");
     assert!(lines[3].starts_with("big: 24.0 MiB in "), "{screen}");
 }
+
+/// `ftpx connect` as ann, interactive on a pseudo-terminal: what is typed
+/// goes to its terminal, and the screen is read back as a terminal shows it.
+struct Interactive {
+    writer: Box<dyn std::io::Write + Send>,
+    screen: std::sync::Arc<std::sync::Mutex<vt100::Parser>>,
+    child: Box<dyn portable_pty::Child + Send + Sync>,
+    _master: Box<dyn portable_pty::MasterPty + Send>,
+}
+
+impl Interactive {
+    /// Starts the shell in `dir`, with `home` as the home directory.
+    fn start(s: &TestServer, dir: &Path, home: &Path) -> Interactive {
+        let pty = native_pty_system()
+            .openpty(PtySize {
+                rows: 100,
+                cols: COLS,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .unwrap();
+        let mut cmd = CommandBuilder::new(BIN);
+        cmd.cwd(dir);
+        cmd.env("HOME", home);
+        cmd.env("FTPX_STATE_DIR", dir.join("state"));
+        cmd.env("FTPX_PASSWORD", PASSWORD);
+        cmd.env("TERM", "xterm-256color");
+        cmd.args([
+            "connect",
+            &format!("ann@127.0.0.1:{}", s.addr.port()),
+            "--ca",
+        ]);
+        cmd.arg(&s.ca);
+        let child = pty.slave.spawn_command(cmd).unwrap();
+        drop(pty.slave);
+        let size = |n| std::num::NonZeroU16::new(n).unwrap();
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(vt100::Parser::new(
+            size(100),
+            size(COLS),
+            0,
+        )));
+        let mut reader = pty.master.try_clone_reader().unwrap();
+        let parser = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                parser.lock().unwrap().process(&buf[..n]);
+            }
+        });
+        Interactive {
+            writer: pty.master.take_writer().unwrap(),
+            screen,
+            child,
+            _master: pty.master,
+        }
+    }
+
+    fn type_keys(&mut self, keys: &str) {
+        self.writer.write_all(keys.as_bytes()).unwrap();
+        self.writer.flush().unwrap();
+    }
+
+    /// Waits until `ok` holds of the screen's rows (trailing blanks
+    /// trimmed) and the cursor's row; panics with the screen after 15 s.
+    fn wait_until(&self, what: &str, ok: impl Fn(&[String], &str) -> bool) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let (rows, at) = {
+                let parser = self.screen.lock().unwrap();
+                let screen = parser.screen();
+                let rows: Vec<String> = screen
+                    .contents()
+                    .lines()
+                    .map(|l| l.trim_end().to_string())
+                    .collect();
+                let at = screen
+                    .rows(0, COLS)
+                    .nth(usize::from(screen.cursor_position().0))
+                    .unwrap_or_default();
+                (rows, at)
+            };
+            if ok(&rows, &at) {
+                return rows;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited in vain for {what}; the screen:\n{}",
+                shown(&rows)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for a fresh prompt `prompt` on the cursor's row, nothing typed.
+    fn prompt(&self, prompt: &str) {
+        self.wait_until(&format!("the prompt {prompt:?}"), |_, at| {
+            at.trim_end() == prompt.trim_end()
+        });
+    }
+
+    /// Waits until a row reads `row` exactly (trailing blanks trimmed).
+    fn row(&self, row: &str) -> Vec<String> {
+        self.wait_until(&format!("the row {row:?}"), |rows, _| {
+            rows.iter().any(|r| r == row)
+        })
+    }
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tab_completes_commands_and_local_and_remote_paths() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 64 << 20);
+    let home = s.home("ann");
+    std::fs::write(home.join("report-2026.pdf"), b"pdf").unwrap();
+    std::fs::create_dir(home.join("photos")).unwrap();
+    std::fs::write(home.join("photos/cat.jpg"), b"jpg").unwrap();
+    std::fs::write(home.join("my file.txt"), b"text").unwrap();
+    std::fs::write(home.join("evil\x1b[2J.txt"), b"x").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("local-notes.txt"), b"notes").unwrap();
+    let user_home = tempfile::tempdir().unwrap();
+    std::fs::create_dir(user_home.path().join("deep")).unwrap();
+
+    let mut sh = Interactive::start(&s, work.path(), user_home.path());
+    sh.prompt("ftpx:/> ");
+    // A command name.
+    sh.type_keys("quo\t");
+    sh.wait_until("quota completed", |_, at| at.trim_end() == "ftpx:/> quota");
+    sh.type_keys("\r");
+    sh.wait_until("the quota", |rows, _| {
+        rows.iter().any(|r| r.starts_with("files "))
+    });
+    sh.prompt("ftpx:/> ");
+    // A remote file, then the listing of it.
+    sh.type_keys("ls rep\t\r");
+    sh.row("ftpx:/> ls report-2026.pdf");
+    sh.wait_until("the listing of report-2026.pdf", |rows, _| {
+        rows.iter()
+            .any(|r| r.starts_with("f ") && r.ends_with("  report-2026.pdf"))
+    });
+    sh.prompt("ftpx:/> ");
+    // A name with a blank, quoted; a name with an escape is never offered.
+    sh.type_keys("ls my\t\r");
+    sh.row("ftpx:/> ls \"my file.txt\"");
+    sh.prompt("ftpx:/> ");
+    sh.type_keys("ls ev\t\r");
+    sh.row("ftpx:/> ls ev");
+    sh.prompt("ftpx:/> ");
+    // A directory that is not there completes nothing; the session goes on.
+    sh.type_keys("ls nowhere/x\t\r");
+    sh.row("ftpx:/> ls nowhere/x");
+    sh.prompt("ftpx:/> ");
+    // A local file for put; then the remote listing, cached a moment ago,
+    // has been dropped and holds the new file.
+    sh.type_keys("put loc\t\r");
+    sh.row("ftpx:/> put local-notes.txt");
+    sh.wait_until("the upload", |rows, _| {
+        rows.iter().any(|r| r.ends_with("  /local-notes.txt"))
+    });
+    sh.prompt("ftpx:/> ");
+    sh.type_keys("ls local-n\t\r");
+    sh.row("ftpx:/> ls local-notes.txt");
+    sh.prompt("ftpx:/> ");
+    // A local directory under ~.
+    sh.type_keys("lcd ~/de\t\r");
+    sh.row("ftpx:/> lcd ~/deep/");
+    sh.prompt("ftpx:/> ");
+    // Tab twice lists the choices, directories with their /.
+    sh.type_keys("ls \t\t");
+    sh.wait_until("the choices", |rows, _| {
+        rows.iter()
+            .any(|r| r.contains("photos/") && r.contains("report-2026.pdf"))
+    });
+    sh.type_keys("\r");
+    sh.prompt("ftpx:/> ");
+    // A remote directory ends in /.
+    sh.type_keys("cd pho\t");
+    sh.wait_until("photos/ completed", |_, at| {
+        at.trim_end() == "ftpx:/> cd photos/"
+    });
+    sh.type_keys("\r");
+    sh.prompt("ftpx:/photos> ");
+    sh.type_keys("get c\t\r");
+    sh.row("ftpx:/photos> get cat.jpg");
+    sh.prompt("ftpx:/photos> ");
+    assert_eq!(
+        std::fs::read(user_home.path().join("deep/cat.jpg")).unwrap(),
+        b"jpg"
+    );
+    assert_eq!(
+        std::fs::read(home.join("local-notes.txt")).unwrap(),
+        b"notes"
+    );
+    sh.type_keys("exit\r");
+    assert_eq!(sh.child.wait().unwrap().exit_code(), 0);
+}

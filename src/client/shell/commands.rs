@@ -40,6 +40,7 @@ commands (remote paths are relative to the remote directory; / is your home):
   lls [PATH], lmkdir PATH  list a local directory, make one
   !COMMAND                 run COMMAND in a local shell
   help, exit
+Tab completes commands and local and remote paths; Tab twice lists the choices.
 In a batch (-b) or -c, a command written -COMMAND may fail without ending the run.";
 
 /// A usage error: how the command is written.

@@ -21,6 +21,7 @@ macro_rules! out {
 }
 
 mod commands;
+mod complete;
 mod output;
 mod tree;
 
@@ -336,19 +337,28 @@ pub(super) async fn run_script(
 }
 
 pub(super) async fn interactive(remote: &mut Remote) -> u8 {
-    let mut editor = match rustyline::DefaultEditor::new() {
+    let config = rustyline::Config::builder()
+        .completion_type(rustyline::CompletionType::List)
+        .build();
+    let mut editor = match rustyline::Editor::with_config(config) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("ftpx: cannot start the line editor: {e}");
             return exit::FAILED;
         }
     };
+    let completion = complete::Completion::new();
+    editor.set_helper(Some(completion.clone()));
     let history = state_dir().join("history");
     let _ = editor.load_history(&history);
     let mut status = exit::OK;
     loop {
         let prompt = format!("ftpx:{}> ", printable(&remote.cwd));
-        let line = match tokio::task::block_in_place(|| editor.readline(&prompt)) {
+        // The completer lists remote directories while the line is read.
+        completion.lend(remote.client.take());
+        let read = tokio::task::block_in_place(|| editor.readline(&prompt));
+        remote.client = completion.take_back();
+        let line = match read {
             Ok(l) => l,
             Err(rustyline::error::ReadlineError::Interrupted) => continue,
             Err(rustyline::error::ReadlineError::Eof) => break,
@@ -373,6 +383,7 @@ pub(super) async fn interactive(remote: &mut Remote) -> u8 {
             }
         };
         for words in commands {
+            completion.after(&words);
             let outcome = tokio::select! {
                 r = execute(remote, &words) => r,
                 _ = tokio::signal::ctrl_c() => {
