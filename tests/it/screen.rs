@@ -342,3 +342,34 @@ async fn tab_completes_commands_and_local_and_remote_paths() {
     sh.type_keys("exit\r");
     assert_eq!(sh.child.wait().unwrap().exit_code(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rm_r_asks_first_in_the_interactive_shell() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 20);
+    let home = s.home("ann");
+    std::fs::create_dir_all(home.join("tree/sub")).unwrap();
+    std::fs::write(home.join("tree/a"), b"a").unwrap();
+    std::fs::write(home.join("tree/sub/b"), b"b").unwrap();
+    let (work, user_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut sh = Interactive::start(&s, work.path(), user_home.path());
+    sh.prompt("ftpx:/> ");
+    // No: nothing goes.
+    sh.type_keys("rm -r tree\r");
+    sh.wait_until("the question", |_, at| {
+        at.trim_end() == "remove /tree and all in it: 2 files, 1 directories? [y/N]"
+    });
+    sh.type_keys("n\r");
+    sh.row("ftpx: not removed");
+    sh.prompt("ftpx:/> ");
+    assert!(home.join("tree/sub/b").exists());
+    // Yes: all of it goes.
+    sh.type_keys("rm -r tree\r");
+    sh.wait_until("the question again", |_, at| {
+        at.trim_end().ends_with("[y/N]")
+    });
+    sh.type_keys("y\r");
+    sh.prompt("ftpx:/> ");
+    assert!(!home.join("tree").exists());
+    sh.type_keys("exit\r");
+}
