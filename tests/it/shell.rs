@@ -389,3 +389,42 @@ async fn ls_shows_every_name_and_sorts_as_told() {
         out.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn put_r_p_and_get_r_p_keep_the_modification_times_of_a_tree() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 4 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    std::fs::create_dir_all(w.join("tree/sub")).unwrap();
+    // A small file (SEND) and one of several chunks (PUT).
+    for (name, len) in [("tree/a", 10), ("tree/sub/big", 600_000)] {
+        std::fs::write(w.join(name), vec![7u8; len]).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(w.join(name))
+            .unwrap();
+        f.set_modified(then).unwrap();
+    }
+    std::fs::create_dir(w.join("back")).unwrap();
+    let out = connect_c(
+        w,
+        &s.ca,
+        s.addr.port(),
+        "ann",
+        "put -rp tree; get -r -p tree back",
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    for name in ["tree/a", "tree/sub/big"] {
+        assert_eq!(
+            mtime(&s.home("ann").join(name)),
+            then,
+            "{name} on the server"
+        );
+        assert_eq!(mtime(&w.join("back").join(name)), then, "{name} back here");
+    }
+    let out = connect_c(w, &s.ca, s.addr.port(), "ann", "put -rx tree");
+    assert_eq!(out.status, 1);
+}

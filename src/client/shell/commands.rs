@@ -25,10 +25,10 @@ commands (remote paths are relative to the remote directory; / is your home):
   rm [-r] PATH             remove a file (-r: a directory and all in it; asks first
                            in the interactive shell)
   mv FROM TO               rename or move
-  put [-r|-p] LOCAL [REMOTE]  upload a file (-r: a directory tree; -p: keep its
-                           modification time)
-  get [-r|-p] REMOTE [LOCAL]  download a file (-r: a directory tree; -p: keep
-                           its modification time)
+  put [-r] [-p] LOCAL [REMOTE]  upload a file (-r: a directory tree; -p: keep
+                           modification times)
+  get [-r] [-p] REMOTE [LOCAL]  download a file (-r: a directory tree; -p: keep
+                           modification times)
   put, get, rm, ls with *, ? or [...]: every match (quote a name to take it as it is)
   quota                    bytes and files used, their limits, and what
                            unfinished uploads hold of them
@@ -106,27 +106,7 @@ pub(super) async fn execute_one(
             .map_err(|e| ClientError::Local(format!("{p}: {e}")))?,
         ("uploads", []) => uploads(remote).await?,
         ("discard", [path]) => simple(remote, Request::Discard(path.to_string())).await?,
-        ("put", ["-r", local, rest @ ..]) if rest.len() <= 1 => {
-            put_tree(remote, &local_path(local), rest.first().copied()).await?
-        }
-        ("put", ["-p", local, rest @ ..]) if rest.len() <= 1 => {
-            let local = local_path(local);
-            let target = put_file(remote, &local, rest.first().copied()).await?;
-            keep_mtime_up(remote, &local, &target).await?
-        }
-        ("put", [local, rest @ ..]) if rest.len() <= 1 && !local.starts_with('-') => {
-            put_file(remote, &local_path(local), rest.first().copied()).await?;
-        }
-        ("get", ["-r", src, rest @ ..]) if rest.len() <= 1 => {
-            get_tree(remote, src, rest.first().copied()).await?
-        }
-        ("get", ["-p", src, rest @ ..]) if rest.len() <= 1 => {
-            let local = get_file(remote, src, rest.first().copied()).await?;
-            keep_mtime_down(remote, src, &local).await?
-        }
-        ("get", [src, rest @ ..]) if rest.len() <= 1 && !src.starts_with('-') => {
-            get_file(remote, src, rest.first().copied()).await?;
-        }
+        ("put" | "get", args) => transfer(remote, cmd, args).await?,
         (c, _) if KNOWN.contains(&c) => return Err(usage(usage_of(c))),
         (c, _) => {
             return Err(ClientError::Local(format!(
@@ -465,6 +445,50 @@ async fn put_file(
     Ok(target)
 }
 
+/// `put [-r] [-p] LOCAL [REMOTE]` and `get [-r] [-p] REMOTE [LOCAL]`
+/// (flags also together: `-rp`).
+async fn transfer(remote: &mut Remote, cmd: &str, args: &[&str]) -> Result<(), ClientError> {
+    let (mut recursive, mut keep_times) = (false, false);
+    let mut rest = args;
+    while let Some((flag, more)) = rest.split_first() {
+        let Some(letters) = flag.strip_prefix('-').filter(|l| !l.is_empty()) else {
+            break;
+        };
+        for letter in letters.chars() {
+            match letter {
+                'r' => recursive = true,
+                'p' => keep_times = true,
+                _ => return Err(usage(usage_of(cmd))),
+            }
+        }
+        rest = more;
+    }
+    let (from, to) = match rest {
+        [from] => (*from, None),
+        [from, to] => (*from, Some(*to)),
+        _ => return Err(usage(usage_of(cmd))),
+    };
+    match (cmd, recursive) {
+        ("put", true) => put_tree(remote, &local_path(from), to, keep_times).await,
+        ("get", true) => get_tree(remote, from, to, keep_times).await,
+        ("put", false) => {
+            let local = local_path(from);
+            let target = put_file(remote, &local, to).await?;
+            match keep_times {
+                true => keep_mtime_up(remote, &local, &target).await,
+                false => Ok(()),
+            }
+        }
+        _ => {
+            let local = get_file(remote, from, to).await?;
+            match keep_times {
+                true => keep_mtime_down(remote, from, &local).await,
+                false => Ok(()),
+            }
+        }
+    }
+}
+
 /// `put -p`: the uploaded file gets the local file's modification time.
 async fn keep_mtime_up(
     remote: &mut Remote,
@@ -540,8 +564,8 @@ pub(super) fn usage_of(cmd: &str) -> &'static str {
         "rmdir" => "rmdir PATH",
         "rm" | "delete" => "rm [-r] PATH",
         "mv" | "rename" => "mv FROM TO",
-        "put" => "put [-r|-p] LOCAL [REMOTE]",
-        "get" => "get [-r|-p] REMOTE [LOCAL]",
+        "put" => "put [-r] [-p] LOCAL [REMOTE]",
+        "get" => "get [-r] [-p] REMOTE [LOCAL]",
         "uploads" => "uploads",
         "discard" => "discard PATH",
         _ => "see help",

@@ -60,6 +60,7 @@ pub(super) async fn put_tree(
     remote: &mut Remote,
     local: &Path,
     dest: Option<&str>,
+    keep_times: bool,
 ) -> Result<(), ClientError> {
     let meta = std::fs::metadata(local)
         .map_err(|e| ClientError::Local(format!("{}: {e}", local.display())))?;
@@ -82,6 +83,13 @@ pub(super) async fn put_tree(
     }
     let (dirs, files) = local_tree(&base, &root)?;
     let complete = make_dirs_and_compare(remote.client().await?, &dirs, &files).await?;
+    let times: Vec<(PathBuf, VPath)> = match keep_times {
+        true => files
+            .iter()
+            .map(|(p, r, _)| (p.clone(), r.clone()))
+            .collect(),
+        false => vec![],
+    };
     let skipped = complete.len();
     let (small, big): (Vec<_>, Vec<_>) = files
         .into_iter()
@@ -104,7 +112,29 @@ pub(super) async fn put_tree(
         sent += 1;
     }
     progress.finish(&format!("{sent} files sent, {skipped} already complete"));
-    Ok(())
+    set_remote_times(remote.client().await?, &times).await
+}
+
+/// `put -r -p`: each uploaded file gets its local file's modification
+/// time, pipelined.
+async fn set_remote_times(
+    client: &mut Client,
+    files: &[(PathBuf, VPath)],
+) -> Result<(), ClientError> {
+    let requests: Vec<Request> = files
+        .iter()
+        .filter_map(|(local, remote)| {
+            let mtime = std::fs::metadata(local).and_then(|m| m.modified()).ok()?;
+            let secs = mtime.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+            Some(Request::Mtime {
+                path: remote.to_string(),
+                mtime: secs,
+            })
+        })
+        .collect();
+    client
+        .request_many(&requests, |_, reply| reply.map(|_| ()))
+        .await
 }
 
 /// The local tree under `base`, to land under `root`: the directories to
@@ -280,6 +310,7 @@ pub(super) async fn get_tree(
     remote: &mut Remote,
     src: &str,
     dest: Option<&str>,
+    keep_times: bool,
 ) -> Result<(), ClientError> {
     let root = remote.client().await?.remote_path(src)?;
     let name = root.file_name().unwrap_or("home").to_string();
@@ -289,7 +320,10 @@ pub(super) async fn get_tree(
         Some(d) => d,
         None => PathBuf::from(&name),
     };
-    let mut walk = Walk::default();
+    let mut walk = Walk {
+        keep_times,
+        ..Walk::default()
+    };
     // The directory the user named is theirs to choose, even through a link.
     let subdirs = walk
         .copy_dir(remote, &root, &local_root, |d| std::fs::create_dir_all(d))
@@ -334,6 +368,8 @@ pub(super) struct Walk {
     got: usize,
     skipped: usize,
     progress: TreeProgress,
+    /// `get -r -p`: each file gets its remote modification time.
+    keep_times: bool,
 }
 
 impl Default for Walk {
@@ -344,6 +380,7 @@ impl Default for Walk {
             got: 0,
             skipped: 0,
             progress: TreeProgress::new(),
+            keep_times: false,
         }
     }
 }
@@ -374,7 +411,10 @@ impl Walk {
         let mut subdirs = vec![];
         let mut files = vec![];
         for Entry {
-            kind, size, name, ..
+            kind,
+            size,
+            mtime,
+            name,
         } in listing.entries
         {
             if !safe_name(&name) {
@@ -389,7 +429,7 @@ impl Walk {
             }
             match kind {
                 'd' => subdirs.push(name),
-                'f' => files.push((name, size)),
+                'f' => files.push((name, size, mtime)),
                 _ => self.progress.suspend(|| {
                     eprintln!(
                         "ftpx: skipping {}: not a regular file",
@@ -415,33 +455,56 @@ impl Walk {
         remote: &mut Remote,
         rdir: &VPath,
         ldir: &Path,
-        files: Vec<(String, u64)>,
+        files: Vec<(String, u64, i64)>,
     ) -> Result<(), ClientError> {
-        let bytes = files.iter().map(|(_, size)| size).sum();
+        let bytes = files.iter().map(|(_, size, _)| size).sum();
         self.progress.add(files.len() as u64, bytes);
-        for (name, size) in files {
-            let (rpath, lpath) = (rdir.join(&name), ldir.join(&name));
-            // Only a regular file (not a link) can already be complete.
-            let local_size = std::fs::symlink_metadata(&lpath)
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|m| m.len());
-            let lp = lpath.clone();
-            if local_size == Some(size)
-                && remote_matches(remote.client().await?, &rpath, size, || local_hash(&lp)).await
-            {
-                self.skipped += 1;
-                self.progress.skip(size);
-                continue;
+        for (name, size, mtime) in files {
+            let lpath = ldir.join(&name);
+            self.copy_file(remote, rdir, ldir, &name, size).await?;
+            if self.keep_times {
+                let when = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(mtime.max(0).unsigned_abs());
+                std::fs::File::options()
+                    .write(true)
+                    .open(&lpath)
+                    .and_then(|f| f.set_modified(when))
+                    .map_err(|e| ClientError::Local(format!("{}: {e}", lpath.display())))?;
             }
-            let bar = self.progress.file(&rpath.to_string(), size).clone();
-            let t = self
-                .progress
-                .follow(remote.transfer(&Transfer::Get(rpath, lpath.clone()), &bar))
-                .await?;
-            self.progress.done(&t, &lpath.display().to_string());
-            self.got += 1;
         }
+        Ok(())
+    }
+
+    /// Copies one file, unless it is already complete.
+    async fn copy_file(
+        &mut self,
+        remote: &mut Remote,
+        rdir: &VPath,
+        ldir: &Path,
+        name: &str,
+        size: u64,
+    ) -> Result<(), ClientError> {
+        let (rpath, lpath) = (rdir.join(name), ldir.join(name));
+        // Only a regular file (not a link) can already be complete.
+        let local_size = std::fs::symlink_metadata(&lpath)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        let lp = lpath.clone();
+        if local_size == Some(size)
+            && remote_matches(remote.client().await?, &rpath, size, || local_hash(&lp)).await
+        {
+            self.skipped += 1;
+            self.progress.skip(size);
+            return Ok(());
+        }
+        let bar = self.progress.file(&rpath.to_string(), size).clone();
+        let t = self
+            .progress
+            .follow(remote.transfer(&Transfer::Get(rpath, lpath.clone()), &bar))
+            .await?;
+        self.progress.done(&t, &lpath.display().to_string());
+        self.got += 1;
         Ok(())
     }
 }
