@@ -18,8 +18,8 @@ commands (remote paths are relative to the remote directory; / is your home):
   pwd                      print the remote directory
   cd [PATH]                change the remote directory (no PATH: /; -: the one before)
   ls [-lhtSr] [PATH]       list a directory: type, size, modification time (UTC),
-                           name; -l local time, -h human sizes, -t newest or
-                           -S largest first, -r reversed
+                           name; -l local time and human sizes, -h human sizes,
+                           -t newest or -S largest first, -r reversed
   mkdir [-p] PATH          make a directory (-p: and its parents, if missing)
   rmdir PATH               remove an empty directory
   rm [-r] PATH             remove a file (-r: a directory and all in it; asks first
@@ -220,7 +220,8 @@ fn lcd(dir: Option<&str>) -> Result<(), ClientError> {
         .map_err(|e| ClientError::Local(format!("{}: {e}", dir.display())))
 }
 
-/// How `ls` shows a listing: `-l` local time, `-h` human sizes, `-t` newest
+/// How `ls` shows a listing: `-l` local time and human sizes, `-h` human
+/// sizes, `-t` newest
 /// first, `-S` largest first, `-r` the other way round. Every entry is
 /// shown, names starting with `.` too, as the contract of `ls` says; `-a`
 /// is taken for the habit of other clients and changes nothing.
@@ -272,7 +273,11 @@ async fn ls(remote: &mut Remote, args: &[&str]) -> Result<(), ClientError> {
         entries.reverse();
     }
     for entry in entries {
-        out!("{}", format_entry_as(entry, o.local_time, o.human));
+        // The long form reads as people read: local time, human sizes.
+        out!(
+            "{}",
+            format_entry_as(entry, o.local_time, o.human || o.local_time)
+        );
     }
     if listing.truncated {
         eprintln!(
