@@ -288,21 +288,24 @@ async fn ls(remote: &mut Remote, args: &[&str]) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// `quota`: bytes and files used and their limits, and what unfinished
-/// uploads hold of them.
-async fn quota(remote: &mut Remote) -> Result<(), ClientError> {
+/// The six numbers of the `QUOTA` reply: bytes used and the quota, files
+/// and their limit, what unfinished uploads hold and how many there are.
+async fn quota_numbers(remote: &mut Remote) -> Result<[u64; 6], ClientError> {
     let reply = remote.client().await?.request(&Request::Quota).await?;
     let nums: Vec<u64> = reply
         .text
         .split(' ')
         .map_while(|w| w.parse().ok())
         .collect();
-    let [used, limit, files, max_files, unfinished, count, ..] = nums[..] else {
-        return Err(ClientError::Protocol(format!(
-            "bad quota reply {:?}",
-            reply.text
-        )));
-    };
+    nums.get(..6)
+        .and_then(|n| <[u64; 6]>::try_from(n).ok())
+        .ok_or_else(|| ClientError::Protocol(format!("bad quota reply {:?}", reply.text)))
+}
+
+/// `quota`: bytes and files used and their limits, and what unfinished
+/// uploads hold of them.
+async fn quota(remote: &mut Remote) -> Result<(), ClientError> {
+    let [used, limit, files, max_files, unfinished, count] = quota_numbers(remote).await?;
     out!(
         "used {used} ({}) of {limit} ({})",
         human_bytes(used),
@@ -386,18 +389,7 @@ fn confirmed(question: &str) -> bool {
 
 /// `df`: the quota in the shape of df(1), bytes and files.
 async fn df(remote: &mut Remote) -> Result<(), ClientError> {
-    let reply = remote.client().await?.request(&Request::Quota).await?;
-    let nums: Vec<u64> = reply
-        .text
-        .split(' ')
-        .map_while(|w| w.parse().ok())
-        .collect();
-    let [used, limit, files, max_files, ..] = nums[..] else {
-        return Err(ClientError::Protocol(format!(
-            "bad quota reply {:?}",
-            reply.text
-        )));
-    };
+    let [used, limit, files, max_files, ..] = quota_numbers(remote).await?;
     let percent = |used: u64, of: u64| match of {
         0 => "-".to_string(),
         _ => format!("{}%", (u128::from(used) * 100).div_ceil(u128::from(of))),
