@@ -134,13 +134,66 @@ impl io::Write for CappedLine<'_> {
 /// Client logging to its state directory; silently off if that can't be written.
 pub fn init_client() {
     let path = crate::client::state_dir().join("ftpx.log");
-    let Ok(writer) = open(&path) else { return };
+    let Ok(writer) = RotatingFile::open(path, CLIENT_LOG_MAX) else {
+        return;
+    };
     let _ = tracing_subscriber::fmt()
         .with_ansi(false)
         .with_target(false)
         .with_max_level(tracing::Level::INFO)
         .with_writer(Mutex::new(writer))
         .try_init();
+}
+
+/// Bytes the client's log grows to before it is moved to `ftpx.log.1`
+/// (replacing the one before): the client keeps at most twice this.
+pub const CLIENT_LOG_MAX: u64 = 8 << 20;
+
+/// A log file that, past `max` bytes, is renamed to `NAME.1` and begun
+/// again, so that it never holds more than `max` bytes and one older file.
+pub struct RotatingFile {
+    path: std::path::PathBuf,
+    file: fs::File,
+    written: u64,
+    max: u64,
+}
+
+impl RotatingFile {
+    pub fn open(path: std::path::PathBuf, max: u64) -> Result<RotatingFile, String> {
+        let file = open(&path)?;
+        let written = file.metadata().map_or(0, |m| m.len());
+        Ok(RotatingFile {
+            path,
+            file,
+            written,
+            max,
+        })
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let mut older = self.path.clone().into_os_string();
+        older.push(".1");
+        fs::rename(&self.path, older)?;
+        self.file = open(&self.path).map_err(io::Error::other)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl io::Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.written > 0 && self.written + buf.len() as u64 > self.max {
+            // A log that can't be rotated goes on in the same file.
+            let _ = self.rotate();
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
 }
 
 fn open(path: &Path) -> Result<fs::File, String> {
@@ -157,6 +210,27 @@ fn open(path: &Path) -> Result<fs::File, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_log_is_rotated_at_its_size() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ftpx.log");
+        let mut log = RotatingFile::open(path.clone(), 100).unwrap();
+        for i in 0..50 {
+            writeln!(log, "line {i:02} of the client's log").unwrap();
+        }
+        let size = |p: &Path| fs::metadata(p).unwrap().len();
+        assert!(size(&path) <= 100, "{}", size(&path));
+        let older = dir.path().join("ftpx.log.1");
+        assert!(size(&older) <= 100 && size(&older) > 0);
+        let last = fs::read_to_string(&path).unwrap();
+        assert!(last.ends_with("line 49 of the client's log\n"), "{last}");
+        // Opened again, it counts what is already there.
+        let mut again = RotatingFile::open(path.clone(), 100).unwrap();
+        writeln!(again, "{}", "x".repeat(90)).unwrap();
+        assert!(size(&path) <= 100);
+    }
 
     #[test]
     fn lines_past_the_cap_are_counted_and_warnings_always_go_in() {

@@ -110,6 +110,15 @@ async fn errors_are_said_once_without_codes_or_os_numbers() {
         assert_eq!(out.status, 1);
         assert_eq!(out.stderr, said);
     }
+    // The client's log has each failure too.
+    let log = std::fs::read_to_string(work.path().join("state/ftpx.log")).unwrap();
+    for command in ["get nothere", "put /nothere"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("command failed") && l.contains(command)),
+            "{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use indicatif::ProgressBar;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::ConnectArgs;
 use crate::client::{Client, ClientError, Transferred, state_dir};
@@ -325,6 +325,7 @@ pub(super) async fn run_script(
                 Ok(Flow::Exit) => return exit::OK,
                 Err(e) => {
                     let typed: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+                    warn!(command = ?typed.join(" "), error = ?e.to_string(), "command failed");
                     eprintln!("ftpx: {}: {}", printable(&typed.join(" ")), said(&e));
                     if !may_fail {
                         return exit::FAILED;
@@ -401,6 +402,7 @@ pub(super) async fn interactive(remote: &mut Remote) -> u8 {
                     return exit::OK;
                 }
                 Err(e) => {
+                    warn!(error = ?e.to_string(), "command failed");
                     eprintln!("ftpx: {}", said(&e));
                     status = exit::FAILED;
                     break;
