@@ -90,6 +90,10 @@ pub struct Upload {
     files: Staging,
     /// A journal on disk describes a partial of this path worth keeping.
     resumable: bool,
+    /// An earlier partial of this path was on disk at begin: landing
+    /// removes what is left of it. (Under the path's lock nobody else makes
+    /// one, so without it a landing has nothing to clean up.)
+    superseded: bool,
     ended: bool,
     _lock: UploadLock,
 }
@@ -104,8 +108,10 @@ impl Upload {
             a.reserve(&path, Usage::landing(size, replaced), owner.limits)
         })?;
         let files = Staging::of(&owner.staging, &path);
+        let resumable = files.journal.exists();
         Ok(Upload {
-            resumable: files.journal.exists(),
+            superseded: resumable || files.part.exists(),
+            resumable,
             owner: owner.clone(),
             path,
             size,
@@ -205,8 +211,10 @@ impl Upload {
         // The journal goes first: a crash before the rename leaves a partial
         // without a journal, which the sweeper removes, and never a journal
         // that goes on charging a file already in the home.
-        remove_if_there(&self.files.journal);
-        self.resumable = false;
+        if self.resumable {
+            remove_if_there(&self.files.journal);
+            self.resumable = false;
+        }
         let dir = staged.parent().unwrap_or(Path::new("."));
         let staging = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
             .map_err(Error::Storage)?;
@@ -233,7 +241,9 @@ impl Upload {
             warn!(path = %path, error = %e, "could not make the rename durable");
         }
         // A partial of this path that the landed file supersedes.
-        self.files.remove();
+        if self.superseded {
+            self.files.remove();
+        }
         Ok(())
     }
 
