@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::cli::Cli;
 use crate::config::{Config, human_bytes, parse_size};
 use crate::server::{Server, Stopping};
-use crate::store::users::{self, Password, User, UserDb};
+use crate::store::users::{self, Password, Records as _, User, UserDb};
 use crate::tls;
 
 /// `ftpx serve`: runs until SIGINT or SIGTERM.
@@ -157,7 +157,7 @@ pub fn useradd(
         Some(q) => parse_size(q)?,
         None => config.accounts.default_quota.0,
     };
-    let db = UserDb::new(&config.server.var_dir);
+    let db = user_db(&config)?;
     if db.find(name)?.is_some() {
         return Err(format!("user {name:?} already exists"));
     }
@@ -184,10 +184,55 @@ pub fn useradd(
     Ok(())
 }
 
+/// The accounts the config names: `var/users.toml`, or with `[cluster]`
+/// the shared database.
+fn user_db(config: &Config) -> Result<UserDb, String> {
+    match config.cluster.url() {
+        None => Ok(UserDb::new(&config.server.var_dir)),
+        Some(url) => {
+            let cluster = crate::cluster::Cluster::open(&url, &config.cluster)?;
+            let accounts = crate::cluster::accounts::Accounts::new(cluster);
+            Ok(UserDb::with_records(
+                &config.server.var_dir,
+                Arc::new(accounts),
+            ))
+        }
+    }
+}
+
+/// `ftpx import-users`: a single node's accounts into the cluster's database.
+pub fn import_users(config_path: Option<&Path>, file: &Path) -> Result<(), String> {
+    let config = Config::from_arg(config_path)?;
+    let Some(url) = config.cluster.url() else {
+        return Err(
+            "no cluster database is configured ([cluster] database or FTPX_DATABASE_URL)".into(),
+        );
+    };
+    if !file.exists() {
+        return Err(format!("{} does not exist", file.display()));
+    }
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let users = crate::store::users::UsersFile::new(dir)
+        .with_file(file)
+        .load()?;
+    let cluster = crate::cluster::Cluster::open(&url, &config.cluster)?;
+    let added = crate::cluster::accounts::Accounts::new(cluster).import(&users)?;
+    println!(
+        "imported {added} of {} accounts from {}{}",
+        users.len(),
+        file.display(),
+        match users.len() - added {
+            0 => String::new(),
+            n => format!(" ({n} already there, left as they are)"),
+        }
+    );
+    Ok(())
+}
+
 /// `ftpx userdel`.
 pub fn userdel(config_path: Option<&Path>, name: &str, remove_home: bool) -> Result<(), String> {
     let config = Config::from_arg(config_path)?;
-    let db = UserDb::new(&config.server.var_dir);
+    let db = user_db(&config)?;
     users::check_name(name)?;
     let (home, partial) = (db.home(name), config.partial_dir().join(name));
     match db.remove(name, remove_home) {
@@ -226,7 +271,7 @@ pub fn usermod(
     password_stdin: bool,
 ) -> Result<(), String> {
     let config = Config::from_arg(config_path)?;
-    let db = UserDb::new(&config.server.var_dir);
+    let db = user_db(&config)?;
     if db.find(name)?.is_none() {
         return Err(format!("no user {name:?}"));
     }
@@ -261,7 +306,7 @@ pub fn usermod(
 /// `ftpx users`: name, quota, usage and files, one user a line.
 pub fn users(config_path: Option<&Path>) -> Result<(), String> {
     let config = Config::from_arg(config_path)?;
-    let db = UserDb::new(&config.server.var_dir);
+    let db = user_db(&config)?;
     println!(
         "{:<32} {:>14} {:>14} {:>10} {:>10}",
         "USER", "QUOTA", "USED", "FILES", "MAX_FILES"

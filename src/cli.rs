@@ -95,6 +95,16 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Copy the accounts of a single node's users.toml into the cluster's
+    /// database ([cluster] database or FTPX_DATABASE_URL); names already
+    /// there are left as they are.
+    ImportUsers {
+        /// The file to read.
+        #[arg(value_name = "FILE", default_value = "var/users.toml")]
+        file: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print a completion script for SHELL to standard output.
     Completions {
         /// The shell the script is for.

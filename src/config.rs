@@ -22,6 +22,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub transfer: TransferSection,
     pub defender: DefenderSection,
+    pub cluster: ClusterSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +214,53 @@ impl Default for DefenderSection {
     }
 }
 
+/// `[cluster]`: several nodes as one service, their shared state in one
+/// PostgreSQL database (see [`crate::cluster`]). Off while `database` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// `postgres://USER:PASSWORD@HOST:PORT/DBNAME`; empty: a single node.
+    /// The environment's `FTPX_DATABASE_URL` wins over it.
+    pub database: String,
+    /// PEM file of the CA that signed the database's certificate. With it,
+    /// the connection is TLS (rustls) and the certificate is checked; the
+    /// URL's `sslmode` says whether plain text is refused (`require`).
+    pub ca_file: PathBuf,
+    /// How long a node's reservations, upload locks and sessions count
+    /// after it last renewed them; a node renews every third of this.
+    pub lease_secs: u64,
+    /// Longest wait to open a connection to the database.
+    pub connect_timeout_ms: u64,
+    /// Longest a statement may run (the database cancels it past this).
+    pub statement_timeout_ms: u64,
+    /// Connections to the database a node keeps open at most.
+    pub pool_size: usize,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            database: String::new(),
+            ca_file: PathBuf::new(),
+            lease_secs: 30,
+            connect_timeout_ms: 3000,
+            statement_timeout_ms: 5000,
+            pool_size: 16,
+        }
+    }
+}
+
+impl ClusterSection {
+    /// The database URL in force: the environment's, else the file's; None
+    /// for a single node.
+    pub fn url(&self) -> Option<String> {
+        std::env::var("FTPX_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| Some(self.database.clone()).filter(|u| !u.is_empty()))
+    }
+}
+
 impl Config {
     /// The settings a command runs on: the file given with `--config`,
     /// which must exist (a typo must not run a server on the defaults), else
@@ -273,6 +321,14 @@ impl Config {
         }
         if self.transfer.partial_sweep_secs == 0 {
             return Err("partial_sweep_secs must be at least 1".into());
+        }
+        let c = &self.cluster;
+        if c.lease_secs < 3
+            || c.pool_size < 2
+            || c.connect_timeout_ms == 0
+            || c.statement_timeout_ms == 0
+        {
+            return Err("cluster: lease_secs must be at least 3, pool_size at least 2, the timeouts at least 1".into());
         }
         let l = &self.limits;
         if l.max_line < 256 || l.max_path == 0 || l.max_sessions == 0 || l.max_sessions_per_ip == 0

@@ -48,6 +48,7 @@ pub mod alloc;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod logging;

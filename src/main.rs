@@ -25,6 +25,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Admin commands reach a cluster's database from this thread.
+    let _runtime = runtime.enter();
     let result = match cli.command {
         Command::Serve { listen, config } => {
             runtime.block_on(admin::serve(config.config.as_deref(), listen))
@@ -68,6 +70,9 @@ fn main() -> ExitCode {
             password_stdin,
         ),
         Command::Users { config } => admin::users(config.config.as_deref()),
+        Command::ImportUsers { file, config } => {
+            admin::import_users(config.config.as_deref(), &file)
+        }
         Command::Completions { shell } => admin::completions(shell),
         Command::Man { dir } => admin::man(dir.as_deref()),
     };

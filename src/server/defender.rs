@@ -24,13 +24,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use tracing::{info, warn};
 
+use crate::cluster::defences::Defences;
 use crate::config::DefenderSection;
 
 /// An IPv4 address, or an IPv6 address cut to its /64.
@@ -172,11 +173,37 @@ pub struct Attempt<'a> {
     defender: &'a Defender,
     key: (Source, String),
     settled: bool,
+    /// With several nodes, the shared counts, which also hold this guess.
+    shared: Option<Arc<Defences>>,
 }
 
 impl Attempt<'_> {
+    /// The source and the account key, as the shared counts name them.
+    pub fn key(&self) -> (String, String) {
+        (self.key.0.to_string(), self.key.1.clone())
+    }
+
+    /// Settles the guess in `shared` too, which has admitted it.
+    pub fn share(&mut self, shared: Arc<Defences>) {
+        self.shared = Some(shared);
+    }
+
+    /// Settles the guess in the shared counts, in the background: the next
+    /// guess of the pair waits for it there.
+    fn settle_shared(&mut self, failed: bool) {
+        if let Some(shared) = self.shared.take() {
+            let (source, account) = self.key();
+            tokio::spawn(async move {
+                if let Err(e) = shared.settle(&source, &account, failed).await {
+                    warn!(source, user = ?account, error = %e, "cannot record a login on the shared counts");
+                }
+            });
+        }
+    }
+
     /// The password was right: the pair's failures are cleared.
     pub fn succeeded(mut self) {
+        self.settle_shared(false);
         self.settled = true;
         let mut s = self.defender.lock();
         s.land(&self.key);
@@ -189,6 +216,7 @@ impl Attempt<'_> {
     /// failure and returns how long to wait before replying, given the base
     /// delay.
     pub fn failed(mut self, base: Duration) -> Duration {
+        self.settle_shared(true);
         self.settled = true;
         let mut s = self.defender.lock();
         s.land(&self.key);
@@ -201,6 +229,7 @@ impl Attempt<'_> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
+        self.settle_shared(false);
         if !self.settled {
             self.defender.lock().land(&self.key);
             self.defender.landed.notify_waiters();
@@ -315,6 +344,7 @@ impl Defender {
             defender: self,
             key,
             settled: false,
+            shared: None,
         })
     }
 

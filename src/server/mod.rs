@@ -22,6 +22,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use crate::cluster::Cluster;
+use crate::cluster::defences::{Defences, Verdict};
 use crate::config::Config;
 use crate::server::defender::{Attempt, Banned, Defender, Source};
 use crate::server::turns::{Turn, Turns};
@@ -35,6 +37,9 @@ pub struct Server {
     /// Quotas, and the one upload lock per user and path.
     pub ledger: Arc<Ledger>,
     pub defender: Defender,
+    /// With several nodes: the shared database, and the defender's shared half.
+    pub cluster: Option<Arc<Cluster>>,
+    defences: Option<Arc<Defences>>,
     /// Turns to hash a password, shared fairly between sources: bounds the
     /// hashes computed at once (each takes 128 MiB at the default cost).
     pub turns: Turns,
@@ -74,8 +79,27 @@ impl Drop for SessionSlot {
 }
 
 impl Server {
+    /// The server of `config`; with `[cluster]`, connected to its database
+    /// (which must be reachable at start). Runs inside the runtime.
     pub fn new(config: Config) -> Result<Server, String> {
-        let users = UserDb::new(&config.server.var_dir);
+        let cluster = match config.cluster.url() {
+            Some(url) => Some(Cluster::open(&url, &config.cluster)?),
+            None => None,
+        };
+        let (users, ledger, defences) = match &cluster {
+            None => (UserDb::new(&config.server.var_dir), Ledger::default(), None),
+            Some(c) => {
+                let accounts = Arc::new(crate::cluster::accounts::Accounts::new(c.clone()));
+                c.join()?;
+                tokio::spawn(accounts.clone().watch());
+                info!(node = c.node(), "joined the cluster");
+                (
+                    UserDb::with_records(&config.server.var_dir, accounts),
+                    Ledger::new(Box::new(crate::cluster::ledger::Shared::new(c.clone()))),
+                    Some(Arc::new(Defences::new(c.clone(), config.defender.clone()))),
+                )
+            }
+        };
         // A damaged user database stops the server at start, with the reason.
         users.load()?;
         let dummy_hash = crate::store::users::hash_password(
@@ -85,8 +109,10 @@ impl Server {
         Ok(Server {
             turns: Turns::new(config.accounts.hash_concurrency),
             users,
-            ledger: Arc::default(),
+            ledger: Arc::new(ledger),
             defender: Defender::new(config.defender.clone()),
+            cluster,
+            defences,
             sessions: Mutex::new(Sessions::default()),
             dummy_hash,
             config,
@@ -123,14 +149,53 @@ impl Server {
     /// Admits a guess of `user`'s password from `ip`, or refuses it as
     /// banned (see [`Defender::admit`]). A guess that waits longer than the
     /// login timeout for the guesses before it is told the server is busy.
+    /// With several nodes the guess must also be admitted by the shared
+    /// counts ([`Defences::admit`]), waiting as the local defender does.
     pub async fn admit(
         &self,
         ip: IpAddr,
         user: &str,
     ) -> crate::error::Result<Result<Attempt<'_>, Banned>> {
-        tokio::time::timeout(self.config.login_timeout(), self.defender.admit(ip, user))
+        let admit = async {
+            let mut attempt = match self.defender.admit(ip, user).await {
+                Ok(attempt) => attempt,
+                Err(banned) => return Ok(Err(banned)),
+            };
+            if let Some(shared) = &self.defences {
+                let (source, account) = attempt.key();
+                loop {
+                    let verdict = shared
+                        .admit(&source, &account)
+                        .await
+                        .map_err(|e| crate::error::Error::Unavailable(e.to_string()))?;
+                    match verdict {
+                        Verdict::Admitted => break,
+                        Verdict::Banned => return Ok(Err(Banned)),
+                        Verdict::Wait => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                attempt.share(shared.clone());
+            }
+            Ok(Ok(attempt))
+        };
+        tokio::time::timeout(self.config.login_timeout(), admit)
             .await
-            .map_err(|_| busy())
+            .map_err(|_| busy())?
+    }
+
+    /// Counts a registration from `ip`: false when its source is over the
+    /// hourly limit (on this node, or on all nodes together).
+    pub async fn may_register(&self, ip: IpAddr) -> crate::error::Result<bool> {
+        if !self.defender.register(ip) {
+            return Ok(false);
+        }
+        match &self.defences {
+            None => Ok(true),
+            Some(shared) => shared
+                .register(&Source::of(ip).to_string())
+                .await
+                .map_err(|e| crate::error::Error::Unavailable(e.to_string())),
+        }
     }
 
     /// Where a user's unfinished uploads and their journals live.
@@ -175,7 +240,8 @@ pub async fn run_reporting(
     let (stop_tx, stop_rx) = watch::channel(false);
     // Before the first client: no upload can be running, so whatever a
     // crash left behind goes.
-    sweep(&server, true).await;
+    // At the start of the only node no upload runs; another node's may.
+    sweep(&server, server.ledger.alone()).await;
     let sweeper = tokio::spawn(sweep_on_a_timer(server.clone()));
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);

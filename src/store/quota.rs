@@ -95,21 +95,29 @@ pub struct Limits {
     pub entries: u64,
 }
 
+/// What an unfinished upload is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub charge: Usage,
+    /// Waiting to be resumed (no session holds it), rather than running.
+    pub parked: bool,
+}
+
 /// One user's numbers.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Account {
     /// What the home holds.
-    stored: Usage,
+    pub stored: Usage,
     /// Unfinished uploads (running or waiting to be resumed), by target path.
-    reserved: HashMap<VPath, Usage>,
-    /// Open sessions of this user.
-    sessions: usize,
+    pub reserved: HashMap<VPath, Reservation>,
 }
 
 impl Account {
     /// Usage, unfinished uploads included.
     pub fn used(&self) -> Usage {
-        self.reserved.values().fold(self.stored, |a, b| a.plus(*b))
+        self.reserved
+            .values()
+            .fold(self.stored, |a, r| a.plus(r.charge))
     }
 
     /// What unfinished uploads are charged, and how many there are.
@@ -117,14 +125,18 @@ impl Account {
         let charged = self
             .reserved
             .values()
-            .fold(Usage::default(), |a, b| a.plus(*b));
+            .fold(Usage::default(), |a, r| a.plus(r.charge));
         (charged, self.reserved.len())
     }
 
     /// Usage without the reservation of the upload to `path`.
     fn others(&self, path: &VPath) -> Usage {
-        self.used()
-            .minus(self.reserved.get(path).copied().unwrap_or_default())
+        self.used().minus(
+            self.reserved
+                .get(path)
+                .map(|r| r.charge)
+                .unwrap_or_default(),
+        )
     }
 
     /// Whether `base` plus `add` fits `limits`. Only what grows is checked:
@@ -156,7 +168,9 @@ impl Account {
     /// attempt at the same path held.
     pub fn reserve(&mut self, path: &VPath, charge: Usage, limits: Limits) -> Result<()> {
         Account::fits(self.others(path), charge, limits)?;
-        self.reserved.insert(path.clone(), charge);
+        let parked = false;
+        self.reserved
+            .insert(path.clone(), Reservation { charge, parked });
         Ok(())
     }
 
@@ -165,7 +179,9 @@ impl Account {
     /// while it runs, but kept alone it occupies its whole size.
     pub fn park(&mut self, path: &VPath, charge: Usage, limits: Limits) -> Result<()> {
         Account::fits(self.others(path), charge, limits)?;
-        self.reserved.insert(path.clone(), charge);
+        let parked = true;
+        self.reserved
+            .insert(path.clone(), Reservation { charge, parked });
         Ok(())
     }
 
@@ -226,30 +242,164 @@ pub struct Scan {
 impl Scan {
     /// Usage, unfinished uploads included, as the ledger counts it.
     pub fn total(&self) -> Usage {
-        self.reserved
-            .iter()
-            .fold(self.stored, |a, (_, r)| a.plus(*r))
+        self.account().used()
+    }
+
+    /// The account as the disk shows it: every unfinished upload parked.
+    pub fn account(&self) -> Account {
+        let reserved = self.reserved.iter().map(|(path, charge)| {
+            let parked = true;
+            (
+                path.clone(),
+                Reservation {
+                    charge: *charge,
+                    parked,
+                },
+            )
+        });
+        Account {
+            stored: self.stored,
+            reserved: reserved.collect(),
+        }
     }
 }
 
-#[derive(Debug, Default)]
+/// Where the ledger's numbers and locks live: this process's memory for a
+/// single node ([`Local`]), the shared database for several
+/// ([`crate::cluster::ledger`]). Either way, one account is changed by one
+/// caller at a time, and one upload lock is held by one upload.
+pub trait Book: Send + Sync + std::fmt::Debug {
+    /// Runs `f` on `user`'s account, locked against every other change of
+    /// it; what `f` changed is kept when it returns true.
+    fn with_account(&self, user: &str, f: &mut dyn FnMut(&mut Account) -> bool) -> Result<()>;
+    /// Counts a session of `user`. For the user's first session (on any
+    /// node), the account is rebuilt from `scan()`.
+    fn open_session(
+        &self,
+        user: &str,
+        scan: &mut dyn FnMut() -> std::io::Result<Scan>,
+    ) -> Result<()>;
+    fn close_session(&self, user: &str);
+    /// Whether `user` has a session open (on any node).
+    fn has_sessions(&self, user: &str) -> Result<bool>;
+    /// Drops the reservation for `path` (see [`Account::release`]).
+    fn release(&self, user: &str, path: &VPath);
+    /// Takes the one upload lock of `path`; false while another holds it.
+    fn lock_upload(&self, user: &str, path: &VPath) -> Result<bool>;
+    fn unlock_upload(&self, user: &str, path: &VPath);
+    /// Whether this is the only node: then at its start no upload can be
+    /// running, and the sweeper may clear every staging file left.
+    fn alone(&self) -> bool;
+}
+
+/// The quota ledger and the upload locks, over a [`Book`].
+#[derive(Debug)]
 pub struct Ledger {
-    accounts: Mutex<HashMap<String, Arc<Mutex<Account>>>>,
-    /// Uploads under way, by user and target: one writer per file.
-    uploads: Mutex<HashSet<(String, VPath)>>,
+    book: Box<dyn Book>,
+}
+
+impl Default for Ledger {
+    fn default() -> Ledger {
+        Ledger::new(Box::new(Local::default()))
+    }
 }
 
 /// Marks an upload target busy; frees it when dropped.
 #[derive(Debug)]
 pub struct UploadLock {
     ledger: Arc<Ledger>,
-    key: (String, VPath),
+    user: String,
+    path: VPath,
 }
 
 impl Drop for UploadLock {
     fn drop(&mut self) {
-        lock(&self.ledger.uploads).remove(&self.key);
+        self.ledger.book.unlock_upload(&self.user, &self.path);
     }
+}
+
+impl Ledger {
+    pub fn new(book: Box<dyn Book>) -> Ledger {
+        Ledger { book }
+    }
+
+    /// Runs `f` on `user`'s account under its lock. Changes to the home
+    /// that alter what it holds run inside `f`, so that nothing of the
+    /// same user moves between a check and the change; they are kept
+    /// when `f` succeeds.
+    pub fn with<T>(&self, user: &str, f: impl FnOnce(&mut Account) -> Result<T>) -> Result<T> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.book.with_account(user, &mut |account| {
+            let result = f.take().map(|f| f(account));
+            let ok = matches!(result, Some(Ok(_)));
+            out = result;
+            ok
+        })?;
+        out.unwrap_or_else(|| Err(Error::Unavailable("the account was not read".into())))
+    }
+
+    /// Registers a session of `user`; for the user's first, the account is
+    /// rebuilt from `scan()`.
+    pub fn open_session(
+        &self,
+        user: &str,
+        scan: impl FnOnce() -> std::io::Result<Scan>,
+    ) -> Result<()> {
+        let mut scan = Some(scan);
+        self.book.open_session(user, &mut || match scan.take() {
+            Some(scan) => scan(),
+            None => Err(std::io::Error::other("scanned twice")),
+        })
+    }
+
+    pub fn close_session(&self, user: &str) {
+        self.book.close_session(user)
+    }
+
+    /// Whether `user` has a session open.
+    pub fn has_sessions(&self, user: &str) -> Result<bool> {
+        self.book.has_sessions(user)
+    }
+
+    /// Usage, reservations included.
+    pub fn used(&self, user: &str) -> Result<Usage> {
+        self.with(user, |a| Ok(a.used()))
+    }
+
+    /// Drops the reservation for `path` (see [`Account::release`]).
+    pub fn release(&self, user: &str, path: &VPath) {
+        self.book.release(user, path)
+    }
+
+    /// Takes the one upload lock of `path`, or None while another holds it.
+    pub fn lock_upload(self: &Arc<Self>, user: &str, path: &VPath) -> Result<Option<UploadLock>> {
+        Ok(self.book.lock_upload(user, path)?.then(|| UploadLock {
+            ledger: self.clone(),
+            user: user.to_string(),
+            path: path.clone(),
+        }))
+    }
+
+    /// See [`Book::alone`].
+    pub fn alone(&self) -> bool {
+        self.book.alone()
+    }
+}
+
+/// The book of a single node: accounts and locks in this process's memory.
+#[derive(Debug, Default)]
+pub struct Local {
+    accounts: Mutex<HashMap<String, Arc<Mutex<LocalAccount>>>>,
+    /// Uploads under way, by user and target: one writer per file.
+    uploads: Mutex<HashSet<(String, VPath)>>,
+}
+
+#[derive(Debug, Default)]
+struct LocalAccount {
+    account: Account,
+    /// Open sessions of this user.
+    sessions: usize,
 }
 
 /// A poisoned lock leaves plain numbers behind, still usable.
@@ -257,76 +407,77 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Ledger {
-    fn account(&self, user: &str) -> Arc<Mutex<Account>> {
+impl Local {
+    fn account(&self, user: &str) -> Arc<Mutex<LocalAccount>> {
         lock(&self.accounts)
             .entry(user.to_string())
             .or_default()
             .clone()
     }
 
-    /// Runs `f` on `user`'s account under its lock. Changes to the home
-    /// that alter what it holds run inside `f`, so that nothing of the
-    /// same user moves between a check and the change.
-    pub fn with<R>(&self, user: &str, f: impl FnOnce(&mut Account) -> R) -> R {
-        let account = self.account(user);
-        let mut account = lock(&account);
-        f(&mut account)
+    fn known(&self, user: &str) -> Option<Arc<Mutex<LocalAccount>>> {
+        lock(&self.accounts).get(user).cloned()
     }
+}
 
-    /// Registers a session of `user`. When it is the user's first, the
-    /// account is rebuilt from `scan()`.
-    pub fn open_session(
-        &self,
-        user: &str,
-        scan: impl FnOnce() -> std::io::Result<Scan>,
-    ) -> std::io::Result<()> {
-        let first = self.with(user, |a| a.sessions == 0);
-        // Scan outside the lock: a big home takes a while. Two first sessions
-        // at once both scan; the second result is dropped.
-        let fresh = if first { Some(scan()?) } else { None };
-        self.with(user, |account| {
-            if let Some(scan) = fresh
-                && account.sessions == 0
-            {
-                account.stored = scan.stored;
-                account.reserved = scan.reserved.into_iter().collect();
-            }
-            account.sessions += 1;
-        });
+impl Book for Local {
+    fn with_account(&self, user: &str, f: &mut dyn FnMut(&mut Account) -> bool) -> Result<()> {
+        let entry = self.account(user);
+        f(&mut lock(&entry).account);
         Ok(())
     }
 
-    pub fn close_session(&self, user: &str) {
-        self.with(user, |a| a.sessions = a.sessions.saturating_sub(1));
+    fn open_session(
+        &self,
+        user: &str,
+        scan: &mut dyn FnMut() -> std::io::Result<Scan>,
+    ) -> Result<()> {
+        let entry = self.account(user);
+        let first = lock(&entry).sessions == 0;
+        // Scan outside the lock: a big home takes a while. Two first sessions
+        // at once both scan; the second result is dropped.
+        let fresh = if first {
+            Some(scan().map_err(Error::Storage)?)
+        } else {
+            None
+        };
+        let mut entry = lock(&entry);
+        if let Some(scan) = fresh
+            && entry.sessions == 0
+        {
+            entry.account = scan.account();
+        }
+        entry.sessions += 1;
+        Ok(())
     }
 
-    /// Whether `user` has a session open.
-    pub fn has_sessions(&self, user: &str) -> bool {
-        let account = lock(&self.accounts).get(user).cloned();
-        account.is_some_and(|a| lock(&a).sessions > 0)
-    }
-
-    /// Usage, reservations included.
-    pub fn used(&self, user: &str) -> Usage {
-        self.with(user, |a| a.used())
-    }
-
-    /// Drops the reservation for `path` if the account is known (see [`Account::release`]).
-    pub fn release(&self, user: &str, path: &VPath) {
-        let account = lock(&self.accounts).get(user).cloned();
-        if let Some(account) = account {
-            lock(&account).release(path);
+    fn close_session(&self, user: &str) {
+        if let Some(entry) = self.known(user) {
+            let mut entry = lock(&entry);
+            entry.sessions = entry.sessions.saturating_sub(1);
         }
     }
 
-    /// Takes the one upload lock of `path`, or None while another holds it.
-    pub fn lock_upload(self: &Arc<Self>, user: &str, path: &VPath) -> Option<UploadLock> {
-        let key = (user.to_string(), path.clone());
-        lock(&self.uploads).insert(key.clone()).then(|| UploadLock {
-            ledger: self.clone(),
-            key,
-        })
+    fn has_sessions(&self, user: &str) -> Result<bool> {
+        Ok(self.known(user).is_some_and(|a| lock(&a).sessions > 0))
+    }
+
+    fn release(&self, user: &str, path: &VPath) {
+        if let Some(entry) = self.known(user) {
+            lock(&entry).account.release(path);
+        }
+    }
+
+    fn lock_upload(&self, user: &str, path: &VPath) -> Result<bool> {
+        Ok(lock(&self.uploads).insert((user.to_string(), path.clone())))
+    }
+
+    fn unlock_upload(&self, user: &str, path: &VPath) {
+        lock(&self.uploads).remove(&(user.to_string(), path.clone()));
+    }
+
+    fn alone(&self) -> bool {
+        true
     }
 }
 
@@ -385,6 +536,21 @@ mod tests {
 
     const MANY: u64 = 1000;
 
+    /// Runs `f` on the account of "u".
+    fn on(l: &Ledger, f: impl FnOnce(&mut Account)) {
+        l.with("u", |a| {
+            f(a);
+            Ok(())
+        })
+        .unwrap()
+    }
+
+    impl Ledger {
+        fn lock_upload_now(self: &Arc<Self>, user: &str, path: &VPath) -> Option<UploadLock> {
+            self.lock_upload(user, path).unwrap()
+        }
+    }
+
     fn limits(bytes: u64) -> Limits {
         Limits {
             bytes,
@@ -407,7 +573,7 @@ mod tests {
     #[test]
     fn reservations_reach_the_limit_exactly() {
         let l = ledger(40);
-        l.with("u", |a| {
+        on(&l, |a| {
             a.reserve(&p("a"), bytes(30), limits(100)).unwrap();
             a.reserve(&p("b"), bytes(30), limits(100)).unwrap();
             assert!(matches!(
@@ -421,13 +587,13 @@ mod tests {
             a.reserve(&p("b"), bytes(29), limits(100)).unwrap();
             a.reserve(&p("c"), bytes(1), limits(100)).unwrap();
         });
-        assert_eq!(l.used("u").bytes, 100);
+        assert_eq!(l.used("u").unwrap().bytes, 100);
     }
 
     #[test]
     fn landing_is_settled_against_what_is_replaced_then() {
         let l = ledger(60);
-        l.with("u", |a| {
+        on(&l, |a| {
             // An upload of 60 that replaces the file of 60 is charged nothing...
             a.reserve(&p("d/f"), Usage::landing(60, Some(60)), limits(64))
                 .unwrap();
@@ -464,7 +630,7 @@ mod tests {
     #[test]
     fn a_shrinking_change_is_allowed_over_a_lowered_limit() {
         let l = ledger(100);
-        l.with("u", |a| {
+        on(&l, |a| {
             a.check_landing(&p("f"), 10, Some(50), limits(60)).unwrap();
             a.landed(&p("f"), 10, Some(50));
             assert_eq!(a.used().bytes, 60);
@@ -479,7 +645,7 @@ mod tests {
             bytes: 100,
             entries: 2,
         };
-        l.with("u", |a| {
+        on(&l, |a| {
             a.check_add(
                 Usage {
                     bytes: 0,
@@ -521,7 +687,7 @@ mod tests {
     #[test]
     fn a_parked_partial_counts_in_full() {
         let l = ledger(60);
-        l.with("u", |a| {
+        on(&l, |a| {
             a.reserve(&p("f"), Usage::landing(60, Some(60)), limits(64))
                 .unwrap();
             // Kept alone, it does not fit beside the file it was to replace...
@@ -551,7 +717,7 @@ mod tests {
     #[test]
     fn no_overflow_at_the_edges() {
         let l = ledger(u64::MAX - 1);
-        l.with("u", |a| {
+        on(&l, |a| {
             assert!(
                 a.reserve(&p("a"), bytes(u64::MAX), limits(u64::MAX))
                     .is_err()
@@ -559,7 +725,7 @@ mod tests {
             a.reserve(&p("a"), bytes(1), limits(u64::MAX)).unwrap();
         });
         let zero = ledger(0);
-        zero.with("u", |a| {
+        on(&zero, |a| {
             assert!(a.reserve(&p("a"), bytes(1), limits(0)).is_err());
             a.reserve(&p("a"), bytes(0), limits(0)).unwrap();
         });
@@ -579,16 +745,16 @@ mod tests {
             })
         })
         .unwrap();
-        assert_eq!(l.used("u").bytes, 10);
+        assert_eq!(l.used("u").unwrap().bytes, 10);
     }
 
     #[test]
     fn one_upload_per_user_and_path() {
         let l = Arc::new(Ledger::default());
-        let held = l.lock_upload("u", &p("a")).unwrap();
-        assert!(l.lock_upload("u", &p("a")).is_none());
-        assert!(l.lock_upload("v", &p("a")).is_some());
+        let held = l.lock_upload_now("u", &p("a")).unwrap();
+        assert!(l.lock_upload_now("u", &p("a")).is_none());
+        assert!(l.lock_upload_now("v", &p("a")).is_some());
         drop(held);
-        assert!(l.lock_upload("u", &p("a")).is_some());
+        assert!(l.lock_upload_now("u", &p("a")).is_some());
     }
 }

@@ -336,7 +336,7 @@ pub fn unfinished(owner: &Owner) -> io::Result<Vec<Unfinished>> {
 pub fn discard(owner: &Owner, path: &VPath) -> Result<u64> {
     let lock = owner
         .ledger
-        .lock_upload(&owner.name, path)
+        .lock_upload(&owner.name, path)?
         .ok_or_else(|| Error::Busy(path.to_string()))?;
     let files = Staging::of(&owner.staging, path);
     let record = Journal::load(&files.journal).ok().flatten();
@@ -452,7 +452,7 @@ fn sweep_journal(
         return;
     }
     // Not while an upload of it runs (or a resume is starting).
-    let Some(_lock) = ledger.lock_upload(user, &target) else {
+    let Ok(Some(_lock)) = ledger.lock_upload(user, &target) else {
         return;
     };
     // Read again under the lock: an upload may have saved it meanwhile.

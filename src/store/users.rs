@@ -16,6 +16,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use scrypt::phc::{Ident, Output, PasswordHash, Salt};
 use serde::{Deserialize, Serialize};
@@ -192,19 +193,41 @@ pub fn verify_password(password: &Password, stored: &str, max_log_n: u8) -> Resu
     Ok(diff == 0)
 }
 
-/// The user database in one directory (normally `var/`).
+/// Where the accounts live: `var/users.toml` ([`UsersFile`]) for a single
+/// node, the shared database for several ([`crate::cluster::accounts`]).
+pub trait Records: Send + Sync + fmt::Debug {
+    /// All accounts.
+    fn load(&self) -> Result<Vec<User>, String>;
+    fn find(&self, name: &str) -> Result<Option<User>, String>;
+    /// A number that changes whenever an account may have changed; None
+    /// while it can't be known.
+    fn version(&self) -> Option<u64>;
+    /// Adds `user`, unless the name is taken or `free` refuses it (checked
+    /// in the same step as the insertion).
+    fn insert(&self, user: &User, free: &dyn Fn(&str) -> Result<(), String>) -> Result<(), String>;
+    /// Removes an account; an error if there is none.
+    fn delete(&self, name: &str) -> Result<(), String>;
+    /// Changes one account in place; an error if there is none.
+    fn update(&self, name: &str, f: &dyn Fn(&mut User)) -> Result<(), String>;
+}
+
+/// The accounts, and the homes under `var/homes`.
 #[derive(Debug, Clone)]
 pub struct UserDb {
-    file: PathBuf,
-    lock: PathBuf,
+    records: Arc<dyn Records>,
     homes: PathBuf,
 }
 
 impl UserDb {
+    /// The accounts of a single node, in `var_dir/users.toml`.
     pub fn new(var_dir: &Path) -> UserDb {
+        UserDb::with_records(var_dir, Arc::new(UsersFile::new(var_dir)))
+    }
+
+    /// The accounts in `records`, the homes under `var_dir`.
+    pub fn with_records(var_dir: &Path, records: Arc<dyn Records>) -> UserDb {
         UserDb {
-            file: var_dir.join("users.toml"),
-            lock: var_dir.join("users.lock"),
+            records,
             homes: var_dir.join("homes"),
         }
     }
@@ -219,6 +242,106 @@ impl UserDb {
 
     /// All accounts. A missing file is an empty database; a damaged one is an error.
     pub fn load(&self) -> Result<Vec<User>, String> {
+        self.records.load()
+    }
+
+    /// See [`Records::version`].
+    pub fn version(&self) -> Option<u64> {
+        self.records.version()
+    }
+
+    pub fn find(&self, name: &str) -> Result<Option<User>, String> {
+        self.records.find(name)
+    }
+
+    /// Creates an account and its home, or takes over the home that is
+    /// already there (the admin reviving an account). Fails if the name is taken.
+    pub fn add(&self, user: User) -> Result<(), String> {
+        self.add_checked(user, &|_| Ok(()))
+    }
+
+    /// Creates an account for a stranger: also refused while anything of an
+    /// earlier account of that name is left (its home, or its unfinished
+    /// uploads in `partial_dir`), so nobody inherits another's files.
+    pub fn register(&self, user: User, partial_dir: &Path) -> Result<(), String> {
+        let home = self.home(&user.name);
+        let partial = partial_dir.join(&user.name);
+        self.add_checked(user, &|name| {
+            if home.symlink_metadata().is_ok() || partial.symlink_metadata().is_ok() {
+                return Err(format!("user {name:?} already exists"));
+            }
+            Ok(())
+        })
+    }
+
+    fn add_checked(
+        &self,
+        user: User,
+        free: &dyn Fn(&str) -> Result<(), String>,
+    ) -> Result<(), String> {
+        check_name(&user.name)?;
+        self.records.insert(&user, free)?;
+        let home = self.home(&user.name);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&home)
+            .map_err(|e| format!("cannot create home {}: {e}", home.display()))
+    }
+
+    /// Removes an account; with `remove_home` its home too.
+    pub fn remove(&self, name: &str, remove_home: bool) -> Result<(), String> {
+        self.records.delete(name)?;
+        if remove_home {
+            self.remove_home(name)
+                .map_err(|e| format!("account removed, but not its home: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a home and everything in it (nothing if there is none).
+    pub fn remove_home(&self, name: &str) -> Result<(), String> {
+        check_name(name)?;
+        let home = self.home(name);
+        match fs::remove_dir_all(&home) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {}: {e}", home.display())),
+        }
+    }
+
+    /// Changes one account in place.
+    pub fn modify(&self, name: &str, f: impl Fn(&mut User)) -> Result<(), String> {
+        self.records.update(name, &f)
+    }
+}
+
+/// The accounts of a single node: `var/users.toml`, changed under
+/// `var/users.lock`.
+#[derive(Debug, Clone)]
+pub struct UsersFile {
+    file: PathBuf,
+    lock: PathBuf,
+}
+
+impl UsersFile {
+    pub fn new(var_dir: &Path) -> UsersFile {
+        UsersFile {
+            file: var_dir.join("users.toml"),
+            lock: var_dir.join("users.lock"),
+        }
+    }
+
+    /// The same, reading `file` instead of `users.toml`.
+    pub fn with_file(self, file: &Path) -> UsersFile {
+        UsersFile {
+            file: file.to_path_buf(),
+            ..self
+        }
+    }
+
+    /// All accounts. A missing file is an empty database; a damaged one is an error.
+    fn read(&self) -> Result<Vec<User>, String> {
         let text = match fs::read_to_string(&self.file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
@@ -251,100 +374,6 @@ impl UserDb {
         Ok(parsed.user)
     }
 
-    /// What identifies the database file's present version (it is only
-    /// ever replaced by a rename): a change means accounts may have changed.
-    pub fn version(&self) -> Option<(std::time::SystemTime, u64, u64)> {
-        use std::os::unix::fs::MetadataExt as _;
-        let m = fs::metadata(&self.file).ok()?;
-        Some((m.modified().ok()?, m.ino(), m.len()))
-    }
-
-    pub fn find(&self, name: &str) -> Result<Option<User>, String> {
-        Ok(self.load()?.into_iter().find(|u| u.name == name))
-    }
-
-    /// Creates an account and its home, or takes over the home that is
-    /// already there (the admin reviving an account). Fails if the name is taken.
-    pub fn add(&self, user: User) -> Result<(), String> {
-        self.add_checked(user, |_| Ok(()))
-    }
-
-    /// Creates an account for a stranger: also refused while anything of an
-    /// earlier account of that name is left (its home, or its unfinished
-    /// uploads in `partial_dir`), so nobody inherits another's files.
-    pub fn register(&self, user: User, partial_dir: &Path) -> Result<(), String> {
-        let home = self.home(&user.name);
-        let partial = partial_dir.join(&user.name);
-        self.add_checked(user, |name| {
-            if home.symlink_metadata().is_ok() || partial.symlink_metadata().is_ok() {
-                return Err(format!("user {name:?} already exists"));
-            }
-            Ok(())
-        })
-    }
-
-    fn add_checked(
-        &self,
-        user: User,
-        free: impl FnOnce(&str) -> Result<(), String>,
-    ) -> Result<(), String> {
-        check_name(&user.name)?;
-        self.change(|users| {
-            if users.iter().any(|u| u.name == user.name) {
-                return Err(format!("user {:?} already exists", user.name));
-            }
-            free(&user.name)?;
-            users.push(user.clone());
-            Ok(())
-        })?;
-        let home = self.home(&user.name);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&home)
-            .map_err(|e| format!("cannot create home {}: {e}", home.display()))
-    }
-
-    /// Removes an account; with `remove_home` its home too.
-    pub fn remove(&self, name: &str, remove_home: bool) -> Result<(), String> {
-        self.change(|users| {
-            let before = users.len();
-            users.retain(|u| u.name != name);
-            if users.len() == before {
-                return Err(format!("no user {name:?}"));
-            }
-            Ok(())
-        })?;
-        if remove_home {
-            self.remove_home(name)
-                .map_err(|e| format!("account removed, but not its home: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// Removes a home and everything in it (nothing if there is none).
-    pub fn remove_home(&self, name: &str) -> Result<(), String> {
-        check_name(name)?;
-        let home = self.home(name);
-        match fs::remove_dir_all(&home) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("cannot remove {}: {e}", home.display())),
-        }
-    }
-
-    /// Changes one account in place.
-    pub fn modify(&self, name: &str, f: impl Fn(&mut User)) -> Result<(), String> {
-        self.change(|users| {
-            let user = users
-                .iter_mut()
-                .find(|u| u.name == name)
-                .ok_or_else(|| format!("no user {name:?}"))?;
-            f(user);
-            Ok(())
-        })
-    }
-
     /// Read, change and atomically replace the file under the lock.
     fn change(&self, f: impl FnOnce(&mut Vec<User>) -> Result<(), String>) -> Result<(), String> {
         let dir = self.file.parent().unwrap_or(Path::new("."));
@@ -358,7 +387,7 @@ impl UserDb {
             .map_err(|e| format!("cannot open {}: {e}", self.lock.display()))?;
         lock.lock()
             .map_err(|e| format!("cannot lock {}: {e}", self.lock.display()))?;
-        let mut users = self.load()?;
+        let mut users = self.read()?;
         f(&mut users)?;
         let text = toml::to_string(&UserFile { user: users }).map_err(|e| e.to_string())?;
         let tmp = dir.join(format!(".users.toml.{}.tmp", std::process::id()));
@@ -379,6 +408,59 @@ impl UserDb {
             format!("cannot write user database {}: {e}", self.file.display())
         })
         // The lock is released when `lock` is dropped.
+    }
+}
+
+impl Records for UsersFile {
+    fn load(&self) -> Result<Vec<User>, String> {
+        self.read()
+    }
+
+    fn find(&self, name: &str) -> Result<Option<User>, String> {
+        Ok(self.read()?.into_iter().find(|u| u.name == name))
+    }
+
+    /// Of the file's present version (it is only ever replaced by a rename).
+    fn version(&self) -> Option<u64> {
+        use std::hash::{Hash as _, Hasher as _};
+        use std::os::unix::fs::MetadataExt as _;
+        let m = fs::metadata(&self.file).ok()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (m.modified().ok()?, m.ino(), m.len()).hash(&mut h);
+        Some(h.finish())
+    }
+
+    fn insert(&self, user: &User, free: &dyn Fn(&str) -> Result<(), String>) -> Result<(), String> {
+        self.change(|users| {
+            if users.iter().any(|u| u.name == user.name) {
+                return Err(format!("user {:?} already exists", user.name));
+            }
+            free(&user.name)?;
+            users.push(user.clone());
+            Ok(())
+        })
+    }
+
+    fn delete(&self, name: &str) -> Result<(), String> {
+        self.change(|users| {
+            let before = users.len();
+            users.retain(|u| u.name != name);
+            if users.len() == before {
+                return Err(format!("no user {name:?}"));
+            }
+            Ok(())
+        })
+    }
+
+    fn update(&self, name: &str, f: &dyn Fn(&mut User)) -> Result<(), String> {
+        self.change(|users| {
+            let user = users
+                .iter_mut()
+                .find(|u| u.name == name)
+                .ok_or_else(|| format!("no user {name:?}"))?;
+            f(user);
+            Ok(())
+        })
     }
 }
 

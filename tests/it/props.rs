@@ -109,7 +109,9 @@ proptest! {
         let mut reserved = std::collections::HashMap::new();
         for (op, path, n) in ops {
             let p = VPath::resolve(&VPath::root(), &format!("f{path}"), 99).unwrap();
-            l.with("u", |a| -> Result<(), TestCaseError> {
+            let mut step = Ok(());
+            l.with("u", |a| {
+                step = (|| -> Result<(), TestCaseError> {
                 match op {
                     0 => {
                         let others: u64 = reserved.iter().filter(|(k, _)| **k != path).map(|(_, v)| *v).sum();
@@ -128,9 +130,12 @@ proptest! {
                     _ => { let freed = n.min(stored); a.removed(b(freed)); stored -= freed; }
                 }
                 Ok(())
-            })?;
+                })();
+                Ok(())
+            }).unwrap();
+            step?;
             let used = stored + reserved.values().sum::<u64>();
-            prop_assert_eq!(l.used("u").bytes, used);
+            prop_assert_eq!(l.used("u").unwrap().bytes, used);
             prop_assert!(used <= quota.max(stored));
         }
     }

@@ -219,7 +219,7 @@ async fn a_name_is_not_registered_while_a_deleted_account_of_it_is_logged_in() {
     assert!(refused.starts_with("553 "), "{refused}");
     old.quit().await;
     wait_for("the old session to end", || {
-        !s.server.ledger.has_sessions("alice")
+        !s.server.ledger.has_sessions("alice").unwrap()
     })
     .await;
     let accepted = register().await;

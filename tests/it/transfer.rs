@@ -153,7 +153,7 @@ pub(crate) async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 pub(crate) async fn wait_upload_free(s: &TestServer, remote: &str) {
     let path = vp(remote);
     wait_for("the server to let go of the upload", || {
-        s.server.ledger.lock_upload("ann", &path).is_some()
+        s.server.ledger.lock_upload("ann", &path).unwrap().is_some()
     })
     .await;
 }

@@ -51,7 +51,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         users::check_name(&name).map_err(Error::NameRefused)?;
         users::check_password(&password, accounts).map_err(Error::BadArgument)?;
-        if !server.defender.register(self.peer.ip()) {
+        if !server.may_register(self.peer.ip()).await? {
             return Err(Error::Throttled(
                 "too many registrations from your address; try again later".into(),
             ));
@@ -62,7 +62,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let (db, settings) = (server.users.clone(), accounts.clone());
         let partial_root = server.config.partial_dir();
         // A session of a deleted account of that name may still be open.
-        if server.ledger.has_sessions(&name) {
+        if server.ledger.has_sessions(&name)? {
             return Err(Error::NameRefused(format!("the name {name:?} is taken")));
         }
         let user = blocking(move || {
@@ -137,8 +137,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match tokio::task::spawn_blocking(move || db.find(&name)).await {
                 Ok(Ok(found)) => found,
                 Ok(Err(e)) => {
+                    // Told as it is: the service, not the password, failed.
                     warn!(error = %e, "cannot read the user database");
-                    None
+                    return Err(Error::Unavailable(e));
                 }
                 Err(_) => None,
             }
@@ -197,7 +198,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         blocking(move || {
             o.ledger
                 .open_session(&o.name, || quota::scan(&o.home, &o.staging, ttl))
-                .map_err(Error::Storage)
         })
         .await?;
         Ok(owner)

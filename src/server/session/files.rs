@@ -158,7 +158,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let owner = self.logged_in()?;
         let (used, (unfinished, count)) = owner
             .ledger
-            .with(&owner.name, |a| (a.used(), a.unfinished()));
+            .with(&owner.name, |a| Ok((a.used(), a.unfinished())))?;
         let Limits { bytes, entries } = owner.limits;
         let text = format!(
             "{} {bytes} {} {entries} {} {count}",

@@ -36,7 +36,7 @@ pub struct Session<S> {
     server: Arc<Server>,
     user: Option<Owner>,
     /// The user database's version when this session last read its account.
-    account_read: Option<(std::time::SystemTime, u64, u64)>,
+    account_read: Option<u64>,
     cwd: VPath,
     stores: Stores,
 }
@@ -317,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let owner = self.logged_in()?;
         owner
             .ledger
-            .lock_upload(&owner.name, path)
+            .lock_upload(&owner.name, path)?
             .ok_or_else(|| Error::Busy(path.to_string()))
     }
 

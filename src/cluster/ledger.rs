@@ -1,0 +1,353 @@
+//! The quota ledger's [`Book`] in the shared database.
+//!
+//! A change of a user's account runs in one transaction that locks the
+//! user's `usage` row (`SELECT … FOR UPDATE`): it reads what the home holds
+//! and the reservations that count (parked ones, and running ones of nodes
+//! whose lease runs), lets the caller check its limits and change the disk,
+//! then writes what changed. Every node's changes of one account queue on
+//! that row, so no two can both pass a limit; the reservation of an upload
+//! and its settlement when the file lands are each one such transaction.
+//!
+//! Upload locks are rows of `upload_locks` naming their node: taken by an
+//! insert that fails while a live node holds the row, and taken over from a
+//! node whose lease ran out. Session counts are rows per node and user.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use deadpool_postgres::Transaction;
+use tracing::warn;
+
+use super::{Cluster, Unavailable};
+use crate::error::{Error, Result};
+use crate::protocol::VPath;
+use crate::store::quota::{Account, Book, Reservation, Scan, Usage};
+
+/// Rows of nodes whose lease runs: whose running work still counts.
+const LIVE: &str = "SELECT id FROM nodes WHERE lease_until > now()";
+
+#[derive(Debug)]
+pub struct Shared {
+    cluster: Arc<Cluster>,
+    /// The upload locks this node holds: checked first, so that two
+    /// sessions on this node never both take one.
+    held: Mutex<HashSet<(String, VPath)>>,
+}
+
+impl Shared {
+    pub fn new(cluster: Arc<Cluster>) -> Shared {
+        Shared {
+            cluster,
+            held: Mutex::default(),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<(String, VPath)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn unavailable(e: Unavailable) -> Error {
+    Error::Unavailable(e.to_string())
+}
+
+fn u64_of(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Locks `user`'s row and reads the account as it stands.
+async fn read_account(tx: &Transaction<'_>, user: &str) -> Result<Account, Unavailable> {
+    tx.execute(
+        "INSERT INTO usage (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        &[&user],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT bytes, entries FROM usage WHERE name = $1 FOR UPDATE",
+            &[&user],
+        )
+        .await?;
+    let stored = Usage {
+        bytes: u64_of(row.get(0)),
+        entries: u64_of(row.get(1)),
+    };
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT path, bytes, entries, node IS NULL FROM reservations
+                 WHERE name = $1 AND (node IS NULL OR node IN ({LIVE}))"
+            ),
+            &[&user],
+        )
+        .await?;
+    let mut reserved = HashMap::new();
+    for row in rows {
+        let path: String = row.get(0);
+        let Ok(path) = VPath::resolve(&VPath::root(), &path, usize::MAX) else {
+            continue;
+        };
+        let charge = Usage {
+            bytes: u64_of(row.get(1)),
+            entries: u64_of(row.get(2)),
+        };
+        reserved.insert(
+            path,
+            Reservation {
+                charge,
+                parked: row.get(3),
+            },
+        );
+    }
+    Ok(Account { stored, reserved })
+}
+
+/// Writes what changed from `before` to `after`.
+async fn write_account(
+    tx: &Transaction<'_>,
+    node: &str,
+    user: &str,
+    before: &Account,
+    after: &Account,
+) -> Result<(), Unavailable> {
+    if before.stored != after.stored {
+        tx.execute(
+            "UPDATE usage SET bytes = $2, entries = $3 WHERE name = $1",
+            &[
+                &user,
+                &i64_of(after.stored.bytes),
+                &i64_of(after.stored.entries),
+            ],
+        )
+        .await?;
+    }
+    for path in before.reserved.keys() {
+        if !after.reserved.contains_key(path) {
+            tx.execute(
+                "DELETE FROM reservations WHERE name = $1 AND path = $2",
+                &[&user, &path.to_string()],
+            )
+            .await?;
+        }
+    }
+    for (path, r) in &after.reserved {
+        if before.reserved.get(path) == Some(r) {
+            continue;
+        }
+        let holder = (!r.parked).then_some(node);
+        tx.execute(
+            "INSERT INTO reservations (name, path, node, bytes, entries)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (name, path) DO UPDATE
+             SET node = EXCLUDED.node, bytes = EXCLUDED.bytes, entries = EXCLUDED.entries",
+            &[
+                &user,
+                &path.to_string(),
+                &holder,
+                &i64_of(r.charge.bytes),
+                &i64_of(r.charge.entries),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Live sessions of `user` on every node.
+async fn sessions(tx: &Transaction<'_>, user: &str) -> Result<i64, Unavailable> {
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT coalesce(sum(count), 0)::bigint FROM sessions
+                 WHERE name = $1 AND node IN ({LIVE})"
+            ),
+            &[&user],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+impl Book for Shared {
+    fn with_account(&self, user: &str, f: &mut dyn FnMut(&mut Account) -> bool) -> Result<()> {
+        let node = self.cluster.node();
+        let mut applied = false;
+        let result = self.cluster.wait(async {
+            let mut client = self.cluster.client().await?;
+            let tx = client.transaction().await?;
+            let before = read_account(&tx, user).await?;
+            let mut after = before.clone();
+            applied = true;
+            if f(&mut after) {
+                write_account(&tx, node, user, &before, &after).await?;
+                tx.commit().await?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(()),
+            // The change on disk is made; only its numbers were not written.
+            // The account is rebuilt from disk at the user's next first session.
+            Err(e) if applied => {
+                warn!(user, error = %e, "a change of a home was made but its usage not recorded");
+                Ok(())
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn open_session(
+        &self,
+        user: &str,
+        scan: &mut dyn FnMut() -> std::io::Result<Scan>,
+    ) -> Result<()> {
+        let cluster = &self.cluster;
+        let first = cluster
+            .wait(async {
+                let mut client = cluster.client().await?;
+                let tx = client.transaction().await?;
+                Ok(sessions(&tx, user).await? == 0)
+            })
+            .map_err(unavailable)?;
+        // Scanned outside any lock: a big home takes a while.
+        let fresh = if first {
+            Some(scan().map_err(Error::Storage)?)
+        } else {
+            None
+        };
+        cluster
+            .wait(async {
+                let mut client = cluster.client().await?;
+                let tx = client.transaction().await?;
+                let before = read_account(&tx, user).await?;
+                if let Some(scan) = &fresh
+                    && sessions(&tx, user).await? == 0
+                {
+                    // No live session anywhere: nothing runs, the disk is right.
+                    tx.execute("DELETE FROM reservations WHERE name = $1", &[&user])
+                        .await?;
+                    let empty = Account {
+                        stored: before.stored,
+                        reserved: HashMap::new(),
+                    };
+                    write_account(&tx, cluster.node(), user, &empty, &scan.account()).await?;
+                }
+                tx.execute(
+                    "INSERT INTO sessions (node, name, count) VALUES ($1, $2, 1)
+                     ON CONFLICT (node, name) DO UPDATE SET count = sessions.count + 1",
+                    &[&cluster.node(), &user],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            })
+            .map_err(unavailable)
+    }
+
+    fn close_session(&self, user: &str) {
+        let cluster = &self.cluster;
+        let closed = cluster.wait(async {
+            let client = cluster.client().await?;
+            client
+                .execute(
+                    "UPDATE sessions SET count = count - 1 WHERE node = $1 AND name = $2",
+                    &[&cluster.node(), &user],
+                )
+                .await?;
+            client
+                .execute(
+                    "DELETE FROM sessions WHERE node = $1 AND name = $2 AND count <= 0",
+                    &[&cluster.node(), &user],
+                )
+                .await?;
+            Ok(())
+        });
+        if let Err(e) = closed {
+            warn!(user, error = %e, "cannot record the end of a session");
+        }
+    }
+
+    fn has_sessions(&self, user: &str) -> Result<bool> {
+        let cluster = &self.cluster;
+        cluster
+            .wait(async {
+                let mut client = cluster.client().await?;
+                let tx = client.transaction().await?;
+                Ok(sessions(&tx, user).await? > 0)
+            })
+            .map_err(unavailable)
+    }
+
+    fn release(&self, user: &str, path: &VPath) {
+        let cluster = &self.cluster;
+        let released = cluster.wait(async {
+            let client = cluster.client().await?;
+            client
+                .execute(
+                    "DELETE FROM reservations WHERE name = $1 AND path = $2",
+                    &[&user, &path.to_string()],
+                )
+                .await?;
+            Ok(())
+        });
+        if let Err(e) = released {
+            warn!(user, path = %path, error = %e, "cannot release a reservation");
+        }
+    }
+
+    fn lock_upload(&self, user: &str, path: &VPath) -> Result<bool> {
+        let key = (user.to_string(), path.clone());
+        if !self.held().insert(key.clone()) {
+            return Ok(false);
+        }
+        let cluster = &self.cluster;
+        // A row of this node not in `held` is left from a release that
+        // failed: it is taken back like a dead node's.
+        let taken = cluster.wait(async {
+            let client = cluster.client().await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "INSERT INTO upload_locks (name, path, node) VALUES ($1, $2, $3)
+                         ON CONFLICT (name, path) DO UPDATE SET node = EXCLUDED.node
+                         WHERE upload_locks.node = EXCLUDED.node
+                            OR upload_locks.node NOT IN ({LIVE})
+                         RETURNING 1"
+                    ),
+                    &[&user, &path.to_string(), &cluster.node()],
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        });
+        if !matches!(taken, Ok(true)) {
+            self.held().remove(&key);
+        }
+        taken.map_err(unavailable)
+    }
+
+    fn unlock_upload(&self, user: &str, path: &VPath) {
+        let cluster = &self.cluster;
+        let freed = cluster.wait(async {
+            let client = cluster.client().await?;
+            client
+                .execute(
+                    "DELETE FROM upload_locks WHERE name = $1 AND path = $2 AND node = $3",
+                    &[&user, &path.to_string(), &cluster.node()],
+                )
+                .await?;
+            Ok(())
+        });
+        if let Err(e) = freed {
+            // The row stays until this node takes it again or its lease ends.
+            warn!(user, path = %path, error = %e, "cannot release an upload lock");
+        }
+        self.held().remove(&(user.to_string(), path.clone()));
+    }
+
+    fn alone(&self) -> bool {
+        false
+    }
+}
