@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL cluster for the tests of several nodes.
 #
-#   scripts/pg-test.sh start DIR PORT   initdb into DIR (as the postgres user
+#   scripts/pg-test.sh start DIR PORT   initdb into DIR unless it holds a
+#                                        cluster already (as the postgres user
 #                                        when run as root), start it on
 #                                        127.0.0.1:PORT, print its URL
 #   scripts/pg-test.sh stop DIR         stop it
@@ -42,8 +43,10 @@ start)
     port=${3:?usage: $0 start DIR PORT}
     mkdir -p "$dir"
     [ "$(id -u)" = 0 ] && chown postgres: "$dir"
-    as_owner "$bin/initdb" -D "$dir/data" -A trust -U postgres -E UTF8 >"$dir/initdb.log" 2>&1 ||
-        { cat "$dir/initdb.log" >&2; exit 1; }
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+        as_owner "$bin/initdb" -D "$dir/data" -A trust -U postgres -E UTF8 >"$dir/initdb.log" 2>&1 ||
+            { cat "$dir/initdb.log" >&2; exit 1; }
+    fi
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=off" \
         start >/dev/null ||

@@ -266,16 +266,16 @@ impl Slow {
 /// a number of bytes or paced, so a test decides when a peer stops reading
 /// or writing without depending on how fast the machine moves data. Its
 /// server-side sockets buffer little, for the same reason.
-struct Relay {
-    port: u16,
+pub(crate) struct Relay {
+    pub(crate) port: u16,
     /// Client to server.
-    up: Arc<Pace>,
+    pub(crate) up: Arc<Pace>,
     /// Server to client.
-    down: Arc<Pace>,
+    pub(crate) down: Arc<Pace>,
     task: tokio::task::JoinHandle<()>,
 }
 
-struct Pace {
+pub(crate) struct Pace {
     /// Bytes forwarded so far, over all connections.
     passed: AtomicU64,
     /// Forwarding stops while `passed` has reached this.
@@ -294,7 +294,7 @@ impl Pace {
     }
 
     /// Forwards `bytes` more, then holds back.
-    fn stop_after(&self, bytes: u64) {
+    pub(crate) fn stop_after(&self, bytes: u64) {
         self.limit.store(self.passed.load(SeqCst) + bytes, SeqCst);
     }
 
@@ -302,14 +302,14 @@ impl Pace {
         self.passed.load(SeqCst) >= self.limit.load(SeqCst)
     }
 
-    fn open(&self) {
+    pub(crate) fn open(&self) {
         self.limit.store(u64::MAX, SeqCst);
         self.rate.store(0, SeqCst);
     }
 }
 
 impl Relay {
-    async fn start(port: u16) -> Relay {
+    pub(crate) async fn start(port: u16) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let relay_port = listener.local_addr().unwrap().port();
         let (up, down) = (Pace::new(), Pace::new());

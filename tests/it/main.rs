@@ -3,6 +3,7 @@
 //! is end to end.
 
 mod cli;
+mod cluster;
 mod common;
 mod core;
 mod faults;
