@@ -22,7 +22,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Server logging: `file` at `level`, at most `max_lines_per_sec` lines a
 /// second (0: no cap), and warnings also to standard error.
 pub fn init_server(file: &Path, level: &str, max_lines_per_sec: u32) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("bad log_level {level:?}: {e}"))?;
+    // The database driver's debug lines carry statements' parameters, a
+    // password hash among them: only its warnings reach the log.
+    let filter = EnvFilter::try_new(format!(
+        "{level},tokio_postgres=warn,deadpool_postgres=warn,deadpool=warn"
+    ))
+    .map_err(|e| format!("bad log_level {level:?}: {e}"))?;
     let writer = CappedFile::new(open(file)?, max_lines_per_sec);
     let file_layer = tracing_subscriber::fmt::layer()
         .with_ansi(false)

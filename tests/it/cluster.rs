@@ -265,6 +265,13 @@ async fn nodes_started_together_share_accounts_made_on_any_of_them() {
     assert_eq!(out.status, 0, "{}", out.stderr);
     let out = svc.connect(&nodes[2], "ann", "pwd");
     assert_ne!(out.status, 0, "the old password still works");
+    // At log level debug, no statement's parameters reach a log: no hash.
+    for n in 0..3 {
+        assert!(
+            !svc.log(n).contains("$scrypt$"),
+            "node {n} logged a password hash"
+        );
+    }
     let users = run(ftpx(&svc.node_dir(2)).arg("users"));
     assert!(
         users.stdout.contains("ann") && users.stdout.contains("newbie"),
@@ -283,6 +290,16 @@ async fn four_sessions_on_two_nodes_share_one_quota() {
     for i in 0..4 {
         fs::write(work.join(format!("f{i}")), data(4 << 20, i as u8)).unwrap();
     }
+    // The test holds the usage table while the four log in, so that they
+    // all reach the database at once when it lets go.
+    let (mut db, conn) = tokio_postgres::connect(&svc.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let hold = db.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE usage IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let clients: Vec<_> = (0..4)
         .map(|i| {
             ftpx(&work)
@@ -297,6 +314,8 @@ async fn four_sessions_on_two_nodes_share_one_quota() {
                 .unwrap()
         })
         .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    hold.commit().await.unwrap();
     let outs: Vec<_> = clients
         .into_iter()
         .map(|c| c.wait_with_output().unwrap())
