@@ -8,6 +8,7 @@
 #   scripts/pg-test.sh stop DIR         stop it
 #
 # The cluster trusts local connections: it is for tests only, on loopback.
+# PG_TEST_OPTIONS adds server settings ("-c ssl=on -c ssl_cert_file=...").
 set -euo pipefail
 
 bindir() {
@@ -48,7 +49,7 @@ start)
             { cat "$dir/initdb.log" >&2; exit 1; }
     fi
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=off" \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=off ${PG_TEST_OPTIONS:-}" \
         start >/dev/null ||
         { cat "$dir/server.log" >&2; exit 1; }
     echo "postgres://postgres@127.0.0.1:$port/postgres"

@@ -109,6 +109,8 @@ async fn fresh_database(server: &str) -> String {
 struct Service {
     root: tempfile::TempDir,
     url: String,
+    /// More `[cluster]` settings for every node.
+    cluster: String,
 }
 
 impl Service {
@@ -127,6 +129,7 @@ impl Service {
         Service {
             root,
             url: url.to_string(),
+            cluster: String::new(),
         }
     }
 
@@ -155,10 +158,11 @@ impl Service {
                  [accounts]\nscrypt_log_n = 4\nscrypt_r = 1\nlogin_failure_delay_ms = 100\n\
                  [defender]\npair_max_failures = 3\n\
                  [cluster]\ndatabase = {url:?}\nlease_secs = {LEASE}\n\
-                 connect_timeout_ms = 1000\nstatement_timeout_ms = 2000\n{more}",
+                 connect_timeout_ms = 1000\nstatement_timeout_ms = 2000\n{cluster}{more}",
                 var = self.shared().join("var"),
                 certs = self.shared().join("certs"),
                 url = self.url,
+                cluster = self.cluster,
             ),
         )
         .unwrap();
@@ -370,6 +374,8 @@ async fn an_upload_cut_by_sigkill_of_its_node_resumes_through_another() {
     })
     .await;
     a.kill9();
+    // The client, stuck writing into the held relay, is of no more use.
+    let _ = upload.kill();
     let _ = upload.wait();
 
     // Node B resumes it, once node A's lock on the path has lapsed with its lease.
@@ -435,6 +441,8 @@ async fn a_dead_nodes_reservation_is_freed_when_its_lease_runs_out() {
     assert!(out.stderr.contains("quota"), "{}", out.stderr);
 
     a.kill9();
+    // The client, stuck writing into the held relay, is of no more use.
+    let _ = upload.kill();
     let _ = upload.wait();
     let killed = Instant::now();
     // Once A's lease is over, the reservation no longer counts.
@@ -548,4 +556,83 @@ async fn nodes_ride_out_the_database_stopping_and_starting() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_connection_can_be_tls_with_its_certificate_checked() {
+    // A private PostgreSQL server with TLS, its certificate from our own CA.
+    let pg = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(pg.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let certs = pg.path().join("certs");
+    let out = run(ftpx(pg.path()).args(["gen-cert", "--dir"]).arg(&certs));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    fs::set_permissions(&certs, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(certs.join("server.pem"), fs::Permissions::from_mode(0o644)).unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        // The key must belong to the server's user, who runs it as root's tests do.
+        let out = run(std::process::Command::new("chown")
+            .arg("postgres")
+            .arg(certs.join("server.key")));
+        assert_eq!(out.status, 0, "{}", out.stderr);
+    }
+    let pgdir = pg.path().join("pg");
+    let out = run(std::process::Command::new(SCRIPT)
+        .arg("start")
+        .arg(&pgdir)
+        .arg(free_port().to_string())
+        .env(
+            "PG_TEST_OPTIONS",
+            format!(
+                "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                certs.join("server.pem").display(),
+                certs.join("server.key").display()
+            ),
+        ));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let admin = out.stdout.trim().to_string();
+    struct Stop(PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(SCRIPT)
+                .arg("stop")
+                .arg(&self.0)
+                .output();
+        }
+    }
+    let _stop = Stop(pgdir);
+
+    let url = format!("{}?sslmode=require", fresh_database(&admin).await);
+    let mut svc = Service::on(&url);
+    svc.cluster = format!("ca_file = {:?}\n", certs.join("ca.pem"));
+    let node = svc.start(0);
+    svc.useradd("ann", "1MiB");
+    assert_eq!(svc.connect(&node, "ann", "pwd").status, 0);
+    let plain = url.split('?').next().unwrap().to_string();
+    let tls = sql(
+        &plain,
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s
+         JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'ftpx'",
+    )
+    .await;
+    let (on_tls, all): (i64, i64) = (tls[0].get(0), tls[0].get(1));
+    assert!(
+        all > 0 && on_tls == all,
+        "{on_tls} of {all} connections are TLS"
+    );
+
+    // A CA that did not sign the database's certificate: the node refuses
+    // to start rather than talk to an unproven server.
+    let other = pg.path().join("other");
+    let out = run(ftpx(pg.path()).args(["gen-cert", "--dir"]).arg(&other));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    svc.cluster = format!("ca_file = {:?}\n", other.join("ca.pem"));
+    let dir = svc.node_dir(1);
+    let out = run(ftpx(&dir).args(["serve", "--listen", "127.0.0.1:0"]));
+    assert_ne!(out.status, 0, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("cannot start on the database"),
+        "{}",
+        out.stderr
+    );
 }
