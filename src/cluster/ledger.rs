@@ -26,24 +26,107 @@ use crate::store::quota::{Account, Book, Reservation, Scan, Usage};
 /// Rows of nodes whose lease runs: whose running work still counts.
 const LIVE: &str = "SELECT id FROM nodes WHERE lease_until > now()";
 
-#[derive(Debug)]
+/// The ledger's book in the database. Clones share one state.
+#[derive(Debug, Clone)]
 pub struct Shared {
     cluster: Arc<Cluster>,
     /// The upload locks this node holds: checked first, so that two
     /// sessions on this node never both take one.
-    held: Mutex<HashSet<(String, VPath)>>,
+    held: Arc<Mutex<HashSet<(String, VPath)>>>,
+    /// Open sessions on this node, per user: what its rows in `sessions`
+    /// must say.
+    sessions: Arc<Mutex<HashMap<String, i32>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     pub fn new(cluster: Arc<Cluster>) -> Shared {
         Shared {
             cluster,
-            held: Mutex::default(),
+            held: Arc::default(),
+            sessions: Arc::default(),
         }
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashSet<(String, VPath)>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.held)
+    }
+
+    /// Counts `by` more sessions of `user` here; returns how many there were.
+    fn count_session(&self, user: &str, by: i32) -> i32 {
+        let mut sessions = lock(&self.sessions);
+        let n = sessions.entry(user.to_string()).or_default();
+        let before = *n;
+        *n += by;
+        if *n <= 0 {
+            sessions.remove(user);
+        }
+        before
+    }
+
+    fn sessions_here(&self, user: &str) -> i32 {
+        lock(&self.sessions).get(user).copied().unwrap_or(0)
+    }
+
+    /// Brings this node's rows in line with what it really holds, every
+    /// third of its lease: a write lost while the database was away (a
+    /// session's end, a released lock or reservation) would otherwise hold
+    /// for as long as this node lives.
+    pub async fn reconcile_forever(self) {
+        loop {
+            tokio::time::sleep(self.cluster.lease / 3).await;
+            if let Err(e) = self.reconcile().await {
+                tracing::debug!(error = %e, "cannot reconcile this node's rows");
+            }
+        }
+    }
+
+    async fn reconcile(&self) -> Result<(), Unavailable> {
+        let client = self.cluster.client().await?;
+        // Rows written from here on are the present's; older ones must
+        // match what this node holds (taken before `since` if they do).
+        let since: std::time::SystemTime = client.query_one("SELECT now()", &[]).await?.get(0);
+        let (names, paths): (Vec<String>, Vec<String>) = self
+            .held()
+            .iter()
+            .map(|(u, p)| (u.clone(), p.to_string()))
+            .unzip();
+        let sessions: Vec<(String, i32)> = lock(&self.sessions)
+            .iter()
+            .map(|(u, n)| (u.clone(), *n))
+            .collect();
+        let node = self.cluster.node();
+        let not_held = "NOT EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) AS h (name, path)
+                         WHERE h.name = t.name AND h.path = t.path)";
+        for (table, stamp) in [("upload_locks", "taken"), ("reservations", "updated")] {
+            client
+                .execute(
+                    &format!(
+                        "DELETE FROM {table} AS t WHERE t.node = $1 AND t.{stamp} < $2 AND {not_held}"
+                    ),
+                    &[&node, &since, &names, &paths],
+                )
+                .await?;
+        }
+        let (users, counts): (Vec<String>, Vec<i32>) = sessions.into_iter().unzip();
+        client
+            .execute(
+                "DELETE FROM sessions WHERE node = $1 AND NOT (name = ANY($2))",
+                &[&node, &users],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO sessions (node, name, count)
+                 SELECT $1, u.name, u.count FROM unnest($2::text[], $3::int[]) AS u (name, count)
+                 ON CONFLICT (node, name) DO UPDATE SET count = EXCLUDED.count",
+                &[&node, &users, &counts],
+            )
+            .await?;
+        Ok(())
     }
 }
 
@@ -143,7 +226,8 @@ async fn write_account(
             "INSERT INTO reservations (name, path, node, bytes, entries)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (name, path) DO UPDATE
-             SET node = EXCLUDED.node, bytes = EXCLUDED.bytes, entries = EXCLUDED.entries",
+             SET node = EXCLUDED.node, bytes = EXCLUDED.bytes, entries = EXCLUDED.entries,
+                 updated = now()",
             &[
                 &user,
                 &path.to_string(),
@@ -157,15 +241,19 @@ async fn write_account(
     Ok(())
 }
 
-/// Live sessions of `user` on every node.
-async fn sessions(tx: &Transaction<'_>, user: &str) -> Result<i64, Unavailable> {
+/// Live sessions of `user` on the nodes other than `node`.
+async fn sessions_elsewhere(
+    tx: &Transaction<'_>,
+    user: &str,
+    node: &str,
+) -> Result<i64, Unavailable> {
     let row = tx
         .query_one(
             &format!(
                 "SELECT coalesce(sum(count), 0)::bigint FROM sessions
-                 WHERE name = $1 AND node IN ({LIVE})"
+                 WHERE name = $1 AND node <> $2 AND node IN ({LIVE})"
             ),
-            &[&user],
+            &[&user, &node],
         )
         .await?;
     Ok(row.get(0))
@@ -205,26 +293,32 @@ impl Book for Shared {
         scan: &mut dyn FnMut() -> std::io::Result<Scan>,
     ) -> Result<()> {
         let cluster = &self.cluster;
-        let first = cluster
-            .wait(async {
-                let mut client = cluster.client().await?;
-                let tx = client.transaction().await?;
-                Ok(sessions(&tx, user).await? == 0)
-            })
-            .map_err(unavailable)?;
+        let node = cluster.node();
+        // This node's own sessions it counts itself (its row may lag).
+        let first = self.sessions_here(user) == 0
+            && cluster
+                .wait(async {
+                    let mut client = cluster.client().await?;
+                    let tx = client.transaction().await?;
+                    Ok(sessions_elsewhere(&tx, user, node).await? == 0)
+                })
+                .map_err(unavailable)?;
         // Scanned outside any lock: a big home takes a while.
         let fresh = if first {
             Some(scan().map_err(Error::Storage)?)
         } else {
             None
         };
-        cluster
+        // Counted here first: this node's count is never below its row's.
+        let alone_here = self.count_session(user, 1) == 0;
+        let opened = cluster
             .wait(async {
                 let mut client = cluster.client().await?;
                 let tx = client.transaction().await?;
                 let before = read_account(&tx, user).await?;
                 if let Some(scan) = &fresh
-                    && sessions(&tx, user).await? == 0
+                    && alone_here
+                    && sessions_elsewhere(&tx, user, node).await? == 0
                 {
                     // No live session anywhere: nothing runs, the disk is right.
                     tx.execute("DELETE FROM reservations WHERE name = $1", &[&user])
@@ -244,7 +338,11 @@ impl Book for Shared {
                 tx.commit().await?;
                 Ok(())
             })
-            .map_err(unavailable)
+            .map_err(unavailable);
+        if opened.is_err() {
+            self.count_session(user, -1);
+        }
+        opened
     }
 
     fn close_session(&self, user: &str) {
@@ -265,18 +363,22 @@ impl Book for Shared {
                 .await?;
             Ok(())
         });
+        self.count_session(user, -1);
         if let Err(e) = closed {
             warn!(user, error = %e, "cannot record the end of a session");
         }
     }
 
     fn has_sessions(&self, user: &str) -> Result<bool> {
+        if self.sessions_here(user) > 0 {
+            return Ok(true);
+        }
         let cluster = &self.cluster;
         cluster
             .wait(async {
                 let mut client = cluster.client().await?;
                 let tx = client.transaction().await?;
-                Ok(sessions(&tx, user).await? > 0)
+                Ok(sessions_elsewhere(&tx, user, cluster.node()).await? > 0)
             })
             .map_err(unavailable)
     }
@@ -312,7 +414,7 @@ impl Book for Shared {
                 .query(
                     &format!(
                         "INSERT INTO upload_locks (name, path, node) VALUES ($1, $2, $3)
-                         ON CONFLICT (name, path) DO UPDATE SET node = EXCLUDED.node
+                         ON CONFLICT (name, path) DO UPDATE SET node = EXCLUDED.node, taken = now()
                          WHERE upload_locks.node = EXCLUDED.node
                             OR upload_locks.node NOT IN ({LIVE})
                          RETURNING 1"

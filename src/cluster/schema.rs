@@ -47,12 +47,14 @@ const MIGRATIONS: &[&str] = &[
         node    text REFERENCES nodes (id) ON DELETE CASCADE,
         bytes   bigint NOT NULL,
         entries bigint NOT NULL,
+        updated timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (name, path)
     );
     CREATE TABLE upload_locks (
         name text NOT NULL,
         path text NOT NULL,
         node text NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
+        taken timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (name, path)
     );
     CREATE TABLE sessions (

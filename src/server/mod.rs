@@ -95,7 +95,11 @@ impl Server {
                 info!(node = c.node(), "joined the cluster");
                 (
                     UserDb::with_records(&config.server.var_dir, accounts),
-                    Ledger::new(Box::new(crate::cluster::ledger::Shared::new(c.clone()))),
+                    {
+                        let book = crate::cluster::ledger::Shared::new(c.clone());
+                        tokio::spawn(book.clone().reconcile_forever());
+                        Ledger::new(Box::new(book))
+                    },
                     Some(Arc::new(Defences::new(c.clone(), config.defender.clone()))),
                 )
             }

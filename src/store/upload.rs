@@ -206,15 +206,10 @@ impl Upload {
     }
 
     /// Moves the verified file `staged` onto the target, settling the
-    /// charge against what it replaces now, under the account's lock.
+    /// charge against what it replaces now, under the account's lock. If
+    /// the account can't be locked (a cluster's database is away), nothing
+    /// moves and the upload stays resumable.
     pub fn land(mut self, staged: &Path) -> Result<()> {
-        // The journal goes first: a crash before the rename leaves a partial
-        // without a journal, which the sweeper removes, and never a journal
-        // that goes on charging a file already in the home.
-        if self.resumable {
-            remove_if_there(&self.files.journal);
-            self.resumable = false;
-        }
         let dir = staged.parent().unwrap_or(Path::new("."));
         let staging = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
             .map_err(Error::Storage)?;
@@ -227,9 +222,18 @@ impl Upload {
             ..
         } = &self.owner;
         let (path, size) = (&self.path, self.size);
+        let files = &self.files;
+        let resumable = &mut self.resumable;
         ledger.with(user, |a| {
             let replaced = home.upload_target(path)?;
             a.check_landing(path, size, replaced, *limits)?;
+            // The journal goes first: a crash before the rename leaves a
+            // partial without a journal, which the sweeper removes, and
+            // never a journal that goes on charging a file already in the home.
+            if *resumable {
+                remove_if_there(&files.journal);
+                *resumable = false;
+            }
             staging
                 .rename(name, home.dir(), path.rel())
                 .map_err(|e| Error::fs(e, &path.to_string()))?;
@@ -275,10 +279,20 @@ impl Upload {
             ..
         } = &self.owner;
         let kept = record.is_some_and(|r| {
-            ledger
-                .with(name, |a| a.park(&self.path, Usage::parked(r.size), *limits))
-                .inspect_err(|e| info!(user = %name, path = %self.path, error = %e, "not keeping a partial upload"))
-                .is_ok()
+            match ledger.with(name, |a| a.park(&self.path, Usage::parked(r.size), *limits)) {
+                Ok(()) => true,
+                // The account can't be read (a cluster's database is away):
+                // the partial is kept, charged again from the disk at the
+                // user's next first login.
+                Err(Error::Unavailable(e)) => {
+                    warn!(user = %name, path = %self.path, error = %e, "keeping a partial upload uncharged");
+                    true
+                }
+                Err(e) => {
+                    info!(user = %name, path = %self.path, error = %e, "not keeping a partial upload");
+                    false
+                }
+            }
         });
         if kept {
             remove_if_there(&self.files.send);

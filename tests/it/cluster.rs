@@ -156,7 +156,7 @@ impl Service {
                 "[server]\nlog_level = \"debug\"\nvar_dir = {var:?}\ncert_dir = {certs:?}\n\
                  log_file = \"log/ftpx.log\"\n\
                  [accounts]\nscrypt_log_n = 4\nscrypt_r = 1\nlogin_failure_delay_ms = 100\n\
-                 [defender]\npair_max_failures = 3\n\
+                 [defender]\npair_max_failures = 3\nregistrations_per_hour = 2\n\
                  [cluster]\ndatabase = {url:?}\nlease_secs = {LEASE}\n\
                  connect_timeout_ms = 1000\nstatement_timeout_ms = 2000\n{cluster}{more}",
                 var = self.shared().join("var"),
@@ -525,10 +525,47 @@ async fn nodes_ride_out_the_database_stopping_and_starting() {
 
     let svc = Service::on(&fresh_database(&admin).await);
     let (a, b) = (svc.start(0), svc.start(1));
-    svc.useradd("ann", "1MiB");
+    svc.useradd("ann", "100MiB");
     assert_eq!(svc.connect(&a, "ann", "pwd").status, 0);
 
+    // An upload under way through node A when the database goes away.
+    let work = svc.work();
+    let big = data(8 << 20, 3);
+    fs::write(work.join("big"), &big).unwrap();
+    let relay = crate::faults::Relay::start(a.port).await;
+    relay.up.stop_after(2 << 20);
+    let upload = ftpx(&work)
+        .args(["connect", &format!("ann@127.0.0.1:{}", relay.port)])
+        .arg("--ca")
+        .arg(svc.ca())
+        .args(["--retries", "0", "-c", "put big"])
+        .env("FTPX_PASSWORD", PASSWORD)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let shared = svc.shared();
+    wait_for("the upload to get going", || {
+        partial_bytes(&shared, "ann") > 0
+    })
+    .await;
+
     (_stop.0)();
+    // The upload's bytes all arrive, but it can't land: it stops resumable.
+    relay.up.open();
+    let out = upload.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unavailable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!shared.join("var/homes/ann/big").exists());
+    assert!(
+        partial_bytes(&shared, "ann") > 0,
+        "the partial upload was lost"
+    );
+
     // Logins fail with a clear error; the nodes stay up.
     for node in [&a, &b] {
         let out = svc.connect(node, "ann", "pwd");
@@ -556,6 +593,16 @@ async fn nodes_ride_out_the_database_stopping_and_starting() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // The upload resumes through node B from what had arrived, and its
+    // usage is recorded once it lands.
+    let out = svc.connect(&b, "ann", "put big");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("resumed at "), "{}", out.stdout);
+    assert!(fs::read(shared.join("var/homes/ann/big")).unwrap() == big);
+    let usage = svc
+        .query("SELECT bytes FROM usage WHERE name = 'ann'")
+        .await;
+    assert_eq!(usage[0].get::<_, i64>(0), 8 << 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -635,4 +682,119 @@ async fn the_database_connection_can_be_tls_with_its_certificate_checked() {
         "{}",
         out.stderr
     );
+}
+
+/// `n` logins of `user` with `password` through `nodes` in turn, all at once;
+/// their exit statuses.
+fn logins_at_once(
+    svc: &Service,
+    nodes: &[&BinServer],
+    user: &str,
+    password: &str,
+    n: usize,
+) -> Vec<i32> {
+    let work = svc.work();
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            ftpx(&work)
+                .args([
+                    "connect",
+                    &format!("{user}@127.0.0.1:{}", nodes[i % nodes.len()].port),
+                ])
+                .arg("--ca")
+                .arg(svc.ca())
+                .args(["-c", "pwd"])
+                .env("FTPX_PASSWORD", password)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|mut c| c.wait().unwrap().code().unwrap_or(-1))
+        .collect()
+}
+
+/// Failed logins a node's log shows as evaluated (the password checked and wrong).
+fn evaluated_failures(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("ann") && l.contains("result=\"failed\""))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_sent_at_once_to_two_nodes_get_no_more_evaluated_than_one_by_one() {
+    let svc = Service::new().await;
+    let (a, b) = (svc.start(0), svc.start(1));
+    svc.useradd("ann", "1MiB");
+    // 16 wrong guesses at once, half to each node, against a limit of 3.
+    let statuses = logins_at_once(&svc, &[&a, &b], "ann", "wrong password", 16);
+    assert!(statuses.iter().all(|&s| s != 0));
+    let evaluated = evaluated_failures(&svc.log(0)) + evaluated_failures(&svc.log(1));
+    assert!(
+        (1..=3).contains(&evaluated),
+        "{evaluated} guesses were evaluated on the two nodes together; the limit is 3"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_from_one_address_count_on_all_nodes_together() {
+    let svc = Service::new().await;
+    let (a, b) = (svc.start(0), svc.start(1));
+    let register = |node: &BinServer, name: &str| {
+        run(ftpx(&svc.work())
+            .args([
+                "connect",
+                "--register",
+                &format!("{name}@127.0.0.1:{}", node.port),
+            ])
+            .arg("--ca")
+            .arg(svc.ca())
+            .args(["-c", "pwd"])
+            .env("FTPX_PASSWORD", PASSWORD))
+    };
+    // Two an hour from one address: one on each node, then none on either.
+    assert_eq!(register(&a, "reg1").status, 0);
+    assert_eq!(register(&b, "reg2").status, 0);
+    for (node, name) in [(&a, "reg3"), (&b, "reg4")] {
+        let out = register(node, name);
+        assert_ne!(out.status, 0, "{name} was registered");
+        assert!(
+            out.stderr.contains("too many registrations"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_nodes_accounts_are_imported_into_the_cluster() {
+    let svc = Service::new().await;
+    // Accounts made on a single node, in its users.toml.
+    let single = svc.root.path().join("single");
+    fs::create_dir_all(single.join("etc")).unwrap();
+    fs::write(single.join("etc/ftpx.toml"), test_config_toml()).unwrap();
+    for name in ["ann", "bob"] {
+        let out = run(ftpx(&single)
+            .args(["useradd", name, "--quota", "2MiB", "--password-stdin"])
+            .stdin(write_stdin(&format!("{PASSWORD}\n"))));
+        assert_eq!(out.status, 0, "{}", out.stderr);
+    }
+    // bob is in the cluster already, with another password: he stays as he is.
+    let out = run(ftpx(&svc.node_dir(0))
+        .args(["useradd", "bob", "--quota", "5MiB", "--password-stdin"])
+        .stdin(write_stdin("bobs own password\n")));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let out = run(ftpx(&svc.node_dir(0))
+        .arg("import-users")
+        .arg(single.join("var/users.toml")));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("imported 1 of 2"), "{}", out.stdout);
+    let node = svc.start(1);
+    let out = svc.connect(&node, "ann", "quota");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("of 2097152"), "{}", out.stdout);
+    assert_ne!(svc.connect(&node, "bob", "pwd").status, 0);
 }
