@@ -19,10 +19,11 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> Re
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    crate::logging::init_server(
+    let log = crate::logging::init_server(
         &config.server.log_file,
         &config.server.log_level,
         config.server.log_max_lines_per_sec,
+        config.server.log_format,
     )?;
     // A file-size limit (ulimit -f) must fail the one write, not kill the server.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
@@ -57,7 +58,8 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> Re
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(address = %local, "listening");
+    let _beside = crate::server::Beside::start(&server, log).await?;
+    tracing::info!(event = "start", address = %local, "listening");
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
     crate::server::run_reporting(

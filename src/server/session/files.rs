@@ -3,7 +3,6 @@
 //! the home holds do it under the account's lock (see `store::quota`).
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::info;
 
 use super::{Session, blocking, quoted};
 use crate::error::{Error, Result};
@@ -19,6 +18,7 @@ const ONE_ENTRY: Usage = Usage {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn pwd(&mut self) -> Result<()> {
+        self.note.path = Some(self.cwd.clone());
         self.reply(Code::Path, &quoted(&self.cwd)).await
     }
 
@@ -27,10 +27,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(a) => self.resolve(&a)?,
             None => VPath::root(),
         };
+        self.note.path = Some(path.clone());
         let home = self.logged_in()?.home.clone();
         let p = path.clone();
         blocking(move || home.check_dir(&p)).await?;
-        self.log_ok("CWD", &path, 0);
         self.cwd = path;
         self.reply(Code::Path, &quoted(&self.cwd)).await
     }
@@ -40,6 +40,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(a) => self.resolve(&a)?,
             None => self.cwd.clone(),
         };
+        self.note.path = Some(path.clone());
         let max = self.server.config.limits.max_list_entries;
         let home = self.logged_in()?.home.clone();
         let p = path.clone();
@@ -50,16 +51,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .await?;
         }
         let more = if truncated { " (truncated)" } else { "" };
-        self.log_ok("LIST", &path, entries.len() as u64);
+        self.note.entries = Some(entries.len() as u64);
         self.reply(Code::Status, &format!("{} entries{more}", entries.len()))
             .await
     }
 
+    /// `STAT`: a path that names nothing is answered 550, as an answer
+    /// (`absent` in the log), not as a failure: clients ask to learn
+    /// whether something is there.
     pub(super) async fn stat(&mut self, arg: String) -> Result<()> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
-        let entry = blocking(move || home.stat(&path)).await?;
-        self.reply(Code::Status, &entry.to_line()).await
+        match blocking(move || home.stat(&path)).await {
+            Ok(entry) => self.reply(Code::Status, &entry.to_line()).await,
+            Err(e @ (Error::NotFound(_) | Error::NotADirectory(_))) => {
+                self.note.result = Some("absent");
+                self.reply(e.reply_code(), &e.to_string()).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub(super) async fn hash(&mut self, arg: String) -> Result<()> {
@@ -74,7 +84,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(h.finalize())
         })
         .await?;
-        self.log_ok("HASH", &path, 0);
         self.reply(Code::Status, &protocol::hex(&hash)).await
     }
 
@@ -91,7 +100,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
         })
         .await?;
-        self.log_ok("MKD", &path, 0);
         self.reply(Code::Path, &quoted(&path)).await
     }
 
@@ -113,7 +121,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
         })
         .await?;
-        self.log_ok("RMD", &path, 0);
         self.reply(Code::Ok, "directory removed").await
     }
 
@@ -130,7 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
         })
         .await?;
-        self.log_ok("DELE", &path, freed);
+        self.note.bytes = Some(freed);
         self.reply(Code::Ok, "file removed").await
     }
 
@@ -149,7 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
         })
         .await?;
-        info!(peer = %self.peer, user = self.user_name(), request = "RENAME", from = %from, to = %target, result = "ok");
+        self.note.to = Some(target.clone());
         self.reply(Code::Ok, &format!("renamed to {}", quoted(&target)))
             .await
     }
@@ -189,7 +196,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let home = self.logged_in()?.home.clone();
         let p = path.clone();
         blocking(move || home.set_mtime(&p, mtime)).await?;
-        self.log_ok("MTIME", &path, 0);
         self.reply(Code::Ok, "modification time set").await
     }
 
@@ -198,7 +204,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let owner = self.logged_in()?.clone();
         let p = path.clone();
         let size = blocking(move || upload::discard(&owner, &p)).await?;
-        self.log_ok("DISCARD", &path, size);
+        self.note.bytes = Some(size);
         self.reply(Code::Ok, "unfinished upload discarded").await
     }
 }
