@@ -522,3 +522,66 @@ fn status_without_a_server_says_so() {
     let out = run(ftpx(dir.path()).args(["kick", "../x"]));
     assert_eq!(out.status, 1, "{}", out.stderr);
 }
+
+#[test]
+fn the_shipped_logrotate_snippet_rotates_a_running_servers_log() {
+    let Ok(found) = std::process::Command::new("logrotate")
+        .arg("--version")
+        .output()
+    else {
+        println!("logrotate is not installed: the snippet was not run");
+        return;
+    };
+    assert!(found.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("gus", "1MiB");
+    assert_eq!(
+        connect_c(dir.path(), &server.ca(), server.port, "gus", "pwd").status,
+        0
+    );
+    // The shipped snippet, aimed at this server: its log, its pid, no other user.
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/ftpx.logrotate"))
+            .unwrap();
+    let log = dir.path().join("var/log/ftpx.log");
+    let snippet = shipped
+        .replace("/var/lib/ftpx/var/log/ftpx.log", &log.display().to_string())
+        .replace(
+            "systemctl kill --signal=HUP --kill-whom=main ftpx.service",
+            &format!("kill -HUP {}", server.child.id()),
+        )
+        .replace("    su ftpx ftpx\n", "");
+    assert_ne!(snippet, shipped);
+    let conf = dir.path().join("logrotate.conf");
+    std::fs::write(&conf, snippet).unwrap();
+    let out = run(std::process::Command::new("logrotate")
+        .arg("--force")
+        .arg("--state")
+        .arg(dir.path().join("logrotate.state"))
+        .arg(&conf));
+    assert_eq!(out.status, 0, "{}{}", out.stdout, out.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server_log(dir.path()).contains("log file reopened") {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not reopen its log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        connect_c(dir.path(), &server.ca(), server.port, "gus", "quota").status,
+        0
+    );
+    server.terminate();
+    let rotated = std::fs::read_to_string(dir.path().join("var/log/ftpx.log.1")).unwrap();
+    let fresh = server_log(dir.path());
+    assert!(
+        rotated.contains("request=\"PWD\"") && !rotated.contains("QUOTA"),
+        "{rotated}"
+    );
+    assert!(
+        fresh.contains("request=\"QUOTA\"") && !fresh.contains("PWD"),
+        "{fresh}"
+    );
+}
