@@ -163,7 +163,9 @@ impl Beside {
         server: &Arc<Server>,
         log: crate::logging::CappedFile,
     ) -> Result<Beside, String> {
-        let mut tasks = vec![tokio::spawn(reopen_on_sighup(log))];
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+        let mut tasks = vec![tokio::spawn(reopen_on_sighup(hup, log))];
         if let Some(listener) = metrics::bind(server).await? {
             tasks.push(tokio::spawn(metrics::serve(listener, server.clone())));
         }
@@ -184,11 +186,7 @@ impl Drop for Beside {
 }
 
 /// Reopens the log file at each SIGHUP (logrotate moved it away).
-async fn reopen_on_sighup(log: crate::logging::CappedFile) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+async fn reopen_on_sighup(mut hup: tokio::signal::unix::Signal, log: crate::logging::CappedFile) {
     while hup.recv().await.is_some() {
         match log.reopen() {
             Ok(()) => info!(event = "log_reopened", "log file reopened"),

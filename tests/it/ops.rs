@@ -585,3 +585,26 @@ fn the_shipped_logrotate_snippet_rotates_a_running_servers_log() {
         "{fresh}"
     );
 }
+
+#[test]
+fn metrics_are_off_by_default_and_the_control_socket_can_be_switched_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    let socket = dir.path().join("var/ftpx.sock");
+    assert!(socket.exists());
+    assert_eq!(server.terminate(), 0);
+    assert!(!server_log(dir.path()).contains("metrics listening"));
+    assert!(!socket.exists(), "the socket outlived the server");
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), "control_socket = \"\"");
+    assert!(!dir.path().join("var/ftpx.sock").exists());
+    let out = run(ftpx(dir.path()).arg("status"));
+    assert_eq!(out.status, 1);
+    assert!(
+        out.stderr.contains("control_socket is switched off"),
+        "{}",
+        out.stderr
+    );
+    server.terminate();
+}
