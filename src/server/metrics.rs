@@ -241,9 +241,14 @@ fn bytes_under(dir: &Path, depth: u32) -> u64 {
 }
 
 /// Answers `GET /metrics` on `listener` until the task is dropped: one
-/// request per connection, plain HTTP/1.1.
+/// request per connection, plain HTTP/1.1, at most [`MAX_SCRAPES`] at once
+/// and each within 10 s.
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
+    let scrapes = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
+        let Ok(permit) = scrapes.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -255,9 +260,13 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
         let server = server.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &server)).await;
+            drop(permit);
         });
     }
 }
+
+/// Connections to the metrics listener served at once.
+const MAX_SCRAPES: usize = 16;
 
 /// Binds the metrics listener, if one is set.
 pub async fn bind(server: &Arc<Server>) -> Result<Option<TcpListener>, String> {

@@ -662,6 +662,8 @@ fn a_config_file_named_on_the_command_line_must_exist() {
         ],
         &["usermod", "bob", "--quota", "1MiB", "--config", "nope.toml"],
         &["userdel", "bob", "--config", "nope.toml"],
+        &["status", "--config", "nope.toml"],
+        &["kick", "bob", "--config", "nope.toml"],
     ] {
         let out = run(ftpx(dir.path()).args(args));
         assert_eq!(out.status, 1, "{args:?}: {}", out.stderr);
@@ -682,7 +684,7 @@ fn a_config_file_named_on_the_command_line_must_exist() {
     assert!(users.stdout.starts_with("USER"), "{}", users.stdout);
 }
 
-const SUBCOMMANDS: [&str; 9] = [
+const SUBCOMMANDS: [&str; 11] = [
     "serve",
     "connect",
     "gen-cert",
@@ -690,6 +692,8 @@ const SUBCOMMANDS: [&str; 9] = [
     "userdel",
     "usermod",
     "users",
+    "status",
+    "kick",
     "completions",
     "man",
 ];
