@@ -426,7 +426,7 @@ async fn metrics_move_while_a_transfer_is_in_flight() {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_lists_a_transfer_in_flight_and_kick_ends_it_resumably() {
     let dir = tempfile::tempdir().unwrap();
-    let server = BinServer::start(dir.path(), 0);
+    let server = start_with(dir.path(), "metrics_listen = \"127.0.0.1:0\"");
     server.useradd("flo", "64MiB");
     let socket = dir.path().join("var/ftpx.sock");
     let mode =
@@ -495,6 +495,14 @@ async fn status_lists_a_transfer_in_flight_and_kick_ends_it_resumably() {
         .unwrap();
     let offset: usize = ready.text.split(' ').nth(1).unwrap_or("0").parse().unwrap();
     assert!((PIECE..=3 * MIB).contains(&offset), "{}", ready.text);
+    let start = FrameHeader::start(offset as u64);
+    again.connection().write_frame(&start, &[]).await.unwrap();
+    send_chunks(&mut again, &bytes, offset, bytes.len()).await;
+    let end = crate::transfer::end(&mut again, bytes.len(), blake3::hash(&bytes)).await;
+    assert_eq!(end.unwrap().code, 226);
+    let metrics = http_get(&metrics_addr(dir.path()), "/metrics").1;
+    let resumes = sample(&metrics, "ftpx_resumes_total{direction=\"up\"}");
+    assert_eq!(resumes, 1.0, "{metrics}");
     drop(again);
     server.terminate();
     let log = server_log(dir.path());
@@ -504,6 +512,12 @@ async fn status_lists_a_transfer_in_flight_and_kick_ends_it_resumably() {
     );
     assert!(
         log.contains("reason=\"kicked by the server's admin\""),
+        "{log}"
+    );
+    let resumed = format!("path=\"/big\" size={} offset={offset} ", bytes.len());
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&resumed) && l.contains("result=\"ok\"")),
         "{log}"
     );
 }

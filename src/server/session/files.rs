@@ -43,8 +43,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.note.path = Some(path.clone());
         let max = self.server.config.limits.max_list_entries;
         let home = self.logged_in()?.home.clone();
-        let p = path.clone();
-        let (entries, truncated) = blocking(move || home.list(&p, max)).await?;
+        let (entries, truncated) = blocking(move || home.list(&path, max)).await?;
         for e in &entries {
             self.conn
                 .write_line(&Code::Status.continued(&e.to_line()))
@@ -75,12 +74,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn hash(&mut self, arg: String) -> Result<()> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
-        let p = path.clone();
         let hash = blocking(move || {
-            let file = home.open_read(&p)?;
+            let file = home.open_read(&path)?;
             let mut h = blake3::Hasher::new();
             h.update_reader(&file)
-                .map_err(|e| Error::fs(e, &p.to_string()))?;
+                .map_err(|e| Error::fs(e, &path.to_string()))?;
             Ok(h.finalize())
         })
         .await?;
@@ -112,10 +110,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )));
         }
         let owner = self.logged_in()?.clone();
-        let p = path.clone();
         blocking(move || {
             owner.ledger.with(&owner.name, |a| {
-                owner.home.rmdir(&p)?;
+                owner.home.rmdir(&path)?;
                 a.removed(ONE_ENTRY);
                 Ok(())
             })
@@ -128,10 +125,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let path = self.resolve(&arg)?;
         let owner = self.logged_in()?.clone();
         let _busy = self.lock_upload(&path)?;
-        let p = path.clone();
         let freed = blocking(move || {
             owner.ledger.with(&owner.name, |a| {
-                let bytes = owner.home.remove_file(&p)?;
+                let bytes = owner.home.remove_file(&path)?;
                 a.removed(Usage { bytes, entries: 1 });
                 Ok(bytes)
             })
@@ -194,16 +190,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn mtime(&mut self, arg: String, mtime: u64) -> Result<()> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
-        let p = path.clone();
-        blocking(move || home.set_mtime(&p, mtime)).await?;
+        blocking(move || home.set_mtime(&path, mtime)).await?;
         self.reply(Code::Ok, "modification time set").await
     }
 
     pub(super) async fn discard(&mut self, arg: String) -> Result<()> {
         let path = self.resolve(&arg)?;
         let owner = self.logged_in()?.clone();
-        let p = path.clone();
-        let size = blocking(move || upload::discard(&owner, &p)).await?;
+        let size = blocking(move || upload::discard(&owner, &path)).await?;
         self.note.bytes = Some(size);
         self.reply(Code::Ok, "unfinished upload discarded").await
     }
