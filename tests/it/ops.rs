@@ -514,6 +514,7 @@ async fn status_lists_a_transfer_in_flight_and_kick_ends_it_resumably() {
         log.contains("reason=\"kicked by the server's admin\""),
         "{log}"
     );
+    assert!(!log.contains("event=bad_request"), "{log}");
     let resumed = format!("path=\"/big\" size={} offset={offset} ", bytes.len());
     assert!(
         log.lines()

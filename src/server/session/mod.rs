@@ -233,6 +233,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let _ = self.answer_stores(Drain::All).await;
                 return Next::End("client closed the connection");
             }
+            // Reset, or cut by a kick: no request was there to be bad.
+            Ok(Err(Error::Connection(_))) => return Next::End("connection lost"),
             Ok(Err(e)) => {
                 let sent = self.reply_in_turn(e.reply_code(), &e.to_string()).await;
                 info!(event = "bad_request", peer = %self.peer, user = self.user_name(), code = e.reply_code().number(), error = %e, "bad request line");
