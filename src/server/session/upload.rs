@@ -256,7 +256,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.lock_upload(&path)?
             }
         };
+        // The store's reply announces the id and its line is logged there.
         self.note.logged = true;
+        self.note.transfer = None;
         self.stores.push(Store {
             server: self.server.clone(),
             id: id.to_string(),
