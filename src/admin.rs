@@ -19,10 +19,11 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> Re
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    crate::logging::init_server(
+    let log = crate::logging::init_server(
         &config.server.log_file,
         &config.server.log_level,
         config.server.log_max_lines_per_sec,
+        config.server.log_format,
     )?;
     // A file-size limit (ulimit -f) must fail the one write, not kill the server.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
@@ -57,18 +58,14 @@ pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> Re
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(address = %local, "listening");
+    let _beside = crate::server::Beside::start(&server, log).await?;
+    let stop = shutdown_signal();
+    tracing::info!(event = "start", address = %local, "listening");
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
-    crate::server::run_reporting(
-        listener,
-        server,
-        Arc::new(tls_config),
-        shutdown_signal(),
-        say_stopping,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    crate::server::run_reporting(listener, server, Arc::new(tls_config), stop, say_stopping)
+        .await
+        .map_err(|e| e.to_string())?;
     eprintln!("ftpx: stopped");
     Ok(())
 }
@@ -94,19 +91,24 @@ fn say_stopping(stopping: Stopping) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are in place once this
+/// returns, before the server says it listens: a signal sent at once is
+/// not taken for the default one, which would kill it.
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, run until killed.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers, run until killed.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 

@@ -105,6 +105,22 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// List the sessions open on the running server and the transfers in
+    /// progress: user, peer, since when, path, bytes done and total, rate.
+    Status {
+        /// Print the server's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// End every session of USER on the running server (an upload that
+    /// was running stays resumable).
+    Kick {
+        user: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print a completion script for SHELL to standard output.
     Completions {
         /// The shell the script is for.

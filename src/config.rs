@@ -42,6 +42,14 @@ pub struct ServerSection {
     /// no cap); the rest are dropped and counted in the next line written.
     /// Warnings and errors always go in.
     pub log_max_lines_per_sec: u32,
+    /// How log lines are written: `text` or `json` (one object a line).
+    pub log_format: crate::logging::schema::LogFormat,
+    /// Address of the Prometheus metrics listener (`GET /metrics`); empty:
+    /// none. Plain HTTP with no login: keep it on loopback.
+    pub metrics_listen: String,
+    /// Unix socket of `ftpx status` and `ftpx kick`, readable and writable
+    /// by the server's user only; empty: none.
+    pub control_socket: PathBuf,
 }
 
 impl Default for ServerSection {
@@ -53,6 +61,9 @@ impl Default for ServerSection {
             log_file: "var/log/ftpx.log".into(),
             log_level: "info".into(),
             log_max_lines_per_sec: 10_000,
+            log_format: crate::logging::schema::LogFormat::Text,
+            metrics_listen: String::new(),
+            control_socket: "var/ftpx.sock".into(),
         }
     }
 }
@@ -297,6 +308,7 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.metrics_addr()?;
         let a = &self.accounts;
         if a.registered_quota_min.0 > a.registered_quota_max.0 {
             return Err("registered_quota_min is larger than registered_quota_max".into());
@@ -336,6 +348,23 @@ impl Config {
             return Err("max_line must be at least 256; max_path, max_sessions and max_sessions_per_ip at least 1".into());
         }
         Ok(())
+    }
+
+    /// Where the metrics listener listens, if anywhere.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let listen = self.server.metrics_listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            format!("metrics_listen {listen:?} is not an ADDRESS:PORT (like 127.0.0.1:9121)")
+        })
+    }
+
+    /// The control socket, if there is one.
+    pub fn control_socket(&self) -> Option<&Path> {
+        let path = &self.server.control_socket;
+        (!path.as_os_str().is_empty()).then_some(path.as_path())
     }
 
     pub fn handshake_timeout(&self) -> Duration {
@@ -480,7 +509,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(format!("{parsed:?}"), format!("{d:?}"));
         assert!(
-            uncommented.matches(" = ").count() >= 41,
+            uncommented.matches(" = ").count() >= 44,
             "a key is missing from etc/ftpx.toml"
         );
     }
@@ -493,6 +522,8 @@ mod tests {
             "[limits]\nmax_lines = 3\n",
             "[transfer]\nchunk_size = \"9GiB\"\n",
             "[accounts]\nregistered_quota_min = \"30MiB\"\n",
+            "[server]\nlog_format = \"xml\"\n",
+            "[server]\nmetrics_listen = \"localhost\"\n",
             "x",
         ] {
             std::fs::write(&p, bad).unwrap();

@@ -18,8 +18,11 @@
 //!   file in the home, and sweeps what uploads left.
 //! - `server/`: the accept loop and what sessions share (`mod.rs`), one
 //!   client's `session` (its loop and one match in `session/mod.rs`, the
-//!   handlers beside it: `auth`, `files`, `upload`, `download`), the
-//!   `defender` against password guessing, and the fair hashing `turns`.
+//!   handlers beside it: `auth`, `files`, `upload`, `download`, and `log`,
+//!   its log lines), the `defender` against password guessing, the fair
+//!   hashing `turns`; for the operator, `live` (who is on), `kick` (ending
+//!   a session from outside), `metrics` (Prometheus) and `control` (the
+//!   socket of `ftpx status` and `ftpx kick`).
 //! - `client/`: `Client` (`connect`, `reply`, `upload`, `download`, its own
 //!   `error`), and the `shell` of `ftpx connect` (its loop, `commands`,
 //!   `tree` transfers, `output`).
@@ -39,8 +42,9 @@
 //!
 //! Beside them: `config` holds every setting, `error` the errors of the
 //! server side and the one table of their replies, `tls` the certificates and TLS set-up
-//! of both ends, `admin` the user-management and `serve` commands, `cli`
-//! the command line, `logging` the log files of both ends, `clock` the wall
+//! of both ends, `admin` the user-management and `serve` commands,
+//! `operator` the `status` and `kick` commands, `cli` the command line,
+//! `logging` the log files of both ends and the server log's schema, `clock` the wall
 //! clock, `alloc` the memory allocator (huge pages for password hashing).
 
 pub mod admin;
@@ -52,6 +56,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod logging;
+pub mod operator;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -1,12 +1,16 @@
 //! Log files. The server writes one line per event to its log file (a
-//! setting, `var/log/ftpx.log` by default) and warnings also to standard
-//! error; the client writes to `ftpx.log` in its state directory. Fields are
-//! written with their escapes, so a hostile name can't forge a line.
+//! setting, `var/log/ftpx.log` by default), in one schema (see [`schema`]),
+//! as text or JSON lines, and warnings also to standard error; it reopens
+//! the file when told to (SIGHUP), for logrotate. The client writes to
+//! `ftpx.log` in its state directory. Fields are written with their
+//! escapes, so a hostile name can't forge a line.
+
+pub mod schema;
 
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{Level, Metadata};
@@ -14,35 +18,40 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Server logging: `file` at `level`, at most `max_lines_per_sec` lines a
-/// second (0: no cap), and warnings also to standard error.
-pub fn init_server(file: &Path, level: &str, max_lines_per_sec: u32) -> Result<(), String> {
+use schema::{Fields, LogFormat, Schema, Value};
+
+/// Server logging: `file` at `level`, in `format`, at most
+/// `max_lines_per_sec` lines a second (0: no cap), and warnings also to
+/// standard error. Returns the log file, to reopen on SIGHUP.
+pub fn init_server(
+    file: &Path,
+    level: &str,
+    max_lines_per_sec: u32,
+    format: LogFormat,
+) -> Result<CappedFile, String> {
     // The database driver's debug lines carry statements' parameters, a
     // password hash among them: only its warnings reach the log.
     let filter = EnvFilter::try_new(format!(
         "{level},tokio_postgres=warn,deadpool_postgres=warn,deadpool=warn"
     ))
     .map_err(|e| format!("bad log_level {level:?}: {e}"))?;
-    let writer = CappedFile::new(open(file)?, max_lines_per_sec);
+    let writer = CappedFile::open(file, max_lines_per_sec, format)?;
     let file_layer = tracing_subscriber::fmt::layer()
-        .with_ansi(false)
-        .with_target(false)
-        .with_writer(writer)
+        .event_format(Schema(format))
+        .with_writer(writer.clone())
         .with_filter(filter);
     let stderr_layer = tracing_subscriber::fmt::layer()
-        .with_target(false)
+        .event_format(Schema(LogFormat::Text))
         .with_writer(std::io::stderr)
         .with_filter(LevelFilter::WARN);
     let _ = tracing_subscriber::registry()
         .with(file_layer)
         .with(stderr_layer)
         .try_init();
-    Ok(())
+    Ok(writer)
 }
 
 /// A log file that takes about `cap` lines of info and below a second (0: no
@@ -50,12 +59,18 @@ pub fn init_server(file: &Path, level: &str, max_lines_per_sec: u32) -> Result<(
 /// in. Lines past the cap are dropped and counted; the first line written
 /// after them is preceded by one that says how many were dropped. A flood of
 /// events (THREATS 90) then costs their formatting, not the disk.
+///
+/// Clones share the file: [`CappedFile::reopen`] on one moves them all to
+/// the file now at the path.
+#[derive(Clone)]
 pub struct CappedFile {
-    state: Mutex<Capped>,
+    state: Arc<Mutex<Capped>>,
 }
 
 struct Capped {
     file: fs::File,
+    path: PathBuf,
+    format: LogFormat,
     cap: u32,
     window_end: Instant,
     in_window: u32,
@@ -63,16 +78,27 @@ struct Capped {
 }
 
 impl CappedFile {
-    pub fn new(file: fs::File, cap: u32) -> CappedFile {
-        CappedFile {
-            state: Mutex::new(Capped {
-                file,
+    /// Opens (creating it and its directory) the log file at `path`.
+    pub fn open(path: &Path, cap: u32, format: LogFormat) -> Result<CappedFile, String> {
+        Ok(CappedFile {
+            state: Arc::new(Mutex::new(Capped {
+                file: open(path)?,
+                path: path.to_path_buf(),
+                format,
                 cap,
                 window_end: Instant::now(),
                 in_window: 0,
                 dropped: 0,
-            }),
-        }
+            })),
+        })
+    }
+
+    /// Opens the file at the log's path again (creating it): after
+    /// logrotate moved the old one away, the lines go to a new file.
+    pub fn reopen(&self) -> Result<(), String> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.file = open(&s.path)?;
+        Ok(())
     }
 }
 
@@ -118,12 +144,15 @@ impl io::Write for CappedLine<'_> {
             s.in_window += 1;
         }
         if s.dropped > 0 {
-            let mut time = String::new();
-            let _ = SystemTime.format_time(&mut Writer::new(&mut time));
-            let line = format!(
-                "{time}  WARN log lines dropped dropped={} max_per_sec={}\n",
-                s.dropped, s.cap
-            );
+            let fields = Fields {
+                event: Some("log_dropped".into()),
+                message: Some("log lines dropped".into()),
+                rest: vec![
+                    ("dropped", Value::U64(s.dropped)),
+                    ("max_per_sec", Value::U64(s.cap.into())),
+                ],
+            };
+            let line = schema::line(s.format, Level::WARN, fields);
             s.file.write_all(line.as_bytes())?;
             s.dropped = 0;
         }
@@ -157,14 +186,14 @@ pub const CLIENT_LOG_MAX: u64 = 8 << 20;
 /// A log file that, past `max` bytes, is renamed to `NAME.1` and begun
 /// again, so that it never holds more than `max` bytes and one older file.
 pub struct RotatingFile {
-    path: std::path::PathBuf,
+    path: PathBuf,
     file: fs::File,
     written: u64,
     max: u64,
 }
 
 impl RotatingFile {
-    pub fn open(path: std::path::PathBuf, max: u64) -> Result<RotatingFile, String> {
+    pub fn open(path: PathBuf, max: u64) -> Result<RotatingFile, String> {
         let file = open(&path)?;
         let written = file.metadata().map_or(0, |m| m.len());
         Ok(RotatingFile {
@@ -243,7 +272,8 @@ mod tests {
         let path = dir.path().join("ftpx.log");
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
-            .with_writer(CappedFile::new(open(&path).unwrap(), 2))
+            .event_format(Schema(LogFormat::Text))
+            .with_writer(CappedFile::open(&path, 2, LogFormat::Text).unwrap())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             for i in 0..5 {
@@ -259,7 +289,7 @@ mod tests {
             "{log}"
         );
         assert!(
-            lines[2].contains("log lines dropped dropped=3 max_per_sec=2"),
+            lines[2].contains("log lines dropped event=log_dropped dropped=3 max_per_sec=2"),
             "{log}"
         );
         assert!(

@@ -8,7 +8,7 @@ use clap::Parser;
 
 use ftpx::cli::{Cli, Command};
 use ftpx::client::shell;
-use ftpx::{admin, logging};
+use ftpx::{admin, logging, operator};
 
 #[global_allocator]
 static ALLOCATOR: ftpx::alloc::Allocator = ftpx::alloc::Allocator;
@@ -72,6 +72,12 @@ fn main() -> ExitCode {
         Command::Users { config } => admin::users(config.config.as_deref()),
         Command::ImportUsers { file, config } => {
             admin::import_users(config.config.as_deref(), &file)
+        }
+        Command::Status { json, config } => {
+            runtime.block_on(operator::status(config.config.as_deref(), json))
+        }
+        Command::Kick { user, config } => {
+            runtime.block_on(operator::kick(config.config.as_deref(), &user))
         }
         Command::Completions { shell } => admin::completions(shell),
         Command::Man { dir } => admin::man(dir.as_deref()),

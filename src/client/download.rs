@@ -32,7 +32,12 @@ impl Client {
             path: landing.source.clone(),
             candidates,
         };
-        let reply = self.request(&request).await?;
+        let reply = self.exchange(&request).await?;
+        let id = reply.transfer_id();
+        if reply.code >= 400 {
+            info!(remote = %landing.source, local = %target.display(), id, code = reply.code, error = ?reply.text, "download refused");
+            return Err(reply.into_error());
+        }
         let numbers: Vec<u64> = reply
             .text
             .split(' ')
@@ -55,7 +60,7 @@ impl Client {
         })?;
         landing.check_room(size - offset)?;
         let (file, tree, mut journal) = landing.open(size, chunk, offset).await?;
-        info!(remote = %landing.source, local = %target.display(), size, resumed_at = offset, "download starts");
+        info!(remote = %landing.source, local = %target.display(), id, size, resumed_at = offset, "download starts");
         progress.set_length(size);
         progress.set_position(offset);
         let file = Arc::new(file);
@@ -78,7 +83,7 @@ impl Client {
                     j.remove();
                 }
                 done.map_err(|e| local_err(target, e))?;
-                info!(remote = %landing.source, local = %target.display(), size, resumed_at = offset,
+                info!(remote = %landing.source, local = %target.display(), id, size, resumed_at = offset,
                       hash = %protocol::hex(&hash), ms, "download complete");
                 Ok(Transferred {
                     hash,
@@ -88,7 +93,7 @@ impl Client {
             }
             Err(Stopped { error, verified }) => {
                 landing.stopped(&file, journal, &error, verified);
-                info!(remote = %landing.source, local = %target.display(), verified, error = ?error.to_string(), ms, "download stopped");
+                info!(remote = %landing.source, local = %target.display(), id, verified, error = ?error.to_string(), ms, "download stopped");
                 self.download_stopped(error).await
             }
         }

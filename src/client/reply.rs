@@ -62,6 +62,22 @@ pub struct Reply {
     pub lines: Vec<String>,
 }
 
+impl Reply {
+    /// The id the server gave the transfer this reply answers, if it gave
+    /// one (see `protocol`).
+    pub fn transfer_id(&self) -> Option<String> {
+        protocol::transfer_id(&self.lines).map(str::to_string)
+    }
+
+    /// An error reply as an error.
+    pub fn into_error(self) -> ClientError {
+        ClientError::Server {
+            code: self.code,
+            text: self.text,
+        }
+    }
+}
+
 /// A parsed `LIST` reply.
 #[derive(Debug, Clone)]
 pub struct Listing {
@@ -129,11 +145,16 @@ impl Client {
         }
     }
 
-    /// Sends a request and returns its reply; an error reply is an error.
-    pub async fn request(&mut self, request: &Request) -> Result<Reply> {
+    /// Sends a request and returns its reply, whatever its code.
+    pub async fn exchange(&mut self, request: &Request) -> Result<Reply> {
         self.conn.write_line(&request.to_line()).await?;
         self.conn.flush().await?;
-        let reply = self.read_reply_within(ReplyLimit::of(request)).await?;
+        self.read_reply_within(ReplyLimit::of(request)).await
+    }
+
+    /// Sends a request and returns its reply; an error reply is an error.
+    pub async fn request(&mut self, request: &Request) -> Result<Reply> {
+        let reply = self.exchange(request).await?;
         if reply.code >= 400 {
             return Err(ClientError::Server {
                 code: reply.code,

@@ -101,9 +101,10 @@ impl Client {
         size: u64,
     ) -> Result<Result<Transferred>> {
         let reply = self.read_reply().await?;
+        let id = reply.transfer_id();
         let theirs = reply.text.split(' ').next().unwrap_or_default();
         Ok(if reply.code == 226 && theirs == protocol::hex(&hash) {
-            info!(local = %local.display(), remote = %remote, size, hash = ?theirs, "upload complete");
+            info!(local = %local.display(), remote = %remote, id, size, hash = ?theirs, "upload complete");
             Ok(Transferred {
                 hash,
                 size,
@@ -115,7 +116,7 @@ impl Client {
                 protocol::hex(&hash)
             )))
         } else {
-            info!(local = %local.display(), remote = %remote, code = reply.code, error = ?reply.text, "upload failed");
+            info!(local = %local.display(), remote = %remote, id, code = reply.code, error = ?reply.text, "upload failed");
             Err(ClientError::Server {
                 code: reply.code,
                 text: reply.text,
@@ -140,7 +141,12 @@ impl Client {
             size,
             chunk,
         };
-        let reply = self.request(&request).await?;
+        let reply = self.exchange(&request).await?;
+        let id = reply.transfer_id();
+        if reply.code >= 400 {
+            info!(local = %local.display(), remote = %remote, id, code = reply.code, error = ?reply.text, "upload refused");
+            return Err(reply.into_error());
+        }
         if reply.code != 150 {
             return Err(ClientError::Protocol(format!(
                 "unexpected reply {} to PUT",
@@ -165,7 +171,7 @@ impl Client {
                 .save(offset)
                 .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
         }
-        info!(local = %local.display(), remote = %remote, size, resumed_at = offset, "upload starts");
+        info!(local = %local.display(), remote = %remote, id, size, resumed_at = offset, "upload starts");
         self.conn
             .write_frame(&FrameHeader::start(offset), &[])
             .await?;
@@ -182,7 +188,7 @@ impl Client {
         let reply = self.read_reply().await?;
         self.in_data = false;
         let ms = started.elapsed().as_millis() as u64;
-        upload_answered(reply, hash, journal, offset, ms)
+        upload_answered(reply, hash, journal, (id, offset), ms)
     }
 
     /// Opens `local` and the journal of its upload to `remote`, and says
@@ -251,7 +257,7 @@ fn upload_answered(
     reply: Reply,
     hash: blake3::Hash,
     journal: Journal,
-    offset: u64,
+    (id, offset): (Option<String>, u64),
     ms: u64,
 ) -> Result<Transferred> {
     let Record {
@@ -263,7 +269,7 @@ fn upload_answered(
     } = &journal.record;
     let (size, chunk) = (*size, *chunk);
     if reply.code != 226 {
-        info!(local, remote, code = reply.code, error = ?reply.text, ms, "upload failed");
+        info!(local, remote, id, code = reply.code, error = ?reply.text, ms, "upload failed");
         if matches!(reply.code, 452 | 454) || size <= chunk {
             journal.remove();
         }
@@ -279,7 +285,7 @@ fn upload_answered(
             protocol::hex(&hash)
         )));
     }
-    info!(local, remote, size, resumed_at = offset, hash = %protocol::hex(&hash), ms, "upload complete");
+    info!(local, remote, id, size, resumed_at = offset, hash = %protocol::hex(&hash), ms, "upload complete");
     journal.remove();
     Ok(Transferred {
         hash,

@@ -135,7 +135,7 @@ impl Defences {
         if let Some(row) = row
             && row.get::<_, bool>(1)
         {
-            warn!(source, user = ?account, failures = row.get::<_, i32>(0), ban_secs = self.settings.ban_secs,
+            warn!(event = "ban", source, user = %account, failures = row.get::<_, i32>(0), ban_secs = self.settings.ban_secs,
                   "banned on every node: too many failed logins for this account from this source");
         }
         client
@@ -168,6 +168,7 @@ impl Defences {
                     .execute("DELETE FROM source_failures WHERE source = $1", &[&source])
                     .await?;
                 warn!(
+                    event = "ban",
                     source,
                     accounts = spread,
                     ban_secs = self.settings.ban_secs,

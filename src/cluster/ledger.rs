@@ -79,7 +79,7 @@ impl Shared {
         loop {
             tokio::time::sleep(self.cluster.lease / 3).await;
             if let Err(e) = self.reconcile().await {
-                tracing::debug!(error = %e, "cannot reconcile this node's rows");
+                tracing::debug!(event = "cluster", error = %e, "cannot reconcile this node's rows");
             }
         }
     }
@@ -280,7 +280,7 @@ impl Book for Shared {
             // The change on disk is made; only its numbers were not written.
             // The account is rebuilt from disk at the user's next first session.
             Err(e) if applied => {
-                warn!(user, error = %e, "a change of a home was made but its usage not recorded");
+                warn!(event = "error", user, error = %e, "a change of a home was made but its usage not recorded");
                 Ok(())
             }
             Err(e) => Err(unavailable(e)),
@@ -365,7 +365,7 @@ impl Book for Shared {
         });
         self.count_session(user, -1);
         if let Err(e) = closed {
-            warn!(user, error = %e, "cannot record the end of a session");
+            warn!(event = "error", user, error = %e, "cannot record the end of a session");
         }
     }
 
@@ -396,7 +396,7 @@ impl Book for Shared {
             Ok(())
         });
         if let Err(e) = released {
-            warn!(user, path = %path, error = %e, "cannot release a reservation");
+            warn!(event = "error", user, path = %path, error = %e, "cannot release a reservation");
         }
     }
 
@@ -444,7 +444,7 @@ impl Book for Shared {
         });
         if let Err(e) = freed {
             // The row stays until this node takes it again or its lease ends.
-            warn!(user, path = %path, error = %e, "cannot release an upload lock");
+            warn!(event = "error", user, path = %path, error = %e, "cannot release an upload lock");
         }
         self.held().remove(&(user.to_string(), path.clone()));
     }

@@ -189,16 +189,16 @@ impl Cluster {
             match tokio::time::timeout(self.deadline, self.renew()).await {
                 Ok(Ok(())) => {
                     if failing {
-                        info!(node = %self.node, "database reachable again");
+                        info!(event = "cluster", node = %self.node, "database reachable again");
                     }
                     failing = false;
                 }
                 Ok(Err(e)) if !failing => {
-                    warn!(node = %self.node, error = %e, "cannot renew this node's lease");
+                    warn!(event = "cluster", node = %self.node, error = %e, "cannot renew this node's lease");
                     failing = true;
                 }
                 Err(_) if !failing => {
-                    warn!(node = %self.node, "cannot renew this node's lease: no answer in time");
+                    warn!(event = "cluster", node = %self.node, "cannot renew this node's lease: no answer in time");
                     failing = true;
                 }
                 _ => {}

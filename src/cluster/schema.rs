@@ -134,7 +134,7 @@ async fn apply(client: &Client) -> Result<()> {
             let _ = client.batch_execute("ROLLBACK").await;
             return Err(e.into());
         }
-        tracing::info!(version, "database schema upgraded");
+        tracing::info!(event = "cluster", version, "database schema upgraded");
     }
     Ok(())
 }

@@ -104,6 +104,18 @@
 //!   and an end frame.
 //! - `NOOP` → 200. `HELP` → 211. `QUIT` → 221 and close.
 //!
+//! # Transfer ids
+//!
+//! The server gives every `PUT`, `GET` and `SEND` it handles an id: a word
+//! of 1 to [`MAX_TRANSFER_ID`] ASCII letters and digits (16 hex digits
+//! today), unique across runs and servers. Its first reply to that
+//! request (150, 151, 226, or the error that refused it) begins with a
+//! continuation line `CODE-transfer ID`, and the server's log names the
+//! transfer by the same id, so a user's complaint can be matched to the
+//! server's line. A client that knows nothing of ids reads the line as any
+//! continuation line and skips it; a client that does logs the id (the
+//! `ftpx` client does, in its log).
+//!
 //! # Frames
 //!
 //! After 150 (from the client) and 151 (from the server) file data flows as
@@ -418,6 +430,26 @@ pub fn split_words(line: &str, allow_separators: bool) -> Result<Vec<Vec<Word>>,
 }
 
 /// Writes `s` as one word that [`split_commands`] reads back unchanged.
+/// Longest transfer id a client accepts.
+pub const MAX_TRANSFER_ID: usize = 64;
+
+/// `CODE-transfer ID`: the line that announces a transfer's id before the
+/// first reply to its request.
+pub fn transfer_line(code: Code, id: &str) -> String {
+    code.continued(&format!("transfer {id}"))
+}
+
+/// The transfer id a reply's continuation lines announce, if any (see the
+/// section on transfer ids above).
+pub fn transfer_id(lines: &[String]) -> Option<&str> {
+    lines.iter().find_map(|line| {
+        let id = line.strip_prefix("transfer ")?;
+        let valid = (1..=MAX_TRANSFER_ID).contains(&id.len())
+            && id.bytes().all(|b| b.is_ascii_alphanumeric());
+        valid.then_some(id)
+    })
+}
+
 pub fn quote(s: &str) -> String {
     let plain = !s.is_empty()
         && !s
@@ -846,6 +878,19 @@ mod tests {
 
     fn words(line: &str) -> Vec<Vec<String>> {
         split_commands(line, true).unwrap()
+    }
+
+    #[test]
+    fn a_transfer_id_is_announced_in_a_continuation_line() {
+        let line = transfer_line(Code::Ready, "00ff3a");
+        assert_eq!(line, "150-transfer 00ff3a");
+        let text = line[4..].to_string();
+        assert_eq!(transfer_id(&[text]), Some("00ff3a"));
+        for bad in ["transfer ", "transfer a b", "transfer \x1b", "id 12"] {
+            assert_eq!(transfer_id(&[bad.to_string()]), None, "{bad}");
+        }
+        let long = format!("transfer {}", "a".repeat(MAX_TRANSFER_ID + 1));
+        assert_eq!(transfer_id(&[long]), None);
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl Defender {
             }
             s.banned_sources.remove(&source);
             s.sources.remove(&source);
-            warn!(source = %source, "ban lifted");
+            warn!(event = "unban", source = %source, "ban lifted");
         }
         let key = (source, account.to_string());
         if let Some(&since) = s.banned_pairs.get(&key) {
@@ -304,7 +304,7 @@ impl Defender {
             }
             s.banned_pairs.remove(&key);
             s.pairs.remove(&key);
-            warn!(source = %source, user = ?account, "ban lifted");
+            warn!(event = "unban", source = %source, user = %account, "ban lifted");
         }
         let recent = |t: &Instant| now.duration_since(*t) < window;
         let failures = s
@@ -372,18 +372,18 @@ impl Defender {
 
         if pair_failures >= self.settings.pair_max_failures && !s.banned_pairs.contains_key(key) {
             s.banned_pairs.insert(key.clone(), now);
-            warn!(source = %source, user = ?account, failures = pair_failures, ban_secs = self.settings.ban_secs,
+            warn!(event = "ban", source = %source, user = %account, failures = pair_failures, ban_secs = self.settings.ban_secs,
                   "banned: too many failed logins for this account from this source");
         }
         if spread >= self.settings.source_max_accounts && !s.banned_sources.contains_key(&source) {
             s.banned_sources.insert(source, now);
-            warn!(source = %source, accounts = spread, ban_secs = self.settings.ban_secs,
+            warn!(event = "ban", source = %source, accounts = spread, ban_secs = self.settings.ban_secs,
                   "banned: failed logins on many accounts from this source");
         }
         let mut doublings = pair_failures.saturating_sub(1).min(16);
         if account_failures > self.settings.account_slow_after {
             if account_failures == self.settings.account_slow_after + 1 {
-                warn!(user = ?account, failures = account_failures, "throttled: failed logins on this account from many sources");
+                warn!(event = "throttle", user = %account, failures = account_failures, "throttled: failed logins on this account from many sources");
             }
             doublings = doublings.max(4);
         }
@@ -391,6 +391,15 @@ impl Defender {
         delay
             .min(Duration::from_millis(self.settings.max_delay_ms))
             .max(base)
+    }
+
+    /// Bans in force now: (source, account) pairs and whole sources.
+    pub fn bans_active(&self) -> usize {
+        let (now, ban) = (Instant::now(), self.ban());
+        let s = self.lock();
+        let live = |since: &Instant| now.duration_since(*since) < ban;
+        s.banned_pairs.values().filter(|t| live(t)).count()
+            + s.banned_sources.values().filter(|t| live(t)).count()
     }
 
     /// Counts a registration from `ip`; false if the source is over its limit.
@@ -407,10 +416,10 @@ impl Defender {
             let limit = self.settings.registrations_per_hour;
             match s.registrations_warned.get(&source) {
                 Some(t) if now.duration_since(*t) < REGISTRATION_WINDOW => {
-                    info!(source = %source, limit, "throttled: registrations");
+                    info!(event = "throttle", source = %source, limit, "throttled: registrations");
                 }
                 _ => {
-                    warn!(source = %source, limit, "throttled: registrations");
+                    warn!(event = "throttle", source = %source, limit, "throttled: registrations");
                     s.registrations_warned.insert(source, now);
                 }
             }

@@ -6,7 +6,11 @@
 //! saying what it waits for (in the log, and to the caller of
 //! [`run_reporting`]).
 
+pub mod control;
 pub mod defender;
+pub mod kick;
+pub mod live;
+pub mod metrics;
 pub mod session;
 pub mod turns;
 
@@ -44,6 +48,9 @@ pub struct Server {
     /// hashes computed at once (each takes 128 MiB at the default cost).
     pub turns: Turns,
     sessions: Mutex<Sessions>,
+    /// The sessions open now, for `ftpx status` and `ftpx kick`.
+    pub live: Arc<live::Live>,
+    pub metrics: metrics::Metrics,
     /// A hash with the configured cost, checked for unknown users so that
     /// they cost the same as a wrong password.
     pub dummy_hash: String,
@@ -92,7 +99,7 @@ impl Server {
                 let accounts = Arc::new(crate::cluster::accounts::Accounts::new(c.clone()));
                 c.join()?;
                 tokio::spawn(accounts.clone().watch());
-                info!(node = c.node(), "joined the cluster");
+                info!(event = "cluster", node = c.node(), "joined the cluster");
                 (
                     UserDb::with_records(&config.server.var_dir, accounts),
                     {
@@ -118,6 +125,8 @@ impl Server {
             cluster,
             defences,
             sessions: Mutex::new(Sessions::default()),
+            live: Arc::default(),
+            metrics: metrics::Metrics::new(),
             dummy_hash,
             config,
         })
@@ -145,9 +154,12 @@ impl Server {
     /// timeout is told the server is busy, rather than queueing on after its
     /// client has given up.
     pub async fn hash_permit(&self, ip: IpAddr) -> crate::error::Result<Turn<'_>> {
-        tokio::time::timeout(self.config.login_timeout(), self.turns.take(Source::of(ip)))
-            .await
-            .map_err(|_| busy())
+        let asked = std::time::Instant::now();
+        let turn =
+            tokio::time::timeout(self.config.login_timeout(), self.turns.take(Source::of(ip)))
+                .await;
+        self.metrics.hash_waited(asked.elapsed());
+        turn.map_err(|_| busy())
     }
 
     /// Admits a guess of `user`'s password from `ip`, or refuses it as
@@ -208,6 +220,50 @@ impl Server {
     }
 }
 
+/// What runs beside the sessions for the operator: the metrics listener,
+/// the control socket, and the log file's reopening on SIGHUP. Stopped
+/// (and the socket removed) when dropped.
+pub struct Beside {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Beside {
+    pub async fn start(
+        server: &Arc<Server>,
+        log: crate::logging::CappedFile,
+    ) -> Result<Beside, String> {
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+        let mut tasks = vec![tokio::spawn(reopen_on_sighup(hup, log))];
+        if let Some(listener) = metrics::bind(server).await? {
+            tasks.push(tokio::spawn(metrics::serve(listener, server.clone())));
+        }
+        if let Some(path) = server.config.control_socket() {
+            let socket = control::bind(path)?;
+            tasks.push(tokio::spawn(control::serve(socket, server.clone())));
+        }
+        Ok(Beside { tasks })
+    }
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Reopens the log file at each SIGHUP (logrotate moved it away).
+async fn reopen_on_sighup(mut hup: tokio::signal::unix::Signal, log: crate::logging::CappedFile) {
+    while hup.recv().await.is_some() {
+        match log.reopen() {
+            Ok(()) => info!(event = "log_reopened", "log file reopened"),
+            Err(e) => warn!(event = "error", error = %e, "cannot reopen the log file"),
+        }
+    }
+}
+
 fn busy() -> crate::error::Error {
     crate::error::Error::Unavailable("server busy checking passwords; try again later".into())
 }
@@ -260,7 +316,7 @@ pub async fn run_reporting(
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    warn!(event = "error", error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -272,6 +328,7 @@ pub async fn run_reporting(
     while sessions.try_join_next().is_some() {}
     let grace = Duration::from_secs(server.config.limits.shutdown_grace_secs);
     info!(
+        event = "shutdown",
         sessions = sessions.len(),
         grace_secs = grace.as_secs(),
         "shutting down"
@@ -287,6 +344,7 @@ pub async fn run_reporting(
     .await;
     if drained.is_err() {
         warn!(
+            event = "shutdown",
             sessions = sessions.len(),
             "grace period over, closing the remaining sessions"
         );
@@ -295,7 +353,7 @@ pub async fn run_reporting(
         });
         sessions.shutdown().await;
     }
-    info!("stopped");
+    info!(event = "shutdown", "stopped");
     Ok(())
 }
 
@@ -336,29 +394,35 @@ async fn handle(
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            info!(peer = %peer, error = %e, "TLS handshake failed");
+            info!(event = "connect", peer = %peer, result = "failed", error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            info!(peer = %peer, "TLS handshake timed out");
+            info!(event = "connect", peer = %peer, result = "failed", error = "timed out", "TLS handshake timed out");
             return;
         }
     };
     if tls.get_ref().1.alpn_protocol() != Some(crate::protocol::ALPN) {
         // A client of another protocol (or none named): never answer it (ALPACA).
-        info!(peer = %peer, "TLS client did not ask for the ftpx protocol (ALPN); closing");
+        info!(event = "connect", peer = %peer, result = "failed", error = "no ALPN ftpx/1",
+              "TLS client did not ask for the ftpx protocol (ALPN); closing");
         return;
     }
-    let mut conn = crate::transfer::connection::Connection::new(tls, server.config.io_timeout());
+    let seat = server.live.join(peer);
+    let stream = kick::Kickable::new(tls, seat.entry.kick.clone());
+    let mut conn = crate::transfer::connection::Connection::new(stream, server.config.io_timeout());
     let slot = match slot {
         Ok(slot) => slot,
         Err(why) => {
-            info!(peer = %peer, reason = why, "session refused");
+            info!(event = "connect", peer = %peer, result = "refused", error = why, "session refused");
+            server
+                .metrics
+                .reply(crate::protocol::Code::Unavailable.number());
             let _ = conn.reply(crate::protocol::Code::Unavailable, why).await;
             conn.shutdown().await;
             return;
         }
     };
-    crate::server::session::run(conn, peer, server, stop).await;
+    crate::server::session::run_seated(conn, seat, server, stop).await;
     drop(slot);
 }

@@ -78,7 +78,7 @@ fn remove_if_there(path: &Path) {
     if let Err(e) = std::fs::remove_file(path)
         && e.kind() != io::ErrorKind::NotFound
     {
-        warn!(file = %path.display(), error = %e, "cannot remove a staging file");
+        warn!(event = "error", file = %path.display(), error = %e, "cannot remove a staging file");
     }
 }
 
@@ -151,7 +151,7 @@ impl Upload {
             }
             Ok(_) => vec![],
             Err(e) => {
-                warn!(error = %e, "discarding a damaged upload journal");
+                warn!(event = "error", error = %e, "discarding a damaged upload journal");
                 vec![]
             }
         }
@@ -242,7 +242,7 @@ impl Upload {
         })?;
         self.ended = true;
         if let Err(e) = home.sync_dir(&path.parent()) {
-            warn!(path = %path, error = %e, "could not make the rename durable");
+            warn!(event = "error", path = %path, error = %e, "could not make the rename durable");
         }
         // A partial of this path that the landed file supersedes.
         if self.superseded {
@@ -285,11 +285,11 @@ impl Upload {
                 // the partial is kept, charged again from the disk at the
                 // user's next first login.
                 Err(Error::Unavailable(e)) => {
-                    warn!(user = %name, path = %self.path, error = %e, "keeping a partial upload uncharged");
+                    warn!(event = "error", user = %name, path = %self.path, error = %e, "keeping a partial upload uncharged");
                     true
                 }
                 Err(e) => {
-                    info!(user = %name, path = %self.path, error = %e, "not keeping a partial upload");
+                    info!(event = "sweep", user = %name, path = %self.path, error = %e, "not keeping a partial upload");
                     false
                 }
             }
@@ -421,6 +421,7 @@ pub fn sweep(ledger: &Arc<Ledger>, root: &Path, ttl: Duration, at_start: bool) -
     }
     if swept != Swept::default() {
         info!(
+            event = "sweep",
             expired = swept.expired,
             orphans = swept.orphans,
             "swept unfinished uploads"
@@ -442,7 +443,7 @@ fn sweep_journal(
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) => {
-            warn!(user, error = %e, "removing a damaged upload journal");
+            warn!(event = "sweep", user, error = %e, "removing a damaged upload journal");
             remove_if_there(journal);
             remove_if_there(&part);
             swept.expired += 1;
@@ -454,7 +455,7 @@ fn sweep_journal(
         target.filter(|t| Staging::of(Path::new(""), t).journal.file_name() == journal.file_name())
     else {
         // Not the journal of the upload it names: nothing to resume, nothing charged.
-        warn!(user, journal = %journal.display(), "removing a journal filed under another upload's name");
+        warn!(event = "sweep", user, journal = %journal.display(), "removing a journal filed under another upload's name");
         remove_if_there(journal);
         remove_if_there(&part);
         swept.orphans += 1;
@@ -475,7 +476,7 @@ fn sweep_journal(
         _ => return,
     }
     if expired {
-        info!(user, path = %target, size = record.size, verified = record.verified, "removing an expired partial upload");
+        info!(event = "sweep", user, path = %target, size = record.size, verified = record.verified, "removing an expired partial upload");
         swept.expired += 1;
     } else {
         swept.orphans += 1;

@@ -9,6 +9,7 @@ mod core;
 mod faults;
 mod hostile;
 mod jail;
+mod ops;
 mod props;
 mod quota;
 mod screen;

@@ -28,12 +28,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let started = Instant::now();
         // Read before the account: a change made meanwhile is seen later.
         let version = self.server.users.version();
+        let tried = shown(&name).to_string();
         let user = match register {
-            true => self.register(name, password).await?,
-            false => self.authenticate(name, password, started).await?,
+            true => self.register(name, password).await,
+            false => self.authenticate(name, password, started).await,
+        };
+        let user = match user {
+            Ok(user) => user,
+            Err(e) => {
+                if register {
+                    info!(event = "register", peer = %self.peer, user = tried.as_str(), result = "refused",
+                          code = e.reply_code().number(), error = %e, "registration refused");
+                }
+                // A failed login has logged its own line.
+                self.note.logged = register || matches!(e, Error::LoginFailed);
+                return Err(e);
+            }
         };
         let owner = self.open_account(&user).await?;
-        info!(peer = %self.peer, user = %owner.name, result = "ok", ms = started.elapsed().as_millis() as u64, "login");
+        self.note.logged = true;
+        self.server.metrics.login("ok");
+        self.seat.entry.logged_in(&owner.name);
+        info!(event = "login", peer = %self.peer, user = owner.name.as_str(), result = "ok", ms = started.elapsed().as_millis() as u64, "logged in");
         self.user = Some(owner);
         self.account_read = version;
         self.cwd = VPath::root();
@@ -86,9 +102,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
         .await;
         drop(permit);
-        let user =
-            user.inspect_err(|e| info!(peer = %self.peer, error = %e, "registration refused"))?;
-        info!(peer = %self.peer, user = %user.name, quota = user.quota, "registered");
+        let user = user?;
+        self.server.metrics.registered();
+        info!(event = "register", peer = %self.peer, user = user.name.as_str(), quota = user.quota, result = "ok", "registered");
         Ok(user)
     }
 
@@ -108,7 +124,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Ok(attempt) = server.admit(self.peer.ip(), &name).await? else {
             // Refused without hashing, answered like any other failure.
             tokio::time::sleep_until((started + base).into()).await;
-            info!(peer = %self.peer, user = ?shown(&name), result = "banned", "login");
+            self.server.metrics.login("banned");
+            info!(event = "login_failed", peer = %self.peer, user = shown(&name), result = "banned", "login refused: banned");
             return Err(Error::LoginFailed);
         };
         match self.check_login(&name, password).await? {
@@ -119,7 +136,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => {
                 let delay = attempt.failed(base);
                 tokio::time::sleep_until((started + delay).into()).await;
-                info!(peer = %self.peer, user = ?shown(&name), result = "failed", delay_ms = delay.as_millis() as u64, "login");
+                self.server.metrics.login("failed");
+                info!(event = "login_failed", peer = %self.peer, user = shown(&name), result = "failed", delay_ms = delay.as_millis() as u64, "login failed");
                 Err(Error::LoginFailed)
             }
         }
@@ -138,7 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(Ok(found)) => found,
                 Ok(Err(e)) => {
                     // Told as it is: the service, not the password, failed.
-                    warn!(error = %e, "cannot read the user database");
+                    warn!(event = "error", error = %e, "cannot read the user database");
                     return Err(Error::Unavailable(e));
                 }
                 Err(_) => None,
@@ -163,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(Ok(true)) => found,
             Ok(Ok(false)) => None,
             Ok(Err(e)) => {
-                warn!(user = ?shown(name), error = %e, "stored password hash refused");
+                warn!(event = "error", user = shown(name), error = %e, "stored password hash refused");
                 None
             }
             Err(_) => None,
@@ -183,7 +201,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Home::open(&home_path).map_err(Error::Storage)
         })
         .await
-        .inspect_err(|e| warn!(user = %user.name, error = %e, "cannot open home"))?;
+        .inspect_err(
+            |e| warn!(event = "error", user = user.name.as_str(), error = %e, "cannot open home"),
+        )?;
         let owner = Owner {
             ledger: server.ledger.clone(),
             staging: server.partial_dir(&name),

@@ -6,20 +6,28 @@ use std::time::Instant;
 
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::info;
 
+use super::log::{self, Ended};
 use super::{Session, blocking};
 use crate::error::{Error, Result};
-use crate::protocol::{self, Candidate, Code};
+use crate::protocol::{Candidate, Code};
+use crate::server::live::{TransferInfo, new_transfer_id};
 use crate::transfer::{self, Plan};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn get(&mut self, arg: String, candidates: Vec<Candidate>) -> Result<()> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
-        let name = self.user_name().to_string();
         let chunk = self.server.config.transfer.chunk_size.0;
         let started = Instant::now();
+        let mut info = TransferInfo {
+            id: new_transfer_id(),
+            path: path.to_string(),
+            direction: "down",
+            size: 0,
+            offset: 0,
+        };
+        self.note.transfer = Some(info.id.clone());
         let p = path.clone();
         let plan = blocking(move || {
             let file = home.open_read(&p)?;
@@ -34,24 +42,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 tree,
             })
         })
+        .await;
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.log_download(&info, started, Err(&e), 0);
+                return Err(e);
+            }
+        };
+        (info.size, info.offset) = (plan.size, plan.offset);
+        self.reply(
+            Code::Sending,
+            &format!("{} {} {chunk}", info.size, info.offset),
+        )
         .await?;
-        let (size, offset) = (plan.size, plan.offset);
-        self.reply(Code::Sending, &format!("{size} {offset} {chunk}"))
-            .await?;
-        let sent = transfer::send(&mut self.conn, plan, &ProgressBar::hidden()).await;
-        let ms = started.elapsed().as_millis() as u64;
+        self.in_transfer = true;
+        let progress = ProgressBar::hidden();
+        let entry = self.seat.entry.clone();
+        entry.transfer_started(&info, &progress, &self.server.metrics);
+        let sent = transfer::send(&mut self.conn, plan, &progress).await;
+        entry.transfer_stopped(&self.server.metrics);
+        let bytes = progress.position().saturating_sub(info.offset);
         match sent {
             Ok(hash) => {
-                info!(peer = %self.peer, user = %name, request = "GET", path = %path, size, resumed_from = offset,
-                      bytes = size - offset, hash = %protocol::hex(&hash), ms, result = "ok", "download");
+                self.in_transfer = false;
+                self.log_download(&info, started, Ok(hash), bytes);
                 Ok(())
             }
             Err(e) => {
-                info!(peer = %self.peer, user = %name, request = "GET", path = %path, size, resumed_from = offset,
-                      ms, result = "failed", error = %e, "download");
                 // After frames started, only a closed session keeps both ends in step.
-                Err(Error::Unavailable(format!("download failed: {e}")))
+                let e = Error::Unavailable(format!("download failed: {e}"));
+                self.log_download(&info, started, Err(&e), bytes);
+                Err(e)
             }
         }
+    }
+
+    /// The download's one line: refused before its first frame, failed
+    /// after, or ok.
+    fn log_download(
+        &mut self,
+        info: &TransferInfo,
+        started: Instant,
+        outcome: std::result::Result<blake3::Hash, &Error>,
+        bytes: u64,
+    ) {
+        self.note.logged = true;
+        let result = match (&outcome, self.in_transfer) {
+            (Ok(_), _) => "ok",
+            (Err(_), true) => "failed",
+            (Err(_), false) => "refused",
+        };
+        let end = Ended::new(result, bytes, outcome, started);
+        log::transfer(&self.server, self.who(), "GET", info, end);
     }
 }

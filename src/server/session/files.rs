@@ -3,7 +3,6 @@
 //! the home holds do it under the account's lock (see `store::quota`).
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::info;
 
 use super::{Session, blocking, quoted};
 use crate::error::{Error, Result};
@@ -19,6 +18,7 @@ const ONE_ENTRY: Usage = Usage {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn pwd(&mut self) -> Result<()> {
+        self.note.path = Some(self.cwd.clone());
         self.reply(Code::Path, &quoted(&self.cwd)).await
     }
 
@@ -27,10 +27,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(a) => self.resolve(&a)?,
             None => VPath::root(),
         };
+        self.note.path = Some(path.clone());
         let home = self.logged_in()?.home.clone();
         let p = path.clone();
         blocking(move || home.check_dir(&p)).await?;
-        self.log_ok("CWD", &path, 0);
         self.cwd = path;
         self.reply(Code::Path, &quoted(&self.cwd)).await
     }
@@ -40,41 +40,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(a) => self.resolve(&a)?,
             None => self.cwd.clone(),
         };
+        self.note.path = Some(path.clone());
         let max = self.server.config.limits.max_list_entries;
         let home = self.logged_in()?.home.clone();
-        let p = path.clone();
-        let (entries, truncated) = blocking(move || home.list(&p, max)).await?;
+        let (entries, truncated) = blocking(move || home.list(&path, max)).await?;
         for e in &entries {
             self.conn
                 .write_line(&Code::Status.continued(&e.to_line()))
                 .await?;
         }
         let more = if truncated { " (truncated)" } else { "" };
-        self.log_ok("LIST", &path, entries.len() as u64);
+        self.note.entries = Some(entries.len() as u64);
         self.reply(Code::Status, &format!("{} entries{more}", entries.len()))
             .await
     }
 
+    /// `STAT`: a path that names nothing is answered 550, as an answer
+    /// (`absent` in the log), not as a failure: clients ask to learn
+    /// whether something is there.
     pub(super) async fn stat(&mut self, arg: String) -> Result<()> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
-        let entry = blocking(move || home.stat(&path)).await?;
-        self.reply(Code::Status, &entry.to_line()).await
+        match blocking(move || home.stat(&path)).await {
+            Ok(entry) => self.reply(Code::Status, &entry.to_line()).await,
+            Err(e @ (Error::NotFound(_) | Error::NotADirectory(_))) => {
+                self.note.result = Some("absent");
+                self.reply(e.reply_code(), &e.to_string()).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub(super) async fn hash(&mut self, arg: String) -> Result<()> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
-        let p = path.clone();
         let hash = blocking(move || {
-            let file = home.open_read(&p)?;
+            let file = home.open_read(&path)?;
             let mut h = blake3::Hasher::new();
             h.update_reader(&file)
-                .map_err(|e| Error::fs(e, &p.to_string()))?;
+                .map_err(|e| Error::fs(e, &path.to_string()))?;
             Ok(h.finalize())
         })
         .await?;
-        self.log_ok("HASH", &path, 0);
         self.reply(Code::Status, &protocol::hex(&hash)).await
     }
 
@@ -91,7 +98,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
         })
         .await?;
-        self.log_ok("MKD", &path, 0);
         self.reply(Code::Path, &quoted(&path)).await
     }
 
@@ -104,16 +110,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )));
         }
         let owner = self.logged_in()?.clone();
-        let p = path.clone();
         blocking(move || {
             owner.ledger.with(&owner.name, |a| {
-                owner.home.rmdir(&p)?;
+                owner.home.rmdir(&path)?;
                 a.removed(ONE_ENTRY);
                 Ok(())
             })
         })
         .await?;
-        self.log_ok("RMD", &path, 0);
         self.reply(Code::Ok, "directory removed").await
     }
 
@@ -121,16 +125,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let path = self.resolve(&arg)?;
         let owner = self.logged_in()?.clone();
         let _busy = self.lock_upload(&path)?;
-        let p = path.clone();
         let freed = blocking(move || {
             owner.ledger.with(&owner.name, |a| {
-                let bytes = owner.home.remove_file(&p)?;
+                let bytes = owner.home.remove_file(&path)?;
                 a.removed(Usage { bytes, entries: 1 });
                 Ok(bytes)
             })
         })
         .await?;
-        self.log_ok("DELE", &path, freed);
+        self.note.bytes = Some(freed);
         self.reply(Code::Ok, "file removed").await
     }
 
@@ -149,7 +152,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
         })
         .await?;
-        info!(peer = %self.peer, user = self.user_name(), request = "RENAME", from = %from, to = %target, result = "ok");
+        self.note.to = Some(target.clone());
         self.reply(Code::Ok, &format!("renamed to {}", quoted(&target)))
             .await
     }
@@ -187,18 +190,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn mtime(&mut self, arg: String, mtime: u64) -> Result<()> {
         let path = self.resolve(&arg)?;
         let home = self.logged_in()?.home.clone();
-        let p = path.clone();
-        blocking(move || home.set_mtime(&p, mtime)).await?;
-        self.log_ok("MTIME", &path, 0);
+        blocking(move || home.set_mtime(&path, mtime)).await?;
         self.reply(Code::Ok, "modification time set").await
     }
 
     pub(super) async fn discard(&mut self, arg: String) -> Result<()> {
         let path = self.resolve(&arg)?;
         let owner = self.logged_in()?.clone();
-        let p = path.clone();
-        let size = blocking(move || upload::discard(&owner, &p)).await?;
-        self.log_ok("DISCARD", &path, size);
+        let size = blocking(move || upload::discard(&owner, &path)).await?;
+        self.note.bytes = Some(size);
         self.reply(Code::Ok, "unfinished upload discarded").await
     }
 }

@@ -5,11 +5,13 @@
 //!
 //! The handlers live beside this loop, by what they do: `auth` (login and
 //! registration), `files` (the file and directory commands), `upload` (PUT,
-//! and the SEND pipeline), `download` (GET).
+//! and the SEND pipeline), `download` (GET); `log` writes each request's
+//! one line.
 
 mod auth;
 mod download;
 mod files;
+mod log;
 mod upload;
 
 use std::net::SocketAddr;
@@ -23,22 +25,30 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Code, Request, VPath};
 use crate::server::Server;
+use crate::server::live::Seat;
 use crate::store::quota::UploadLock;
 use crate::store::upload::Owner;
 use crate::store::users::Password;
 use crate::transfer::connection::Connection;
 
+use log::{Note, Who};
 use upload::{Drain, Stores};
 
 pub struct Session<S> {
     conn: Connection<S>,
     peer: SocketAddr,
     server: Arc<Server>,
+    /// Its place on the board of who is on (and its kick switch).
+    seat: Seat,
     user: Option<Owner>,
     /// The user database's version when this session last read its account.
     account_read: Option<u64>,
     cwd: VPath,
     stores: Stores,
+    /// What the request being handled tells the log.
+    note: Note,
+    /// A transfer's frames are on the wire: no reply can be put between them.
+    in_transfer: bool,
 }
 
 /// Runs a session to its end.
@@ -48,23 +58,44 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     server: Arc<Server>,
     stop: watch::Receiver<bool>,
 ) {
-    info!(peer = %peer, "connected");
+    let seat = server.live.join(peer);
+    run_seated(conn, seat, server, stop).await
+}
+
+/// Runs a session that already has its `seat` on the board (whose kick
+/// cuts `conn`'s stream, see `server::kick`).
+pub async fn run_seated<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: Connection<S>,
+    seat: Seat,
+    server: Arc<Server>,
+    stop: watch::Receiver<bool>,
+) {
+    let peer = seat.peer();
+    server.metrics.session_opened();
+    info!(event = "connect", peer = %peer, result = "ok", "connected");
     let mut session = Session {
         conn,
         peer,
         server,
+        seat,
         user: None,
         account_read: None,
         cwd: VPath::root(),
         stores: Stores::default(),
+        note: Note::default(),
+        in_transfer: false,
     };
-    let reason = session.run_loop(stop).await;
+    let mut reason = session.run_loop(stop).await;
     session.stores.finish().await;
+    if session.seat.entry.kick.kicked() {
+        reason = session.farewell().await;
+    }
     if let Some(user) = &session.user {
         session.server.ledger.close_session(&user.name);
     }
     session.conn.shutdown().await;
-    info!(peer = %peer, user = session.user_name(), reason, "disconnected");
+    session.server.metrics.session_closed();
+    info!(event = "disconnect", peer = %peer, user = session.user_name(), reason, "disconnected");
 }
 
 /// What the client sent next.
@@ -77,20 +108,38 @@ enum Next {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn user_name(&self) -> &str {
-        self.user.as_ref().map_or("-", |u| u.name.as_str())
+    fn user_name(&self) -> Option<&str> {
+        self.user.as_ref().map(|u| u.name.as_str())
+    }
+
+    fn who(&self) -> Who<'_> {
+        Who {
+            peer: self.peer,
+            user: self.user_name(),
+        }
+    }
+
+    /// A kicked session: told why, unless a transfer's frames are on the
+    /// wire (then it just closes, and the transfer can be resumed).
+    async fn farewell(&mut self) -> &'static str {
+        if !self.in_transfer {
+            self.seat.entry.kick.farewell();
+            let _ = self
+                .reply(Code::Unavailable, "session ended by the server's admin")
+                .await;
+        }
+        "kicked by the server's admin"
     }
 
     fn logged_in(&self) -> Result<&Owner> {
         self.user.as_ref().ok_or(Error::NotLoggedIn)
     }
 
-    fn resolve(&self, arg: &str) -> Result<VPath> {
-        Ok(VPath::resolve(
-            &self.cwd,
-            arg,
-            self.server.config.limits.max_path,
-        )?)
+    /// The virtual path `arg` names, noted for the request's log line.
+    fn resolve(&mut self, arg: &str) -> Result<VPath> {
+        let path = VPath::resolve(&self.cwd, arg, self.server.config.limits.max_path)?;
+        self.note.resolved(&path);
+        Ok(path)
     }
 
     /// The request loop; returns why the session ended.
@@ -113,7 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if !matches!(request, Request::Send { .. })
                 && let Err(e) = self.answer_stores(Drain::All).await
             {
-                info!(peer = %self.peer, user = self.user_name(), error = %e, "could not answer uploads");
+                info!(event = "error", peer = %self.peer, user = self.user_name(), error = %e, "could not answer uploads");
                 return "connection lost";
             }
             if request == Request::Quit {
@@ -123,7 +172,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let verb = request.verb();
             let started = Instant::now();
             let was_logged_in = self.user.is_some();
-            match self.handle(request).await {
+            self.note = Note::default();
+            let handled = self.handle(request).await;
+            if handled.is_ok() && !self.note.logged {
+                let ms = started.elapsed().as_millis() as u64;
+                log::command(self.who(), verb, &self.note, ms, None);
+            }
+            match handled {
                 Ok(()) if !was_logged_in && self.user.is_some() => strikes = 0,
                 Ok(()) => {}
                 Err(e) => {
@@ -178,9 +233,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let _ = self.answer_stores(Drain::All).await;
                 return Next::End("client closed the connection");
             }
+            // Reset, or cut by a kick: no request was there to be bad.
+            Ok(Err(Error::Connection(_))) => return Next::End("connection lost"),
             Ok(Err(e)) => {
                 let sent = self.reply_in_turn(e.reply_code(), &e.to_string()).await;
-                info!(peer = %self.peer, user = self.user_name(), error = %e, "bad request line");
+                info!(event = "bad_request", peer = %self.peer, user = self.user_name(), code = e.reply_code().number(), error = %e, "bad request line");
                 return match e.ends_session() || sent.is_err() {
                     true => Next::End("bad request line"),
                     false => Next::Bad,
@@ -190,8 +247,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match Request::parse(&line) {
             Ok(request) => Next::Request(request),
             Err(e) => {
-                info!(peer = %self.peer, user = self.user_name(), error = %e, "malformed request");
                 let e = Error::from_parse(e);
+                info!(event = "bad_request", peer = %self.peer, user = self.user_name(), code = e.reply_code().number(), error = %e, "malformed request");
                 match self.reply_in_turn(e.reply_code(), &e.to_string()).await {
                     Ok(()) => Next::Bad,
                     Err(_) => Next::End("connection lost"),
@@ -203,13 +260,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Replies to a request that failed; false if the session must end.
     async fn answer(&mut self, verb: &'static str, started: Instant, e: Error) -> bool {
         let code = e.reply_code();
-        if !matches!(
-            e,
-            Error::LoginFailed | Error::BadChunk(_) | Error::HashMismatch
-        ) {
-            // Logins and transfers log their own line with more detail.
-            info!(peer = %self.peer, user = self.user_name(), request = verb, code = code.number(), error = %e,
-                  ms = started.elapsed().as_millis() as u64, "request failed");
+        if !self.note.logged {
+            let ms = started.elapsed().as_millis() as u64;
+            log::command(self.who(), verb, &self.note, ms, Some(&e));
         }
         let sent = self.reply_in_turn(code, &e.to_string()).await;
         !e.ends_session() && sent.is_ok()
@@ -223,15 +276,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if max == 0 || *strikes < max {
             return false;
         }
-        info!(peer = %self.peer, user = self.user_name(), strikes = *strikes, "too many bad requests, closing");
+        info!(event = "bad_request", peer = %self.peer, user = self.user_name(), strikes = *strikes, "too many bad requests, closing");
         let _ = self
             .reply_in_turn(Code::Unavailable, "too many bad requests, closing")
             .await;
         true
     }
 
-    /// Sends a final reply line.
+    /// Sends a final reply line, after the line that announces a
+    /// transfer's id if one is waiting (see `protocol`).
     async fn reply(&mut self, code: Code, text: &str) -> Result<()> {
+        if let Some(id) = self.note.transfer.take() {
+            self.conn
+                .write_line(&protocol::transfer_line(code, &id))
+                .await?;
+        }
+        self.server.metrics.reply(code.number());
         Ok(self.conn.reply(code, text).await?)
     }
 
@@ -293,7 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(None) => return Err(Error::Unavailable("your account was removed".into())),
             Err(e) => {
                 // Out of descriptors, say: the limits read before still hold.
-                warn!(user = %owner.name, error = %e, "cannot read the user database");
+                warn!(event = "error", user = %owner.name, error = %e, "cannot read the user database");
                 return Ok(());
             }
         };
@@ -303,7 +363,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             entries: user.max_files(accounts),
         };
         if limits != owner.limits {
-            info!(peer = %self.peer, user = %owner.name, quota = limits.bytes, max_files = limits.entries, "account changed");
+            info!(event = "account_changed", peer = %self.peer, user = %owner.name, quota = limits.bytes, max_files = limits.entries, "account changed");
         }
         if let Some(owner) = &mut self.user {
             owner.limits = limits;
@@ -319,10 +379,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .ledger
             .lock_upload(&owner.name, path)?
             .ok_or_else(|| Error::Busy(path.to_string()))
-    }
-
-    fn log_ok(&self, request: &'static str, path: &VPath, bytes: u64) {
-        info!(peer = %self.peer, user = self.user_name(), request, path = %path, bytes, result = "ok");
     }
 
     async fn help(&mut self) -> Result<()> {

@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::warn;
 
+use super::log::{self, Ended, Who};
 use super::{Session, blocking};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Code, FrameKind, VPath};
+use crate::server::Server;
+use crate::server::live::{TransferInfo, new_transfer_id};
 use crate::store::quota::UploadLock;
 use crate::store::upload::{Owner, Upload};
 use crate::transfer::{self, Checkpoints, Plan, Stopped};
@@ -24,29 +27,26 @@ use crate::transfer::{self, Checkpoints, Plan, Stopped};
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn put(&mut self, arg: String, size: u64, chunk: u64) -> Result<()> {
         let path = self.resolve(&arg)?;
-        let owner = self.logged_in()?.clone();
-        if !protocol::valid_chunk_size(chunk) {
-            return Err(Error::BadArgument(format!(
-                "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
-            )));
-        }
-        let lock = self.lock_upload(&path)?;
         let started = Instant::now();
-
-        // Check the target, reserve the space before the first byte, and
-        // find what can be resumed.
-        let p = path.clone();
-        let (upload, offers) = blocking(move || {
-            let upload = Upload::begin(lock, &owner, p, size)?;
-            let offers = upload.offers(chunk);
-            Ok((upload, offers))
-        })
-        .await
-        .inspect_err(|e| {
-            info!(peer = %self.peer, user = self.user_name(), request = "PUT", path = %path, size, error = %e, "upload refused");
-        })?;
+        let mut info = TransferInfo {
+            id: new_transfer_id(),
+            path: path.to_string(),
+            direction: "up",
+            size,
+            offset: 0,
+        };
+        self.note.transfer = Some(info.id.clone());
+        let (upload, offers) = match self.begin_upload(path, size, chunk).await {
+            Ok(begun) => begun,
+            Err(e) => {
+                let end = Ended::new("refused", 0, Err(&e), started);
+                self.log_upload(&info, end);
+                return Err(e);
+            }
+        };
         let ready = format!("ready{}", protocol::format_candidates(&offers));
         self.reply(Code::Ready, &ready).await?;
+        self.in_transfer = true;
 
         // A wrong start frame ends the session; the upload, dropped, keeps
         // an earlier partial of the path and frees the rest.
@@ -57,23 +57,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "expected a start frame at 0 or at an offered offset".into(),
             ));
         }
-        let resume_at = start.offset;
-        let outcome = self.receive(upload, chunk, resume_at).await;
-        let ms = started.elapsed().as_millis() as u64;
-        let name = self.user_name();
+        info.offset = start.offset;
+        let progress = ProgressBar::hidden();
+        let entry = self.seat.entry.clone();
+        entry.transfer_started(&info, &progress, &self.server.metrics);
+        let outcome = self.receive(upload, chunk, info.offset, &progress).await;
+        entry.transfer_stopped(&self.server.metrics);
         match outcome {
             Ok(hash) => {
-                info!(peer = %self.peer, user = name, request = "PUT", path = %path, size, resumed_from = resume_at,
-                      bytes = size - resume_at, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
+                self.in_transfer = false;
+                let end = Ended::new("ok", size - info.offset, Ok(hash), started);
+                self.log_upload(&info, end);
                 let stored = format!("{} {size}", protocol::hex(&hash));
                 self.reply(Code::Stored, &stored).await
             }
             Err((error, verified)) => {
-                info!(peer = %self.peer, user = name, request = "PUT", path = %path, size, resumed_from = resume_at,
-                      bytes = verified.saturating_sub(resume_at), ms, result = "failed", error = %error, "upload");
+                // Out of step unless the error leaves the session going.
+                self.in_transfer = error.ends_session();
+                let bytes = verified.saturating_sub(info.offset);
+                self.log_upload(&info, Ended::new("failed", bytes, Err(&error), started));
                 Err(error)
             }
         }
+    }
+
+    /// Checks the target, takes its lock, reserves the space before the
+    /// first byte, and finds what can be resumed.
+    async fn begin_upload(
+        &mut self,
+        path: VPath,
+        size: u64,
+        chunk: u64,
+    ) -> Result<(Upload, Vec<protocol::Candidate>)> {
+        let owner = self.logged_in()?.clone();
+        if !protocol::valid_chunk_size(chunk) {
+            return Err(Error::BadArgument(format!(
+                "chunk size {chunk} is not a power of two from 1 KiB to 4 MiB"
+            )));
+        }
+        let lock = self.lock_upload(&path)?;
+        blocking(move || {
+            let upload = Upload::begin(lock, &owner, path, size)?;
+            let offers = upload.offers(chunk);
+            Ok((upload, offers))
+        })
+        .await
+    }
+
+    fn log_upload(&mut self, info: &TransferInfo, end: Ended<'_>) {
+        self.note.logged = true;
+        log::transfer(&self.server, self.who(), "PUT", info, end);
     }
 
     /// Receives an upload's chunks from `resume_at` into its partial file,
@@ -84,6 +117,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         mut upload: Upload,
         chunk: u64,
         resume_at: u64,
+        progress: &ProgressBar,
     ) -> std::result::Result<blake3::Hash, (Error, u64)> {
         let size = upload.size();
         let opened = blocking(move || {
@@ -111,9 +145,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             offset: resume_at,
             tree,
         };
-        let hidden = ProgressBar::hidden();
         let received =
-            transfer::receive(&mut self.conn, plan, &mut journal, checkpoints, &hidden).await;
+            transfer::receive(&mut self.conn, plan, &mut journal, checkpoints, progress).await;
         match received {
             Ok(hash) => {
                 let landed = blocking(move || {
@@ -140,7 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         None => Ok(()),
                     });
                     if let Err(e) = saved {
-                        warn!(path = %upload.path(), error = %e, "cannot save the journal of a partial upload");
+                        warn!(event = "error", path = %upload.path(), error = %e, "cannot save the journal of a partial upload");
                     }
                     upload.park();
                     Ok(())
@@ -154,13 +187,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `SEND`: a small upload whose frames follow the request at once. They
     /// are all read first, so that any refusal leaves the session in step.
     pub(super) async fn send_small(&mut self, arg: String, size: u64) -> Result<()> {
+        let started = Instant::now();
+        let id = new_transfer_id();
+        self.note.transfer = Some(id.clone());
+        let queued = self.queue_send(&arg, size, started, &id).await;
+        if let Err(e) = &queued {
+            let info = TransferInfo {
+                id,
+                path: self.note.path.as_ref().map_or(arg, VPath::to_string),
+                direction: "up",
+                size,
+                offset: 0,
+            };
+            let result = match e {
+                Error::BadChunk(_) | Error::HashMismatch | Error::Protocol(_) => "failed",
+                _ => "refused",
+            };
+            self.note.logged = true;
+            let end = Ended::new(result, 0, Err(e), started);
+            log::transfer(&self.server, self.who(), "SEND", &info, end);
+        }
+        queued
+    }
+
+    /// Reads a SEND's frames and hands the file to the session's store task.
+    async fn queue_send(&mut self, arg: &str, size: u64, started: Instant, id: &str) -> Result<()> {
         if size > protocol::MAX_SEND {
             return Err(Error::Protocol(format!(
                 "SEND carries at most {} bytes",
                 protocol::MAX_SEND
             )));
         }
-        let started = Instant::now();
         let start = self.conn.read_frame_header().await?;
         if start.kind != FrameKind::Start || start.offset != 0 {
             return Err(Error::Protocol(
@@ -189,7 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if hash.as_bytes() != &end.hash {
             return Err(Error::HashMismatch);
         }
-        let path = self.resolve(&arg)?;
+        let path = self.resolve(arg)?;
         let owner = self.logged_in()?.clone();
         let lock = match self.lock_upload(&path) {
             Ok(lock) => lock,
@@ -199,7 +256,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.lock_upload(&path)?
             }
         };
+        // The store's reply announces the id and its line is logged there.
+        self.note.logged = true;
+        self.note.transfer = None;
         self.stores.push(Store {
+            server: self.server.clone(),
+            id: id.to_string(),
             peer: self.peer,
             owner,
             path,
@@ -244,10 +306,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             });
             // A store that failed (quota, storage) leaves the stream in step:
             // the session goes on.
-            match outcome {
-                Ok(text) => self.conn.write_line(&Code::Stored.line(&text)).await?,
-                Err(e) => self.reply(e.reply_code(), &e.to_string()).await?,
-            }
+            let (code, text) = match outcome {
+                Ok(text) => (Code::Stored, text),
+                Err(e) => (e.reply_code(), e.to_string()),
+            };
+            self.server.metrics.reply(code.number());
+            let id = protocol::transfer_line(code, &self.stores.answered_id());
+            self.conn.write_line(&id).await?;
+            self.conn.write_line(&code.line(&text)).await?;
         }
     }
 }
@@ -255,6 +321,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// A small upload (SEND) that arrived whole and verified, waiting to be
 /// written into its home.
 struct Store {
+    server: Arc<Server>,
+    id: String,
     peer: SocketAddr,
     owner: Owner,
     path: VPath,
@@ -269,6 +337,8 @@ impl Store {
     /// Returns the text of the 226 reply.
     fn write(self) -> Result<String> {
         let Store {
+            server,
+            id,
             peer,
             owner,
             path,
@@ -278,20 +348,27 @@ impl Store {
             lock,
         } = self;
         let size = data.len() as u64;
-        let stored = Upload::begin(lock, &owner, path.clone(), size).and_then(|u| u.store(&data));
-        let (ms, name) = (started.elapsed().as_millis() as u64, &owner.name);
-        match stored {
-            Ok(()) => {
-                info!(peer = %peer, user = %name, request = "SEND", path = %path, size,
-                      bytes = size, hash = %protocol::hex(&hash), ms, result = "ok", "upload");
-                Ok(format!("{} {size}", protocol::hex(&hash)))
-            }
-            Err(e) => {
-                info!(peer = %peer, user = %name, request = "SEND", path = %path, size,
-                      code = e.reply_code().number(), error = %e, ms, "request failed");
-                Err(e)
-            }
-        }
+        let info = TransferInfo {
+            id,
+            path: path.to_string(),
+            direction: "up",
+            size,
+            offset: 0,
+        };
+        let stored = Upload::begin(lock, &owner, path, size).and_then(|u| u.store(&data));
+        let who = Who {
+            peer,
+            user: Some(&owner.name),
+        };
+        let end = match &stored {
+            Ok(()) => Ended::new("ok", size, Ok(hash), started),
+            Err(e) => Ended::new("refused", 0, Err(e), started),
+        };
+        log::transfer(&server, who, "SEND", &info, end);
+        stored.map(|()| {
+            server.metrics.moved("up", size);
+            format!("{} {size}", protocol::hex(&hash))
+        })
     }
 }
 
@@ -305,6 +382,7 @@ pub(super) struct Stores {
     queue: Arc<Mutex<StoreQueue>>,
     replies: VecDeque<StoreReply>,
     bytes: u64,
+    answered: String,
 }
 
 #[derive(Default)]
@@ -316,6 +394,8 @@ struct StoreQueue {
 struct StoreReply {
     outcome: oneshot::Receiver<Result<String>>,
     bytes: u64,
+    /// The SEND's transfer id.
+    id: String,
 }
 
 /// How far [`Session::answer_stores`] goes.
@@ -336,7 +416,8 @@ impl Stores {
     fn push(&mut self, store: Store) {
         let bytes = store.data.len() as u64;
         let (done, outcome) = oneshot::channel();
-        self.replies.push_back(StoreReply { outcome, bytes });
+        let id = store.id.clone();
+        self.replies.push_back(StoreReply { outcome, bytes, id });
         self.bytes += bytes;
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.jobs.push_back((store, done));
@@ -350,7 +431,13 @@ impl Stores {
     fn pop(&mut self) {
         if let Some(reply) = self.replies.pop_front() {
             self.bytes -= reply.bytes;
+            self.answered = reply.id;
         }
+    }
+
+    /// The id of the SEND last popped, whose reply goes out now.
+    fn answered_id(&mut self) -> String {
+        std::mem::take(&mut self.answered)
     }
 
     fn over_bound(&self) -> bool {
