@@ -131,7 +131,7 @@ impl Shared {
 }
 
 fn unavailable(e: Unavailable) -> Error {
-    Error::Unavailable(e.to_string())
+    e.into()
 }
 
 fn u64_of(n: i64) -> u64 {

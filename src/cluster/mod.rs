@@ -60,6 +60,17 @@ impl From<deadpool_postgres::PoolError> for Unavailable {
 
 pub type Result<T, E = Unavailable> = std::result::Result<T, E>;
 
+/// What a client is told when the database fails it: that the service is
+/// unavailable, not the database's own words (the log has those).
+pub const UNAVAILABLE: &str = "the service is unavailable; try again later";
+
+impl From<Unavailable> for crate::error::Error {
+    fn from(e: Unavailable) -> crate::error::Error {
+        warn!(event = "cluster", error = %e, "a request failed on the database");
+        crate::error::Error::Unavailable(UNAVAILABLE.into())
+    }
+}
+
 /// A node's handle on the shared database.
 pub struct Cluster {
     pool: Pool,

@@ -183,7 +183,7 @@ impl Server {
                     let verdict = shared
                         .admit(&source, &account)
                         .await
-                        .map_err(|e| crate::error::Error::Unavailable(e.to_string()))?;
+                        .map_err(crate::error::Error::from)?;
                     match verdict {
                         Verdict::Admitted => break,
                         Verdict::Banned => return Ok(Err(Banned)),
@@ -210,7 +210,7 @@ impl Server {
             Some(shared) => shared
                 .register(&Source::of(ip).to_string())
                 .await
-                .map_err(|e| crate::error::Error::Unavailable(e.to_string())),
+                .map_err(crate::error::Error::from),
         }
     }
 

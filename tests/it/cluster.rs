@@ -798,3 +798,53 @@ async fn a_single_nodes_accounts_are_imported_into_the_cluster() {
     assert!(out.stdout.contains("of 2097152"), "{}", out.stdout);
     assert_ne!(svc.connect(&node, "bob", "pwd").status, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_stuck_on_a_lock_gives_up_at_the_statement_timeout() {
+    let svc = Service::new().await;
+    // pool_size 2: more logins at once than connections wait for one.
+    let dir = svc.node_dir_with(0, "pool_size = 2\n");
+    let node = BinServer::start_keeping_stderr(&dir, 0);
+    svc.useradd("ann", "1MiB");
+    assert_eq!(svc.connect(&node, "ann", "pwd").status, 0);
+    // Six logins at once through a pool of two connections all get in, and
+    // the node never holds more than two.
+    let statuses = logins_at_once(&svc, &[&node], "ann", PASSWORD, 6);
+    assert!(statuses.iter().all(|&s| s == 0), "{statuses:?}");
+    // The test holds the usage table: a login's statement waits for it no
+    // longer than statement_timeout_ms (2 s here), then says why.
+    let (mut db, conn) = tokio_postgres::connect(&svc.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let hold = db.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE usage IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let out = svc.connect(&node, "ann", "pwd");
+    let took = started.elapsed();
+    assert_ne!(out.status, 0);
+    assert!(out.stderr.contains("unavailable"), "{}", out.stderr);
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(10),
+        "the login gave up after {took:?}"
+    );
+    // The client is told the service is unavailable; the log says why.
+    assert!(!out.stderr.contains("statement"), "{}", out.stderr);
+    assert!(
+        svc.log(0)
+            .contains("canceling statement due to statement timeout"),
+        "{}",
+        svc.log(0)
+    );
+    let connections = svc
+        .query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ftpx' AND datname = current_database()")
+        .await;
+    assert!(
+        connections[0].get::<_, i64>(0) <= 2,
+        "more connections than pool_size"
+    );
+    hold.rollback().await.unwrap();
+    assert_eq!(svc.connect(&node, "ann", "pwd").status, 0);
+}

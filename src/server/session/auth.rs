@@ -157,7 +157,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(Err(e)) => {
                     // Told as it is: the service, not the password, failed.
                     warn!(event = "error", error = %e, "cannot read the user database");
-                    return Err(Error::Unavailable(e));
+                    return Err(Error::Unavailable(crate::cluster::UNAVAILABLE.into()));
                 }
                 Err(_) => None,
             }
