@@ -96,7 +96,7 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Copy the accounts of a single node's users.toml into the cluster's
-    /// database ([cluster] database or FTPX_DATABASE_URL); names already
+    /// database (`[cluster] database` or `FTPX_DATABASE_URL`); names already
     /// there are left as they are.
     ImportUsers {
         /// The file to read.

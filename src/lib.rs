@@ -15,7 +15,14 @@
 //! - `store/`: what the server keeps: each user's home (`jail`), the
 //!   accounts (`users`), the quota ledger and its upload locks (`quota`),
 //!   and `upload`, which owns one upload's life from its reservation to the
-//!   file in the home, and sweeps what uploads left.
+//!   file in the home, and sweeps what uploads left. The ledger and the
+//!   accounts keep their numbers and records in a `quota::Book` and a
+//!   `users::Records`: this process and `var/users.toml` for one node.
+//! - `cluster/`: the same two, and the defender's shared counts, in a
+//!   PostgreSQL database for several nodes (`ledger`, `accounts`,
+//!   `defences`), with the node leases (`mod.rs`) and the schema's
+//!   migrations (`schema`). `store` and `server` reach it only through
+//!   those traits and `server::Server::new`.
 //! - `server/`: the accept loop and what sessions share (`mod.rs`), one
 //!   client's `session` (its loop and one match in `session/mod.rs`, the
 //!   handlers beside it: `auth`, `files`, `upload`, `download`, and `log`,
