@@ -848,3 +848,50 @@ async fn a_statement_stuck_on_a_lock_gives_up_at_the_statement_timeout() {
     hold.rollback().await.unwrap();
     assert_eq!(svc.connect(&node, "ann", "pwd").status, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admins_change_on_one_node_reaches_sessions_open_on_another() {
+    let svc = Service::new().await;
+    let b = svc.start(1);
+    svc.useradd("ann", "1MiB");
+    let mut c = ftpx::client::Client::connect("127.0.0.1", b.port, &svc.ca(), GUARD)
+        .await
+        .unwrap()
+        .with_journal_dir(svc.root.path().join("journals"));
+    c.login("ann", PASSWORD, false).await.unwrap();
+    let limit = |text: &str| text.split(' ').nth(1).map(str::to_string);
+    let quota = ftpx::protocol::Request::Quota;
+    let r = c.request(&quota).await.unwrap();
+    assert_eq!(limit(&r.text).as_deref(), Some("1048576"));
+    // Changed through node 0's config (no node 0 even runs).
+    let out = run(ftpx(&svc.node_dir(0)).args(["usermod", "ann", "--quota", "2MiB"]));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let r = c.request(&quota).await.unwrap();
+        if limit(&r.text).as_deref() == Some("2097152") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session never saw the new quota"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Removed, the account's open session ends at its next request.
+    let out = run(ftpx(&svc.node_dir(0)).args(["userdel", "ann"]));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let deadline = Instant::now() + GUARD;
+    loop {
+        match c.request(&ftpx::protocol::Request::Pwd).await {
+            Ok(r) if r.code == 421 => break,
+            Err(_) => break,
+            Ok(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session outlived its account"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
