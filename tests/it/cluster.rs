@@ -156,7 +156,7 @@ impl Service {
                 "[server]\nlog_level = \"debug\"\nvar_dir = {var:?}\ncert_dir = {certs:?}\n\
                  log_file = \"log/ftpx.log\"\n\
                  [accounts]\nscrypt_log_n = 4\nscrypt_r = 1\nlogin_failure_delay_ms = 100\n\
-                 [defender]\npair_max_failures = 3\nregistrations_per_hour = 2\n\
+                 [defender]\npair_max_failures = 3\nsource_max_accounts = 4\nregistrations_per_hour = 2\n\
                  [cluster]\ndatabase = {url:?}\nlease_secs = {LEASE}\n\
                  connect_timeout_ms = 1000\nstatement_timeout_ms = 2000\n{cluster}{more}",
                 var = self.shared().join("var"),
@@ -894,4 +894,23 @@ async fn an_admins_change_on_one_node_reaches_sessions_open_on_another() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_spraying_passwords_through_one_node_is_banned_on_another() {
+    let svc = Service::new().await;
+    let (a, b) = (svc.start(0), svc.start(1));
+    svc.useradd("bob", "1MiB");
+    // One wrong guess each for four accounts through node A: spraying.
+    for name in ["sp1", "sp2", "sp3", "sp4"] {
+        let statuses = logins_at_once(&svc, &[&a], name, "wrong password", 1);
+        assert_ne!(statuses[0], 0);
+    }
+    wait_for("the address's ban to reach the database", || {
+        svc.log(0).contains("failed logins on many accounts")
+    })
+    .await;
+    // bob's right password through node B: refused, his address is banned.
+    let out = svc.connect(&b, "bob", "pwd");
+    assert_ne!(out.status, 0, "bob got in through node B: {}", out.stdout);
 }
