@@ -1,6 +1,6 @@
 //! The accounts' [`Records`] in the shared database: one row per account in
-//! `accounts`, and a revision number that every change bumps in the same
-//! transaction, which each node polls so that open sessions take a changed
+//! `accounts`, and a revision number that every change or removal bumps in
+//! the same transaction, which each node polls so that open sessions take a changed
 //! quota in (as a single node notices a new `users.toml`).
 
 use std::sync::Arc;
@@ -178,7 +178,7 @@ impl Records for Accounts {
             if n == 0 {
                 return Ok(Err(format!("user {:?} already exists", user.name)));
             }
-            bump(&tx).await?;
+            // A new account changes no open session: no revision bump.
             tx.commit().await?;
             Ok(Ok(()))
         });

@@ -23,6 +23,16 @@ use tracing::warn;
 use super::{Cluster, Unavailable};
 use crate::config::DefenderSection;
 
+/// How a guess admitted by [`Defences::admit`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The password was right.
+    Succeeded,
+    Failed,
+    /// Never evaluated (the client left, or no hashing turn came).
+    Dropped,
+}
+
 /// What the shared counts say of a guess.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -69,8 +79,10 @@ impl Defences {
             return Ok(Verdict::Banned);
         }
         // A window that is over, or a ban that ended, starts the counts again.
-        let stale = "(guesses.window_start < now() - make_interval(secs => $3)
-                      OR guesses.banned_until <= now())";
+        // Over: a ban that ended, or a window with no ban that ended.
+        let stale = "(guesses.banned_until <= now()
+                      OR (guesses.banned_until IS NULL
+                          AND guesses.window_start < now() - make_interval(secs => $3)))";
         let admitted = client
             .query_opt(
                 &format!(
@@ -107,20 +119,27 @@ impl Defences {
     }
 
     /// Settles a guess admitted by [`Defences::admit`]: a failure counts,
-    /// and may ban the pair or, failing on many accounts, the source.
+    /// and may ban the pair or, failing on many accounts, the source; the
+    /// right password clears the pair's failures, as on one node.
     pub async fn settle(
         &self,
         source: &str,
         account: &str,
-        failed: bool,
+        outcome: Outcome,
     ) -> Result<(), Unavailable> {
         let client = self.cluster.client().await?;
-        let failures = i32::from(failed);
+        let failed = outcome == Outcome::Failed;
+        // 1 a failure, 0 a guess never evaluated, -1 the right password.
+        let failures: i32 = match outcome {
+            Outcome::Failed => 1,
+            Outcome::Dropped => 0,
+            Outcome::Succeeded => -1,
+        };
         let row = client
             .query_opt(
                 "UPDATE guesses SET
                    in_flight = greatest(in_flight - 1, 0),
-                   failures = failures + $3,
+                   failures = CASE WHEN $3 < 0 THEN 0 ELSE failures + $3 END,
                    banned_until = CASE
                      WHEN $3 > 0 AND failures + $3 >= $4 AND banned_until IS NULL
                      THEN now() + make_interval(secs => $5) ELSE banned_until END
@@ -176,6 +195,47 @@ impl Defences {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Drops the counts that no longer count, every minute, for as long as
+    /// the server runs: the tables stay as small as the present attacks.
+    pub async fn prune_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            if let Err(e) = self.prune().await {
+                tracing::debug!(event = "cluster", error = %e, "cannot prune the shared counts");
+            }
+        }
+    }
+
+    async fn prune(&self) -> Result<(), Unavailable> {
+        let client = self.cluster.client().await?;
+        let window = self.window();
+        client
+            .execute(
+                "DELETE FROM guesses WHERE in_flight = 0
+                   AND (banned_until <= now()
+                        OR (banned_until IS NULL
+                            AND window_start < now() - make_interval(secs => $1)))",
+                &[&window],
+            )
+            .await?;
+        client
+            .execute(
+                "DELETE FROM source_failures WHERE at < now() - make_interval(secs => $1)",
+                &[&window],
+            )
+            .await?;
+        client
+            .execute("DELETE FROM source_bans WHERE until <= now()", &[])
+            .await?;
+        client
+            .execute(
+                "DELETE FROM registrations WHERE window_start < now() - interval '1 hour'",
+                &[],
+            )
+            .await?;
         Ok(())
     }
 

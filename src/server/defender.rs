@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 
 use tracing::{info, warn};
 
-use crate::cluster::defences::Defences;
+use crate::cluster::defences::{Defences, Outcome};
 use crate::config::DefenderSection;
 
 /// An IPv4 address, or an IPv6 address cut to its /64.
@@ -190,11 +190,11 @@ impl Attempt<'_> {
 
     /// Settles the guess in the shared counts, in the background: the next
     /// guess of the pair waits for it there.
-    fn settle_shared(&mut self, failed: bool) {
+    fn settle_shared(&mut self, outcome: Outcome) {
         if let Some(shared) = self.shared.take() {
             let (source, account) = self.key();
             tokio::spawn(async move {
-                if let Err(e) = shared.settle(&source, &account, failed).await {
+                if let Err(e) = shared.settle(&source, &account, outcome).await {
                     warn!(source, user = ?account, error = %e, "cannot record a login on the shared counts");
                 }
             });
@@ -203,7 +203,7 @@ impl Attempt<'_> {
 
     /// The password was right: the pair's failures are cleared.
     pub fn succeeded(mut self) {
-        self.settle_shared(false);
+        self.settle_shared(Outcome::Succeeded);
         self.settled = true;
         let mut s = self.defender.lock();
         s.land(&self.key);
@@ -216,7 +216,7 @@ impl Attempt<'_> {
     /// failure and returns how long to wait before replying, given the base
     /// delay.
     pub fn failed(mut self, base: Duration) -> Duration {
-        self.settle_shared(true);
+        self.settle_shared(Outcome::Failed);
         self.settled = true;
         let mut s = self.defender.lock();
         s.land(&self.key);
@@ -229,7 +229,7 @@ impl Attempt<'_> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        self.settle_shared(false);
+        self.settle_shared(Outcome::Dropped);
         if !self.settled {
             self.defender.lock().land(&self.key);
             self.defender.landed.notify_waiters();

@@ -107,12 +107,18 @@ impl Server {
                         tokio::spawn(book.clone().reconcile_forever());
                         Ledger::new(Box::new(book))
                     },
-                    Some(Arc::new(Defences::new(c.clone(), config.defender.clone()))),
+                    {
+                        let defences = Arc::new(Defences::new(c.clone(), config.defender.clone()));
+                        tokio::spawn(defences.clone().prune_forever());
+                        Some(defences)
+                    },
                 )
             }
         };
         // A damaged user database stops the server at start, with the reason.
-        users.load()?;
+        if cluster.is_none() {
+            users.load()?;
+        }
         let dummy_hash = crate::store::users::hash_password(
             &crate::store::users::Password::new("ftpx-dummy"),
             &config.accounts,
