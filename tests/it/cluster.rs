@@ -111,6 +111,8 @@ struct Service {
     url: String,
     /// More `[cluster]` settings for every node.
     cluster: String,
+    /// More `[defender]` settings for every node.
+    defender: String,
 }
 
 impl Service {
@@ -130,6 +132,7 @@ impl Service {
             root,
             url: url.to_string(),
             cluster: String::new(),
+            defender: String::new(),
         }
     }
 
@@ -156,13 +159,14 @@ impl Service {
                 "[server]\nlog_level = \"debug\"\nvar_dir = {var:?}\ncert_dir = {certs:?}\n\
                  log_file = \"log/ftpx.log\"\n\
                  [accounts]\nscrypt_log_n = 4\nscrypt_r = 1\nlogin_failure_delay_ms = 100\n\
-                 [defender]\npair_max_failures = 3\nsource_max_accounts = 4\nregistrations_per_hour = 2\n\
+                 [defender]\npair_max_failures = 3\nsource_max_accounts = 4\nregistrations_per_hour = 2\n{defender}\
                  [cluster]\ndatabase = {url:?}\nlease_secs = {LEASE}\n\
                  connect_timeout_ms = 1000\nstatement_timeout_ms = 2000\n{cluster}{more}",
                 var = self.shared().join("var"),
                 certs = self.shared().join("certs"),
                 url = self.url,
                 cluster = self.cluster,
+                defender = self.defender,
             ),
         )
         .unwrap();
@@ -913,4 +917,26 @@ async fn an_address_spraying_passwords_through_one_node_is_banned_on_another() {
     // bob's right password through node B: refused, his address is banned.
     let out = svc.connect(&b, "bob", "pwd");
     assert_ne!(out.status, 0, "bob got in through node B: {}", out.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_ban_lasts_its_time_even_past_the_window_of_failures() {
+    let mut svc = Service::new().await;
+    svc.defender = "window_secs = 1\nban_secs = 60\n".into();
+    let (a, b) = (svc.start(0), svc.start(1));
+    svc.useradd("ann", "1MiB");
+    for _ in 0..3 {
+        assert_ne!(
+            logins_at_once(&svc, &[&a], "ann", "wrong password", 1)[0],
+            0
+        );
+    }
+    wait_for("the ban", || svc.log(0).contains("banned on every node")).await;
+    // The window of failures is over; the ban of 60 s is not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = svc.connect(&b, "ann", "pwd");
+    assert_ne!(
+        out.status, 0,
+        "ann got in on node B once the window was over"
+    );
 }
