@@ -36,6 +36,9 @@ pub struct Shared {
     /// Open sessions on this node, per user: what its rows in `sessions`
     /// must say.
     sessions: Arc<Mutex<HashMap<String, i32>>>,
+    /// Users whose home changed while their numbers could not be written:
+    /// rebuilt from the disk at their next login here.
+    dirty: Arc<Mutex<HashSet<String>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,6 +51,7 @@ impl Shared {
             cluster,
             held: Arc::default(),
             sessions: Arc::default(),
+            dirty: Arc::default(),
         }
     }
 
@@ -69,6 +73,51 @@ impl Shared {
 
     fn sessions_here(&self, user: &str) -> i32 {
         lock(&self.sessions).get(user).copied().unwrap_or(0)
+    }
+
+    /// Records a session of `user` in the database. For the user's first
+    /// session on this node (or after a change whose numbers were lost),
+    /// the account is rebuilt from a scan of the disk first (see [`rebuild`]).
+    fn open_session_row(
+        &self,
+        user: &str,
+        first_here: bool,
+        scan: &mut dyn FnMut() -> std::io::Result<Scan>,
+    ) -> Result<()> {
+        let cluster = &self.cluster;
+        if first_here || lock(&self.dirty).contains(user) {
+            let generation = cluster
+                .wait(async {
+                    let client = cluster.client().await?;
+                    let row = client
+                        .query_opt("SELECT generation FROM usage WHERE name = $1", &[&user])
+                        .await?;
+                    Ok(row.map(|r| r.get::<_, i64>(0)))
+                })
+                .map_err(unavailable)?;
+            // Scanned outside any lock: a big home takes a while.
+            let fresh = scan().map_err(Error::Storage)?;
+            let rebuilt = cluster
+                .wait(rebuild(cluster, user, generation, &fresh))
+                .map_err(unavailable)?;
+            if rebuilt {
+                lock(&self.dirty).remove(user);
+            }
+        }
+        cluster
+            .wait(async {
+                let client = cluster.client().await?;
+                client
+                    .execute(
+                        "INSERT INTO sessions (node, name, count) VALUES ($1, $2, 1)
+                         ON CONFLICT (node, name)
+                         DO UPDATE SET count = sessions.count + 1, updated = now()",
+                        &[&cluster.node(), &user],
+                    )
+                    .await?;
+                Ok(())
+            })
+            .map_err(unavailable)
     }
 
     /// Brings this node's rows in line with what it really holds, every
@@ -112,18 +161,21 @@ impl Shared {
                 .await?;
         }
         let (users, counts): (Vec<String>, Vec<i32>) = sessions.into_iter().unzip();
+        // Session rows written since `since` are newer than the snapshot.
         client
             .execute(
-                "DELETE FROM sessions WHERE node = $1 AND NOT (name = ANY($2))",
-                &[&node, &users],
+                "DELETE FROM sessions
+                 WHERE node = $1 AND NOT (name = ANY($2)) AND updated < $3",
+                &[&node, &users, &since],
             )
             .await?;
         client
             .execute(
                 "INSERT INTO sessions (node, name, count)
                  SELECT $1, u.name, u.count FROM unnest($2::text[], $3::int[]) AS u (name, count)
-                 ON CONFLICT (node, name) DO UPDATE SET count = EXCLUDED.count",
-                &[&node, &users, &counts],
+                 ON CONFLICT (node, name) DO UPDATE SET count = EXCLUDED.count
+                 WHERE sessions.updated < $4",
+                &[&node, &users, &counts, &since],
             )
             .await?;
         Ok(())
@@ -197,6 +249,9 @@ async fn write_account(
     before: &Account,
     after: &Account,
 ) -> Result<(), Unavailable> {
+    if before == after {
+        return Ok(());
+    }
     if before.stored != after.stored {
         tx.execute(
             "UPDATE usage SET bytes = $2, entries = $3 WHERE name = $1",
@@ -208,6 +263,11 @@ async fn write_account(
         )
         .await?;
     }
+    tx.execute(
+        "UPDATE usage SET generation = generation + 1 WHERE name = $1",
+        &[&user],
+    )
+    .await?;
     for path in before.reserved.keys() {
         if !after.reserved.contains_key(path) {
             tx.execute(
@@ -259,14 +319,66 @@ async fn sessions_elsewhere(
     Ok(row.get(0))
 }
 
+/// Rebuilds `user`'s account from `scan` of the disk, if nothing changed
+/// it since `generation` was read (before the scan): what the home holds,
+/// and a full charge for each unfinished upload with a journal. Running
+/// uploads of live nodes keep their reservations. Returns whether it was
+/// applied (if not, a change meanwhile kept the numbers right anyway).
+async fn rebuild(
+    cluster: &Cluster,
+    user: &str,
+    generation: Option<i64>,
+    scan: &Scan,
+) -> Result<bool, Unavailable> {
+    let mut client = cluster.client().await?;
+    let tx = client.transaction().await?;
+    let before = read_account(&tx, user).await?;
+    let row = tx
+        .query_one("SELECT generation FROM usage WHERE name = $1", &[&user])
+        .await?;
+    if generation.is_some_and(|g| g != row.get::<_, i64>(0)) {
+        return Ok(false);
+    }
+    let mut after = scan.account();
+    for (path, r) in &before.reserved {
+        if !r.parked {
+            after.reserved.insert(path.clone(), *r);
+        }
+    }
+    // Rows of dead nodes are not in `before`: they go with the parked ones.
+    tx.execute(
+        &format!(
+            "DELETE FROM reservations WHERE name = $1 AND (node IS NULL OR node NOT IN ({LIVE}))"
+        ),
+        &[&user],
+    )
+    .await?;
+    let parked = Account {
+        stored: before.stored,
+        reserved: before
+            .reserved
+            .into_iter()
+            .filter(|(_, r)| !r.parked)
+            .collect(),
+    };
+    write_account(&tx, cluster.node(), user, &parked, &after).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 impl Book for Shared {
     fn with_account(&self, user: &str, f: &mut dyn FnMut(&mut Account) -> bool) -> Result<()> {
-        let node = self.cluster.node();
+        let cluster = &self.cluster;
+        let node = cluster.node();
         let mut applied = false;
-        let result = self.cluster.wait(async {
-            let mut client = self.cluster.client().await?;
-            let tx = client.transaction().await?;
-            let before = read_account(&tx, user).await?;
+        let result = cluster.wait_unbounded(async {
+            // Waiting for a connection and the account's lock is bounded;
+            // once `f` changed the disk, the numbers are written to the end.
+            let mut client = cluster.in_time(cluster.client()).await?;
+            let tx = cluster
+                .in_time(async { Ok(client.transaction().await?) })
+                .await?;
+            let before = cluster.in_time(read_account(&tx, user)).await?;
             let mut after = before.clone();
             applied = true;
             if f(&mut after) {
@@ -278,9 +390,10 @@ impl Book for Shared {
         match result {
             Ok(()) => Ok(()),
             // The change on disk is made; only its numbers were not written.
-            // The account is rebuilt from disk at the user's next first session.
+            // The account is rebuilt from the disk at the user's next login here.
             Err(e) if applied => {
                 warn!(event = "error", user, error = %e, "a change of a home was made but its usage not recorded");
+                lock(&self.dirty).insert(user.to_string());
                 Ok(())
             }
             Err(e) => Err(unavailable(e)),
@@ -292,53 +405,9 @@ impl Book for Shared {
         user: &str,
         scan: &mut dyn FnMut() -> std::io::Result<Scan>,
     ) -> Result<()> {
-        let cluster = &self.cluster;
-        let node = cluster.node();
-        // This node's own sessions it counts itself (its row may lag).
-        let first = self.sessions_here(user) == 0
-            && cluster
-                .wait(async {
-                    let mut client = cluster.client().await?;
-                    let tx = client.transaction().await?;
-                    Ok(sessions_elsewhere(&tx, user, node).await? == 0)
-                })
-                .map_err(unavailable)?;
-        // Scanned outside any lock: a big home takes a while.
-        let fresh = if first {
-            Some(scan().map_err(Error::Storage)?)
-        } else {
-            None
-        };
         // Counted here first: this node's count is never below its row's.
-        let alone_here = self.count_session(user, 1) == 0;
-        let opened = cluster
-            .wait(async {
-                let mut client = cluster.client().await?;
-                let tx = client.transaction().await?;
-                let before = read_account(&tx, user).await?;
-                if let Some(scan) = &fresh
-                    && alone_here
-                    && sessions_elsewhere(&tx, user, node).await? == 0
-                {
-                    // No live session anywhere: nothing runs, the disk is right.
-                    tx.execute("DELETE FROM reservations WHERE name = $1", &[&user])
-                        .await?;
-                    let empty = Account {
-                        stored: before.stored,
-                        reserved: HashMap::new(),
-                    };
-                    write_account(&tx, cluster.node(), user, &empty, &scan.account()).await?;
-                }
-                tx.execute(
-                    "INSERT INTO sessions (node, name, count) VALUES ($1, $2, 1)
-                     ON CONFLICT (node, name) DO UPDATE SET count = sessions.count + 1",
-                    &[&cluster.node(), &user],
-                )
-                .await?;
-                tx.commit().await?;
-                Ok(())
-            })
-            .map_err(unavailable);
+        let first_here = self.count_session(user, 1) == 0;
+        let opened = self.open_session_row(user, first_here, scan);
         if opened.is_err() {
             self.count_session(user, -1);
         }
@@ -351,7 +420,8 @@ impl Book for Shared {
             let client = cluster.client().await?;
             client
                 .execute(
-                    "UPDATE sessions SET count = count - 1 WHERE node = $1 AND name = $2",
+                    "UPDATE sessions SET count = count - 1, updated = now()
+                     WHERE node = $1 AND name = $2",
                     &[&cluster.node(), &user],
                 )
                 .await?;

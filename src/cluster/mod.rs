@@ -155,17 +155,25 @@ impl Cluster {
     /// others meanwhile, or a thread outside it. Bounded by the connect plus the
     /// statement timeout.
     pub fn wait<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
-        let deadline = self.deadline;
-        let timed = async move {
-            match tokio::time::timeout(deadline, f).await {
-                Ok(r) => r,
-                Err(_) => Err(Unavailable("no answer in time".into())),
-            }
-        };
+        self.wait_unbounded(self.in_time(f))
+    }
+
+    /// `f`, or an error once the connect plus the statement timeout passed.
+    async fn in_time<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.deadline, f).await {
+            Ok(r) => r,
+            Err(_) => Err(Unavailable("no answer in time".into())),
+        }
+    }
+
+    /// [`Cluster::wait`] without its deadline, for work that must not be
+    /// cut in the middle: each statement is still bounded by the database's
+    /// statement timeout, and a dead connection by its keepalives.
+    fn wait_unbounded<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
         match Handle::try_current() {
             // A runtime or blocking-pool thread: block it, not the runtime.
-            Ok(_) => tokio::task::block_in_place(|| self.handle.block_on(timed)),
-            Err(_) => self.handle.block_on(timed),
+            Ok(_) => tokio::task::block_in_place(|| self.handle.block_on(f)),
+            Err(_) => self.handle.block_on(f),
         }
     }
 

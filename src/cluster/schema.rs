@@ -34,10 +34,13 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO account_revision VALUES (1, 0);
     -- What each home holds; the row each change of a home locks.
+    -- generation: bumped by every change, so that a rebuild from a scan of
+    -- the disk is applied only if nothing changed while it scanned.
     CREATE TABLE usage (
-        name    text PRIMARY KEY,
-        bytes   bigint NOT NULL DEFAULT 0,
-        entries bigint NOT NULL DEFAULT 0
+        name       text PRIMARY KEY,
+        bytes      bigint NOT NULL DEFAULT 0,
+        entries    bigint NOT NULL DEFAULT 0,
+        generation bigint NOT NULL DEFAULT 0
     );
     -- Unfinished uploads: running on a node (node set, counted while its
     -- lease runs) or parked to be resumed (node null, charged in full).
@@ -58,9 +61,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (name, path)
     );
     CREATE TABLE sessions (
-        node  text NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
-        name  text NOT NULL,
-        count integer NOT NULL,
+        node    text NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
+        name    text NOT NULL,
+        count   integer NOT NULL,
+        updated timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (node, name)
     );
     -- Password guesses per (source, account) in the current window:
