@@ -10,7 +10,10 @@
 //!
 //! Upload locks are rows of `upload_locks` naming their node: taken by an
 //! insert that fails while a live node holds the row, and taken over from a
-//! node whose lease ran out. Session counts are rows per node and user.
+//! node only a whole lease after its lease ran out. A node that can't
+//! renew its lease fences itself long before that ([`Cluster::fenced`]):
+//! it cuts its uploads and changes no home, so two nodes never write one
+//! upload. Session counts are rows per node and user.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -57,6 +60,15 @@ impl Shared {
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashSet<(String, VPath)>> {
         lock(&self.held)
+    }
+
+    /// An error while this node may have lost its lease (see
+    /// [`Cluster::fenced`]): no home changes, no upload starts or lands.
+    fn not_fenced(&self) -> Result<()> {
+        match self.cluster.fenced() {
+            true => Err(Error::Unavailable(crate::cluster::UNAVAILABLE.into())),
+            false => Ok(()),
+        }
     }
 
     /// Counts `by` more sessions of `user` here; returns how many there were.
@@ -369,6 +381,7 @@ async fn rebuild(
 impl Book for Shared {
     fn with_account(&self, user: &str, f: &mut dyn FnMut(&mut Account) -> bool) -> Result<()> {
         let cluster = &self.cluster;
+        self.not_fenced()?;
         let node = cluster.node();
         let mut applied = false;
         let result = cluster.wait_unbounded(async {
@@ -471,6 +484,7 @@ impl Book for Shared {
     }
 
     fn lock_upload(&self, user: &str, path: &VPath) -> Result<bool> {
+        self.not_fenced()?;
         let key = (user.to_string(), path.clone());
         if !self.held().insert(key.clone()) {
             return Ok(false);
@@ -486,10 +500,17 @@ impl Book for Shared {
                         "INSERT INTO upload_locks (name, path, node) VALUES ($1, $2, $3)
                          ON CONFLICT (name, path) DO UPDATE SET node = EXCLUDED.node, taken = now()
                          WHERE upload_locks.node = EXCLUDED.node
-                            OR upload_locks.node NOT IN ({LIVE})
+                            OR upload_locks.node NOT IN (
+                                SELECT id FROM nodes
+                                WHERE lease_until > now() - make_interval(secs => $4))
                          RETURNING 1"
                     ),
-                    &[&user, &path.to_string(), &cluster.node()],
+                    &[
+                        &user,
+                        &path.to_string(),
+                        &cluster.node(),
+                        &cluster.lease().as_secs_f64(),
+                    ],
                 )
                 .await?;
             Ok(!rows.is_empty())

@@ -29,8 +29,8 @@ mod schema;
 
 use std::future::Future;
 use std::str::FromStr as _;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::runtime::Handle;
@@ -74,6 +74,7 @@ impl From<Unavailable> for crate::error::Error {
 /// A node's handle on the shared database.
 pub struct Cluster {
     pool: Pool,
+    heartbeat_pool: Pool,
     /// This node's id in `nodes`: random, new at each start.
     node: String,
     /// The runtime the pool's connections live on.
@@ -81,6 +82,8 @@ pub struct Cluster {
     lease: Duration,
     /// The longest any one call waits for the database.
     deadline: Duration,
+    /// When the last renewal of this node's lease that succeeded began.
+    renewed: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -108,27 +111,34 @@ impl Cluster {
                 settings.statement_timeout_ms, settings.statement_timeout_ms
             ))
             .application_name("ftpx");
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+        let tls = tls(settings)?;
+        let pool = |size: usize| {
+            let manager_config = ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            };
+            let manager = match tls.clone() {
+                Some(tls) => Manager::from_config(pg.clone(), tls, manager_config),
+                None => Manager::from_config(pg.clone(), tokio_postgres::NoTls, manager_config),
+            };
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(connect))
+                .create_timeout(Some(connect))
+                .recycle_timeout(Some(connect))
+                .build()
+                .map_err(|e| format!("cannot set up the database pool: {e}"))
         };
-        let manager = match tls(settings)? {
-            Some(tls) => Manager::from_config(pg, tls, manager_config),
-            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(settings.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(connect))
-            .create_timeout(Some(connect))
-            .recycle_timeout(Some(connect))
-            .build()
-            .map_err(|e| format!("cannot set up the database pool: {e}"))?;
         let cluster = Arc::new(Cluster {
-            pool,
+            pool: pool(settings.pool_size - 1)?,
+            // The lease's own connection, one of pool_size: never queued
+            // behind busy sessions.
+            heartbeat_pool: pool(1)?,
             node: format!("{:016x}", rand::random::<u64>()),
             handle: Handle::current(),
             lease: Duration::from_secs(settings.lease_secs),
             deadline: connect + Duration::from_millis(settings.statement_timeout_ms),
+            renewed: Mutex::new(None),
         });
         let c = cluster.clone();
         let started = cluster.wait(async move { schema::migrate(&*c.client().await?).await });
@@ -186,7 +196,8 @@ impl Cluster {
     /// the others pruned it), and prunes nodes whose lease ran out long ago:
     /// with them go their reservations, locks and session counts.
     async fn renew(&self) -> Result<()> {
-        let client = self.client().await?;
+        let began = Instant::now();
+        let client = self.heartbeat_pool.get().await?;
         let lease = self.lease.as_secs_f64();
         client
             .execute(
@@ -201,7 +212,22 @@ impl Cluster {
                 &[&lease],
             )
             .await?;
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         Ok(())
+    }
+
+    /// Whether this node may have lost its lease: half of it has passed
+    /// since the last renewal that succeeded began (the database counts the
+    /// lease from later still). A fenced node writes no upload: the others
+    /// take its uploads over only a whole lease after its lease ended.
+    pub fn fenced(&self) -> bool {
+        let renewed = *self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        renewed.is_none_or(|t| t.elapsed() >= self.lease / 2)
+    }
+
+    /// How long a dead node's upload locks hold after its lease ended.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// Renews this node's lease every third of it, for as long as the

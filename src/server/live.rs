@@ -110,6 +110,16 @@ impl Live {
         mine.map(|e| e.kick.kick()).count()
     }
 
+    /// Ends every session with an upload running; returns how many.
+    pub fn kick_uploads(&self) -> usize {
+        let sessions: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+        let uploading = sessions.iter().filter(|e| {
+            let transfer = e.transfer.lock().unwrap_or_else(|e| e.into_inner());
+            transfer.as_ref().is_some_and(|t| t.direction == "up")
+        });
+        uploading.map(|e| e.kick.kick()).count()
+    }
+
     /// Adds the bytes the running transfers moved since the last count.
     pub fn account_bytes(&self, metrics: &Metrics) {
         for entry in self.lock().values() {

@@ -226,8 +226,9 @@ impl Server {
     }
 }
 
-/// What runs beside the sessions for the operator: the metrics listener,
-/// the control socket, and the log file's reopening on SIGHUP. Stopped
+/// What runs beside the sessions: for the operator, the metrics listener,
+/// the control socket, and the log file's reopening on SIGHUP; with several
+/// nodes, the [`fence`]. Stopped
 /// (and the socket removed) when dropped.
 pub struct Beside {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -244,6 +245,9 @@ impl Beside {
         if let Some(listener) = metrics::bind(server).await? {
             tasks.push(tokio::spawn(metrics::serve(listener, server.clone())));
         }
+        if server.cluster.is_some() {
+            tasks.push(tokio::spawn(fence(server.clone())));
+        }
         if let Some(path) = server.config.control_socket() {
             let socket = control::bind(path)?;
             tasks.push(tokio::spawn(control::serve(socket, server.clone())));
@@ -257,6 +261,34 @@ impl Drop for Beside {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+/// With several nodes: while this node may have lost its lease (see
+/// [`Cluster::fenced`]), cuts every upload running here, each within a
+/// second, so that no other node can take one over while this one writes.
+/// They stay resumable, through any node.
+async fn fence(server: Arc<Server>) {
+    let Some(cluster) = server.cluster.clone() else {
+        return;
+    };
+    let mut fenced = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if !cluster.fenced() {
+            fenced = false;
+            continue;
+        }
+        let cut = server.live.kick_uploads();
+        if !fenced || cut > 0 {
+            warn!(
+                event = "cluster",
+                node = cluster.node(),
+                uploads = cut as u64,
+                "this node may have lost its lease: its uploads are cut until it renews it"
+            );
+        }
+        fenced = true;
     }
 }
 
