@@ -496,15 +496,13 @@ impl Book for Shared {
             let client = cluster.client().await?;
             let rows = client
                 .query(
-                    &format!(
-                        "INSERT INTO upload_locks (name, path, node) VALUES ($1, $2, $3)
-                         ON CONFLICT (name, path) DO UPDATE SET node = EXCLUDED.node, taken = now()
-                         WHERE upload_locks.node = EXCLUDED.node
-                            OR upload_locks.node NOT IN (
-                                SELECT id FROM nodes
-                                WHERE lease_until > now() - make_interval(secs => $4))
-                         RETURNING 1"
-                    ),
+                    "INSERT INTO upload_locks (name, path, node) VALUES ($1, $2, $3)
+                     ON CONFLICT (name, path) DO UPDATE SET node = EXCLUDED.node, taken = now()
+                     WHERE upload_locks.node = EXCLUDED.node
+                        OR upload_locks.node NOT IN (
+                            SELECT id FROM nodes
+                            WHERE lease_until > now() - make_interval(secs => $4))
+                     RETURNING 1",
                     &[
                         &user,
                         &path.to_string(),
