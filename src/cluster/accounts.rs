@@ -10,7 +10,7 @@ use std::time::Duration;
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
-use super::{Cluster, Unavailable};
+use super::{Cached as _, Cluster, Unavailable};
 use crate::store::users::{Records, User};
 
 /// How often a node reads the revision of the accounts.
@@ -47,7 +47,7 @@ const COLUMNS: &str = "name, hash, quota, max_files, created";
 
 async fn bump(client: &impl GenericClient) -> Result<(), Unavailable> {
     client
-        .execute("UPDATE account_revision SET n = n + 1 WHERE id = 1", &[])
+        .exec("UPDATE account_revision SET n = n + 1 WHERE id = 1", &[])
         .await?;
     Ok(())
 }
@@ -63,7 +63,7 @@ impl Accounts {
     async fn read_revision(&self) -> Result<u64, Unavailable> {
         let client = self.cluster.client().await?;
         let row = client
-            .query_one("SELECT n FROM account_revision WHERE id = 1", &[])
+            .row("SELECT n FROM account_revision WHERE id = 1", &[])
             .await?;
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0) + 1)
     }
@@ -89,7 +89,7 @@ impl Accounts {
                 let mut added = 0;
                 for u in users {
                     added += tx
-                        .execute(
+                        .exec(
                             &format!(
                                 "INSERT INTO accounts ({COLUMNS}) VALUES ($1, $2, $3, $4, $5)
                                  ON CONFLICT (name) DO NOTHING"
@@ -119,7 +119,7 @@ impl Records for Accounts {
             .wait(async {
                 let client = cluster.client().await?;
                 let rows = client
-                    .query(
+                    .rows(
                         &format!("SELECT {COLUMNS} FROM accounts ORDER BY name"),
                         &[],
                     )
@@ -135,7 +135,7 @@ impl Records for Accounts {
             .wait(async {
                 let client = cluster.client().await?;
                 let row = client
-                    .query_opt(
+                    .row_opt(
                         &format!("SELECT {COLUMNS} FROM accounts WHERE name = $1"),
                         &[&name],
                     )
@@ -161,7 +161,7 @@ impl Records for Accounts {
                 return Ok(Err(e));
             }
             let n = tx
-                .execute(
+                .exec(
                     &format!(
                         "INSERT INTO accounts ({COLUMNS}) VALUES ($1, $2, $3, $4, $5)
                          ON CONFLICT (name) DO NOTHING"
@@ -191,7 +191,7 @@ impl Records for Accounts {
             let mut client = cluster.client().await?;
             let tx = client.transaction().await?;
             let n = tx
-                .execute("DELETE FROM accounts WHERE name = $1", &[&name])
+                .exec("DELETE FROM accounts WHERE name = $1", &[&name])
                 .await?;
             bump(&tx).await?;
             tx.commit().await?;
@@ -209,7 +209,7 @@ impl Records for Accounts {
             let mut client = cluster.client().await?;
             let tx = client.transaction().await?;
             let Some(row) = tx
-                .query_opt(
+                .row_opt(
                     &format!("SELECT {COLUMNS} FROM accounts WHERE name = $1 FOR UPDATE"),
                     &[&name],
                 )
@@ -219,7 +219,7 @@ impl Records for Accounts {
             };
             let mut user = user_of(&row);
             f(&mut user);
-            tx.execute(
+            tx.exec(
                 "UPDATE accounts SET hash = $2, quota = $3, max_files = $4 WHERE name = $1",
                 &[
                     &name,

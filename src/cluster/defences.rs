@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::{Cluster, Unavailable};
+use super::{Cached as _, Cluster, Unavailable};
 use crate::config::DefenderSection;
 
 /// How a guess admitted by [`Defences::admit`] ended.
@@ -70,7 +70,7 @@ impl Defences {
     pub async fn admit(&self, source: &str, account: &str) -> Result<Verdict, Unavailable> {
         let client = self.cluster.client().await?;
         let banned = client
-            .query_opt(
+            .row_opt(
                 "SELECT 1 FROM source_bans WHERE source = $1 AND until > now()",
                 &[&source],
             )
@@ -84,7 +84,7 @@ impl Defences {
                       OR (guesses.banned_until IS NULL
                           AND guesses.window_start < now() - make_interval(secs => $3)))";
         let admitted = client
-            .query_opt(
+            .row_opt(
                 &format!(
                     "INSERT INTO guesses (source, account, window_start, in_flight)
                      VALUES ($1, $2, now(), 1)
@@ -105,7 +105,7 @@ impl Defences {
             return Ok(Verdict::Admitted);
         }
         let row = client
-            .query_one(
+            .row(
                 "SELECT banned_until IS NOT NULL AND banned_until > now()
                  FROM guesses WHERE source = $1 AND account = $2",
                 &[&source, &account],
@@ -136,7 +136,7 @@ impl Defences {
             Outcome::Succeeded => -1,
         };
         let row = client
-            .query_opt(
+            .row_opt(
                 "UPDATE guesses SET
                    in_flight = greatest(in_flight - 1, 0),
                    failures = CASE WHEN $3 < 0 THEN 0 ELSE failures + $3 END,
@@ -158,14 +158,14 @@ impl Defences {
                   "banned on every node: too many failed logins for this account from this source");
         }
         client
-            .execute(
+            .exec(
                 "INSERT INTO source_failures (source, account, at) VALUES ($1, $2, now())
                  ON CONFLICT (source, account) DO UPDATE SET at = now()",
                 &[&source, &account],
             )
             .await?;
         let row = client
-            .query_one(
+            .row(
                 "SELECT count(*) FROM source_failures
                  WHERE source = $1 AND at > now() - make_interval(secs => $2)",
                 &[&source, &self.window()],
@@ -174,7 +174,7 @@ impl Defences {
         let spread: i64 = row.get(0);
         if spread >= self.settings.source_max_accounts.max(1) as i64 {
             let banned = client
-                .execute(
+                .exec(
                     "INSERT INTO source_bans (source, until)
                      VALUES ($1, now() + make_interval(secs => $2))
                      ON CONFLICT (source) DO UPDATE SET until = EXCLUDED.until
@@ -184,7 +184,7 @@ impl Defences {
                 .await?;
             if banned > 0 {
                 client
-                    .execute("DELETE FROM source_failures WHERE source = $1", &[&source])
+                    .exec("DELETE FROM source_failures WHERE source = $1", &[&source])
                     .await?;
                 warn!(
                     event = "ban",
@@ -213,7 +213,7 @@ impl Defences {
         let client = self.cluster.client().await?;
         let window = self.window();
         client
-            .execute(
+            .exec(
                 "DELETE FROM guesses WHERE in_flight = 0
                    AND (banned_until <= now()
                         OR (banned_until IS NULL
@@ -222,16 +222,16 @@ impl Defences {
             )
             .await?;
         client
-            .execute(
+            .exec(
                 "DELETE FROM source_failures WHERE at < now() - make_interval(secs => $1)",
                 &[&window],
             )
             .await?;
         client
-            .execute("DELETE FROM source_bans WHERE until <= now()", &[])
+            .exec("DELETE FROM source_bans WHERE until <= now()", &[])
             .await?;
         client
-            .execute(
+            .exec(
                 "DELETE FROM registrations WHERE window_start < now() - interval '1 hour'",
                 &[],
             )
@@ -247,7 +247,7 @@ impl Defences {
         let hour = Duration::from_secs(3600).as_secs_f64();
         let stale = "registrations.window_start < now() - make_interval(secs => $3)";
         let row = client
-            .query_opt(
+            .row_opt(
                 &format!(
                     "INSERT INTO registrations (source, window_start, count)
                      SELECT $1, now(), 1 WHERE $2 > 0

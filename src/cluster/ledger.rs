@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use deadpool_postgres::Transaction;
 use tracing::warn;
 
-use super::{Cluster, Unavailable};
+use super::{Cached as _, Cluster, Unavailable};
 use crate::error::{Error, Result};
 use crate::protocol::VPath;
 use crate::store::quota::{Account, Book, Reservation, Scan, Usage};
@@ -102,7 +102,7 @@ impl Shared {
                 .wait(async {
                     let client = cluster.client().await?;
                     let row = client
-                        .query_opt("SELECT generation FROM usage WHERE name = $1", &[&user])
+                        .row_opt("SELECT generation FROM usage WHERE name = $1", &[&user])
                         .await?;
                     Ok(row.map(|r| r.get::<_, i64>(0)))
                 })
@@ -120,7 +120,7 @@ impl Shared {
             .wait(async {
                 let client = cluster.client().await?;
                 client
-                    .execute(
+                    .exec(
                         "INSERT INTO sessions (node, name, count) VALUES ($1, $2, 1)
                          ON CONFLICT (node, name)
                          DO UPDATE SET count = sessions.count + 1, updated = now()",
@@ -149,7 +149,7 @@ impl Shared {
         let client = self.cluster.client().await?;
         // Rows written from here on are the present's; older ones must
         // match what this node holds (taken before `since` if they do).
-        let since: std::time::SystemTime = client.query_one("SELECT now()", &[]).await?.get(0);
+        let since: std::time::SystemTime = client.row("SELECT now()", &[]).await?.get(0);
         let (names, paths): (Vec<String>, Vec<String>) = self
             .held()
             .iter()
@@ -164,7 +164,7 @@ impl Shared {
                          WHERE h.name = t.name AND h.path = t.path)";
         for (table, stamp) in [("upload_locks", "taken"), ("reservations", "updated")] {
             client
-                .execute(
+                .exec(
                     &format!(
                         "DELETE FROM {table} AS t WHERE t.node = $1 AND t.{stamp} < $2 AND {not_held}"
                     ),
@@ -175,14 +175,14 @@ impl Shared {
         let (users, counts): (Vec<String>, Vec<i32>) = sessions.into_iter().unzip();
         // Session rows written since `since` are newer than the snapshot.
         client
-            .execute(
+            .exec(
                 "DELETE FROM sessions
                  WHERE node = $1 AND NOT (name = ANY($2)) AND updated < $3",
                 &[&node, &users, &since],
             )
             .await?;
         client
-            .execute(
+            .exec(
                 "INSERT INTO sessions (node, name, count)
                  SELECT $1, u.name, u.count FROM unnest($2::text[], $3::int[]) AS u (name, count)
                  ON CONFLICT (node, name) DO UPDATE SET count = EXCLUDED.count
@@ -208,14 +208,13 @@ fn i64_of(n: u64) -> i64 {
 
 /// Locks `user`'s row and reads the account as it stands.
 async fn read_account(tx: &Transaction<'_>, user: &str) -> Result<Account, Unavailable> {
-    tx.execute(
-        "INSERT INTO usage (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-        &[&user],
-    )
-    .await?;
+    // One statement makes the row if need be and locks it either way (an
+    // upsert's update locks the row as FOR UPDATE would).
     let row = tx
-        .query_one(
-            "SELECT bytes, entries FROM usage WHERE name = $1 FOR UPDATE",
+        .row(
+            "INSERT INTO usage (name) VALUES ($1)
+             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+             RETURNING bytes, entries",
             &[&user],
         )
         .await?;
@@ -224,7 +223,7 @@ async fn read_account(tx: &Transaction<'_>, user: &str) -> Result<Account, Unava
         entries: u64_of(row.get(1)),
     };
     let rows = tx
-        .query(
+        .rows(
             &format!(
                 "SELECT path, bytes, entries, node IS NULL FROM reservations
                  WHERE name = $1 AND (node IS NULL OR node IN ({LIVE}))"
@@ -264,25 +263,19 @@ async fn write_account(
     if before == after {
         return Ok(());
     }
-    if before.stored != after.stored {
-        tx.execute(
-            "UPDATE usage SET bytes = $2, entries = $3 WHERE name = $1",
-            &[
-                &user,
-                &i64_of(after.stored.bytes),
-                &i64_of(after.stored.entries),
-            ],
-        )
-        .await?;
-    }
-    tx.execute(
-        "UPDATE usage SET generation = generation + 1 WHERE name = $1",
-        &[&user],
+    tx.exec(
+        "UPDATE usage SET bytes = $2, entries = $3, generation = generation + 1
+         WHERE name = $1",
+        &[
+            &user,
+            &i64_of(after.stored.bytes),
+            &i64_of(after.stored.entries),
+        ],
     )
     .await?;
     for path in before.reserved.keys() {
         if !after.reserved.contains_key(path) {
-            tx.execute(
+            tx.exec(
                 "DELETE FROM reservations WHERE name = $1 AND path = $2",
                 &[&user, &path.to_string()],
             )
@@ -294,7 +287,7 @@ async fn write_account(
             continue;
         }
         let holder = (!r.parked).then_some(node);
-        tx.execute(
+        tx.exec(
             "INSERT INTO reservations (name, path, node, bytes, entries)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (name, path) DO UPDATE
@@ -320,7 +313,7 @@ async fn sessions_elsewhere(
     node: &str,
 ) -> Result<i64, Unavailable> {
     let row = tx
-        .query_one(
+        .row(
             &format!(
                 "SELECT coalesce(sum(count), 0)::bigint FROM sessions
                  WHERE name = $1 AND node <> $2 AND node IN ({LIVE})"
@@ -346,7 +339,7 @@ async fn rebuild(
     let tx = client.transaction().await?;
     let before = read_account(&tx, user).await?;
     let row = tx
-        .query_one("SELECT generation FROM usage WHERE name = $1", &[&user])
+        .row("SELECT generation FROM usage WHERE name = $1", &[&user])
         .await?;
     if generation.is_some_and(|g| g != row.get::<_, i64>(0)) {
         return Ok(false);
@@ -358,7 +351,7 @@ async fn rebuild(
         }
     }
     // Rows of dead nodes are not in `before`: they go with the parked ones.
-    tx.execute(
+    tx.exec(
         &format!(
             "DELETE FROM reservations WHERE name = $1 AND (node IS NULL OR node NOT IN ({LIVE}))"
         ),
@@ -432,14 +425,14 @@ impl Book for Shared {
         let closed = cluster.wait(async {
             let client = cluster.client().await?;
             client
-                .execute(
+                .exec(
                     "UPDATE sessions SET count = count - 1, updated = now()
                      WHERE node = $1 AND name = $2",
                     &[&cluster.node(), &user],
                 )
                 .await?;
             client
-                .execute(
+                .exec(
                     "DELETE FROM sessions WHERE node = $1 AND name = $2 AND count <= 0",
                     &[&cluster.node(), &user],
                 )
@@ -471,7 +464,7 @@ impl Book for Shared {
         let released = cluster.wait(async {
             let client = cluster.client().await?;
             client
-                .execute(
+                .exec(
                     "DELETE FROM reservations WHERE name = $1 AND path = $2",
                     &[&user, &path.to_string()],
                 )
@@ -495,7 +488,7 @@ impl Book for Shared {
         let taken = cluster.wait(async {
             let client = cluster.client().await?;
             let rows = client
-                .query(
+                .rows(
                     "INSERT INTO upload_locks (name, path, node) VALUES ($1, $2, $3)
                      ON CONFLICT (name, path) DO UPDATE SET node = EXCLUDED.node, taken = now()
                      WHERE upload_locks.node = EXCLUDED.node
@@ -524,7 +517,7 @@ impl Book for Shared {
         let freed = cluster.wait(async {
             let client = cluster.client().await?;
             client
-                .execute(
+                .exec(
                     "DELETE FROM upload_locks WHERE name = $1 AND path = $2 AND node = $3",
                     &[&user, &path.to_string(), &cluster.node()],
                 )

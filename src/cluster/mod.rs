@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::runtime::Handle;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use tracing::{info, warn};
 
 use crate::config::ClusterSection;
@@ -200,14 +202,14 @@ impl Cluster {
         let client = self.heartbeat_pool.get().await?;
         let lease = self.lease.as_secs_f64();
         client
-            .execute(
+            .exec(
                 "INSERT INTO nodes (id, lease_until) VALUES ($1, now() + make_interval(secs => $2))
                  ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
                 &[&self.node, &lease],
             )
             .await?;
         client
-            .execute(
+            .exec(
                 "DELETE FROM nodes WHERE lease_until < now() - make_interval(secs => $1)",
                 &[&lease],
             )
@@ -268,3 +270,54 @@ fn tls(
     config.alpn_protocols.clear();
     Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
+
+/// The queries of this module, each prepared once per connection and kept
+/// (a statement sent as text is parsed and planned anew each time, one more
+/// round trip).
+pub(crate) trait Cached: deadpool_postgres::GenericClient + Sync {
+    fn exec(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<u64>> + Send {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            Ok(self.execute(&statement, params).await?)
+        }
+    }
+
+    fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            Ok(self.query(&statement, params).await?)
+        }
+    }
+
+    fn row(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row>> + Send {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            Ok(self.query_one(&statement, params).await?)
+        }
+    }
+
+    fn row_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>>> + Send {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            Ok(self.query_opt(&statement, params).await?)
+        }
+    }
+}
+
+impl<T: deadpool_postgres::GenericClient + Sync> Cached for T {}
