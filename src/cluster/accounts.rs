@@ -52,6 +52,25 @@ async fn bump(client: &impl GenericClient) -> Result<(), Unavailable> {
     Ok(())
 }
 
+/// Adds `user` unless the name is taken; 1 if added, else 0.
+async fn insert_new(client: &impl GenericClient, user: &User) -> Result<u64, Unavailable> {
+    client
+        .exec(
+            &format!(
+                "INSERT INTO accounts ({COLUMNS}) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO NOTHING"
+            ),
+            &[
+                &user.name,
+                &user.hash,
+                &i64_of(user.quota),
+                &user.max_files.map(i64_of),
+                &i64_of(user.created),
+            ],
+        )
+        .await
+}
+
 impl Accounts {
     pub fn new(cluster: Arc<Cluster>) -> Accounts {
         Accounts {
@@ -88,21 +107,7 @@ impl Accounts {
                 let tx = client.transaction().await?;
                 let mut added = 0;
                 for u in users {
-                    added += tx
-                        .exec(
-                            &format!(
-                                "INSERT INTO accounts ({COLUMNS}) VALUES ($1, $2, $3, $4, $5)
-                                 ON CONFLICT (name) DO NOTHING"
-                            ),
-                            &[
-                                &u.name,
-                                &u.hash,
-                                &i64_of(u.quota),
-                                &u.max_files.map(i64_of),
-                                &i64_of(u.created),
-                            ],
-                        )
-                        .await? as usize;
+                    added += insert_new(&tx, u).await? as usize;
                 }
                 bump(&tx).await?;
                 tx.commit().await?;
@@ -160,21 +165,7 @@ impl Records for Accounts {
             if let Err(e) = free(&user.name) {
                 return Ok(Err(e));
             }
-            let n = tx
-                .exec(
-                    &format!(
-                        "INSERT INTO accounts ({COLUMNS}) VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (name) DO NOTHING"
-                    ),
-                    &[
-                        &user.name,
-                        &user.hash,
-                        &i64_of(user.quota),
-                        &user.max_files.map(i64_of),
-                        &i64_of(user.created),
-                    ],
-                )
-                .await?;
+            let n = insert_new(&tx, user).await?;
             if n == 0 {
                 return Ok(Err(format!("user {:?} already exists", user.name)));
             }

@@ -225,6 +225,29 @@ fn partial_bytes(shared: &Path, user: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `put big` by ann through a relay in front of `node` that holds the
+/// upload after `held` bytes: the upload stays under way until the test
+/// lets it go (`relay.up.open()`) or kills what it runs on.
+async fn held_upload(
+    svc: &Service,
+    node: &BinServer,
+    held: u64,
+) -> (crate::faults::Relay, std::process::Child) {
+    let relay = crate::faults::Relay::start(node.port).await;
+    relay.up.stop_after(held);
+    let upload = ftpx(&svc.work())
+        .args(["connect", &format!("ann@127.0.0.1:{}", relay.port)])
+        .arg("--ca")
+        .arg(svc.ca())
+        .args(["--retries", "0", "-c", "put big"])
+        .env("FTPX_PASSWORD", PASSWORD)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (relay, upload)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_started_together_share_accounts_made_on_any_of_them() {
     let svc = Service::new().await;
@@ -360,18 +383,7 @@ async fn an_upload_cut_by_sigkill_of_its_node_resumes_through_another() {
     fs::write(work.join("big"), &big).unwrap();
     // Through a relay that holds the upload after 8 MiB, so that node A is
     // killed with the upload surely under way.
-    let relay = crate::faults::Relay::start(a.port).await;
-    relay.up.stop_after(8 << 20);
-    let mut upload = ftpx(&work)
-        .args(["connect", &format!("ann@127.0.0.1:{}", relay.port)])
-        .arg("--ca")
-        .arg(svc.ca())
-        .args(["--retries", "0", "-c", "put big"])
-        .env("FTPX_PASSWORD", PASSWORD)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (_relay, mut upload) = held_upload(&svc, &a, 8 << 20).await;
     let shared = svc.shared();
     wait_for("the upload to get going", || {
         partial_bytes(&shared, "ann") >= 4 << 20
@@ -418,18 +430,7 @@ async fn a_dead_nodes_reservation_is_freed_when_its_lease_runs_out() {
     let work = svc.work();
     fs::write(work.join("big"), data(200 << 10, 1)).unwrap();
     fs::write(work.join("mid"), data(150 << 10, 2)).unwrap();
-    let relay = crate::faults::Relay::start(a.port).await;
-    relay.up.stop_after(100 << 10);
-    let mut upload = ftpx(&work)
-        .args(["connect", &format!("ann@127.0.0.1:{}", relay.port)])
-        .arg("--ca")
-        .arg(svc.ca())
-        .args(["--retries", "0", "-c", "put big"])
-        .env("FTPX_PASSWORD", PASSWORD)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (_relay, mut upload) = held_upload(&svc, &a, 100 << 10).await;
     let deadline = Instant::now() + GUARD;
     while svc
         .query("SELECT 1 FROM reservations WHERE node IS NOT NULL")
@@ -536,18 +537,7 @@ async fn nodes_ride_out_the_database_stopping_and_starting() {
     let work = svc.work();
     let big = data(8 << 20, 3);
     fs::write(work.join("big"), &big).unwrap();
-    let relay = crate::faults::Relay::start(a.port).await;
-    relay.up.stop_after(2 << 20);
-    let upload = ftpx(&work)
-        .args(["connect", &format!("ann@127.0.0.1:{}", relay.port)])
-        .arg("--ca")
-        .arg(svc.ca())
-        .args(["--retries", "0", "-c", "put big"])
-        .env("FTPX_PASSWORD", PASSWORD)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (relay, upload) = held_upload(&svc, &a, 2 << 20).await;
     let shared = svc.shared();
     wait_for("the upload to get going", || {
         partial_bytes(&shared, "ann") > 0
