@@ -51,6 +51,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.seat.entry.logged_in(&owner.name);
         info!(event = "login", peer = %self.peer, user = owner.name.as_str(), result = "ok", ms = started.elapsed().as_millis() as u64, "logged in");
         self.user = Some(owner);
+        self.counted = true;
         self.account_read = version;
         self.cwd = VPath::root();
         self.reply(Code::LoggedIn, "logged in").await

@@ -49,6 +49,19 @@ pub struct Session<S> {
     note: Note,
     /// A transfer's frames are on the wire: no reply can be put between them.
     in_transfer: bool,
+    /// The ledger counts this session for its user until it is closed.
+    counted: bool,
+}
+
+impl<S> Drop for Session<S> {
+    /// A session that ends without closing (its task panicked) is not left
+    /// counted: with several nodes, a count never closed would keep its
+    /// user's name from being taken again and hold the user's rows.
+    fn drop(&mut self) {
+        if let (true, Some(user)) = (self.counted, &self.user) {
+            self.server.ledger.close_session(&user.name);
+        }
+    }
 }
 
 /// Runs a session to its end.
@@ -84,14 +97,16 @@ pub async fn run_seated<S: AsyncRead + AsyncWrite + Unpin>(
         stores: Stores::default(),
         note: Note::default(),
         in_transfer: false,
+        counted: false,
     };
     let mut reason = session.run_loop(stop).await;
     session.stores.finish().await;
     if session.seat.entry.kick.kicked() {
         reason = session.farewell().await;
     }
-    if let Some(user) = &session.user {
+    if let (true, Some(user)) = (session.counted, &session.user) {
         session.server.ledger.close_session(&user.name);
+        session.counted = false;
     }
     session.conn.shutdown().await;
     session.server.metrics.session_closed();
