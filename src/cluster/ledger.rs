@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 use tracing::warn;
 
 use super::{Cached as _, Cluster, Unavailable};
@@ -210,27 +211,24 @@ fn i64_of(n: u64) -> i64 {
 async fn read_account(tx: &Transaction<'_>, user: &str) -> Result<Account, Unavailable> {
     // One statement makes the row if need be and locks it either way (an
     // upsert's update locks the row as FOR UPDATE would).
-    let row = tx
-        .row(
-            "INSERT INTO usage (name) VALUES ($1)
-             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
-             RETURNING bytes, entries",
-            &[&user],
-        )
-        .await?;
+    let name: [&(dyn ToSql + Sync); 1] = [&user];
+    let lock = tx.row(
+        "INSERT INTO usage (name) VALUES ($1)
+         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+         RETURNING bytes, entries",
+        &name,
+    );
+    // Sent together: the reservations are read after the lock is taken
+    // (statements on one connection run in order), in one round trip.
+    let reservations = format!(
+        "SELECT path, bytes, entries, node IS NULL FROM reservations
+         WHERE name = $1 AND (node IS NULL OR node IN ({LIVE}))"
+    );
+    let (row, rows) = tokio::try_join!(lock, tx.rows(&reservations, &name))?;
     let stored = Usage {
         bytes: u64_of(row.get(0)),
         entries: u64_of(row.get(1)),
     };
-    let rows = tx
-        .rows(
-            &format!(
-                "SELECT path, bytes, entries, node IS NULL FROM reservations
-                 WHERE name = $1 AND (node IS NULL OR node IN ({LIVE}))"
-            ),
-            &[&user],
-        )
-        .await?;
     let mut reserved = HashMap::new();
     for row in rows {
         let path: String = row.get(0);
@@ -263,46 +261,57 @@ async fn write_account(
     if before == after {
         return Ok(());
     }
-    tx.exec(
+    let (bytes, entries) = (i64_of(after.stored.bytes), i64_of(after.stored.entries));
+    let usage: [&(dyn ToSql + Sync); 3] = [&user, &bytes, &entries];
+    let stored = tx.exec(
         "UPDATE usage SET bytes = $2, entries = $3, generation = generation + 1
          WHERE name = $1",
-        &[
-            &user,
-            &i64_of(after.stored.bytes),
-            &i64_of(after.stored.entries),
-        ],
-    )
-    .await?;
-    for path in before.reserved.keys() {
-        if !after.reserved.contains_key(path) {
-            tx.exec(
-                "DELETE FROM reservations WHERE name = $1 AND path = $2",
-                &[&user, &path.to_string()],
-            )
-            .await?;
-        }
-    }
-    for (path, r) in &after.reserved {
-        if before.reserved.get(path) == Some(r) {
-            continue;
-        }
-        let holder = (!r.parked).then_some(node);
+        &usage,
+    );
+    let gone: Vec<String> = before
+        .reserved
+        .keys()
+        .filter(|path| !after.reserved.contains_key(*path))
+        .map(VPath::to_string)
+        .collect();
+    // (path, holder, bytes, entries) of each reservation made or changed.
+    let changed: Vec<(String, Option<&str>, i64, i64)> = after
+        .reserved
+        .iter()
+        .filter(|(path, r)| before.reserved.get(*path) != Some(*r))
+        .map(|(path, r)| {
+            let holder = (!r.parked).then_some(node);
+            (path.to_string(), holder, i64_of(r.charge.bytes), i64_of(r.charge.entries))
+        })
+        .collect();
+    let gone: Vec<[&(dyn ToSql + Sync); 2]> = gone.iter().map(|p| [&user as _, p as _]).collect();
+    let changed: Vec<[&(dyn ToSql + Sync); 5]> = changed
+        .iter()
+        .map(|(p, h, b, e)| [&user as _, p as _, h as _, b as _, e as _])
+        .collect();
+    let deletes = gone.iter().map(|params| {
+        tx.exec(
+            "DELETE FROM reservations WHERE name = $1 AND path = $2",
+            params,
+        )
+    });
+    let upserts = changed.iter().map(|params| {
         tx.exec(
             "INSERT INTO reservations (name, path, node, bytes, entries)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (name, path) DO UPDATE
              SET node = EXCLUDED.node, bytes = EXCLUDED.bytes, entries = EXCLUDED.entries,
                  updated = now()",
-            &[
-                &user,
-                &path.to_string(),
-                &holder,
-                &i64_of(r.charge.bytes),
-                &i64_of(r.charge.entries),
-            ],
+            params,
         )
-        .await?;
-    }
+    });
+    // Sent together, in this order, on the transaction's one connection:
+    // one round trip for them all.
+    let (_, _, _) = tokio::try_join!(
+        stored,
+        futures_util::future::try_join_all(deletes),
+        futures_util::future::try_join_all(upserts),
+    )?;
     Ok(())
 }
 
