@@ -281,7 +281,12 @@ async fn write_account(
         .filter(|(path, r)| before.reserved.get(*path) != Some(*r))
         .map(|(path, r)| {
             let holder = (!r.parked).then_some(node);
-            (path.to_string(), holder, i64_of(r.charge.bytes), i64_of(r.charge.entries))
+            (
+                path.to_string(),
+                holder,
+                i64_of(r.charge.bytes),
+                i64_of(r.charge.entries),
+            )
         })
         .collect();
     let gone: Vec<[&(dyn ToSql + Sync); 2]> = gone.iter().map(|p| [&user as _, p as _]).collect();
