@@ -15,7 +15,7 @@ mod reply;
 pub mod shell;
 mod upload;
 
-pub use download::MAX_DOWNLOAD;
+pub use download::{AskedGet, MAX_DOWNLOAD};
 pub use error::{ClientError, Result};
 pub use reply::{
     Listing, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_REPLY_BYTES, MAX_REPLY_LINE, MAX_REPLY_LINES,
@@ -100,6 +100,9 @@ pub struct Client {
     /// Set while file data is in flight; still set after a failure there,
     /// when the two ends may be out of step and the session is unusable.
     in_data: bool,
+    /// Requests written with [`Client::pipe`] whose replies were not yet
+    /// read whole: while there are any, the session is not in step.
+    unanswered: usize,
 }
 
 impl Client {
@@ -128,6 +131,7 @@ impl Client {
             journal_dir: state_dir().join("journal"),
             options: TransferOptions::default(),
             in_data: false,
+            unanswered: 0,
             io_timeout,
             closed: false,
         };
@@ -161,9 +165,15 @@ impl Client {
         &mut self.conn
     }
 
+    /// Whether the replies still to come can be read: no file data is
+    /// half read and the server did not close (requests may be in flight).
+    pub fn in_step(&self) -> bool {
+        !self.in_data && !self.closed
+    }
+
     /// Whether the session is in step and can take another request.
     pub fn is_usable(&self) -> bool {
-        !self.in_data && !self.closed
+        !self.in_data && !self.closed && self.unanswered == 0
     }
 
     pub fn cwd(&self) -> &VPath {
