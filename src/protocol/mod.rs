@@ -118,6 +118,9 @@
 //! request lines), or both ends could wait on each other, the server
 //! writing a reply the client does not read while the client writes a
 //! request the server does not read. `SEND` is pipelined by design (above).
+//! The `ftpx` client writes its `LOGIN` before the greeting has arrived; a
+//! greeting other than 220 still refuses the session, and the server reads
+//! nothing more.
 //!
 //! # Transfer ids
 //!

@@ -51,6 +51,15 @@ impl Fake {
         greeting: &str,
         script: impl Fn(&str) -> Answer + Send + Sync + 'static,
     ) -> Fake {
+        Fake::start_greeting(Greet::First, greeting, script).await
+    }
+
+    /// [`Fake::start`], greeting when `greet` says.
+    async fn start_greeting(
+        greet: Greet,
+        greeting: &str,
+        script: impl Fn(&str) -> Answer + Send + Sync + 'static,
+    ) -> Fake {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         ftpx::tls::gen_cert(&certs, &ftpx::tls::default_hosts(), false).unwrap();
@@ -72,7 +81,8 @@ impl Fake {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let _ = serve(BufStream::new(tls), &greeting, &*script, &counter).await;
+                    let conn = BufStream::new(tls);
+                    let _ = serve(conn, (greet, &greeting), &*script, &counter).await;
                 });
             }
         });
@@ -108,14 +118,25 @@ impl Fake {
     }
 }
 
+/// When a fake server greets.
+#[derive(Clone, Copy, PartialEq)]
+enum Greet {
+    /// At once, as a server must.
+    First,
+    /// Only once the client's first request came.
+    AfterRequest,
+}
+
 async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut conn: BufStream<S>,
-    greeting: &str,
+    (greet, greeting): (Greet, &str),
     script: &Script,
     sent: &AtomicU64,
 ) -> std::io::Result<()> {
-    conn.write_all(greeting.as_bytes()).await?;
-    conn.flush().await?;
+    if greet == Greet::First {
+        conn.write_all(greeting.as_bytes()).await?;
+        conn.flush().await?;
+    }
     let mut line = String::new();
     let mut logged_in = false;
     let mut held = vec![];
@@ -125,6 +146,9 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             return Ok(());
         }
         let request = line.trim_end();
+        if greet == Greet::AfterRequest && !logged_in {
+            conn.write_all(greeting.as_bytes()).await?;
+        }
         let answer = if !logged_in {
             logged_in = request.starts_with("LOGIN ");
             Answer::Send(b"230 welcome\n".to_vec())
@@ -720,4 +744,21 @@ async fn get_r_takes_only_a_few_listings_ahead_of_the_files() {
         .filter(|p| p.components().count() > 1)
         .collect();
     assert!(files.is_empty(), "{files:?}");
+}
+
+#[tokio::test]
+async fn the_login_goes_out_without_waiting_for_the_greeting() {
+    // This server greets only once a request came: a client that waits
+    // for the greeting before it logs in would wait for ever.
+    let fake = Fake::start_greeting(Greet::AfterRequest, "220 fake ready", |req| {
+        match verb(req) {
+            "PWD" => Answer::Send(b"257 \"/\"\n".to_vec()),
+            _ => Answer::Send(b"500 no\n".to_vec()),
+        }
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "pwd").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    assert_eq!(run.out(), "/\n");
 }

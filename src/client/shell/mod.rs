@@ -158,14 +158,14 @@ impl Remote {
             self.client = None;
         }
         if self.client.is_none() {
-            let mut c = Client::connect_with(
+            let mut c = Client::connect_and_login(
                 &self.target.host,
                 self.target.port,
                 &self.trust,
                 self.io_timeout,
+                (&self.target.user, &self.password, register),
             )
             .await?;
-            c.login(&self.target.user, &self.password, register).await?;
             info!(user = %self.target.user, register, "logged in");
             if self.cwd != "/" {
                 c.cd(Some(&self.cwd)).await?;
