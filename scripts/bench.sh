@@ -17,6 +17,7 @@
 # Settings (environment): BENCH_SIZE_MIB (1024), BENCH_REPEAT (3),
 # BENCH_SMALL_FILES (2000, of 16 KiB), BENCH_MEDIUM_FILES (200, of 1 MiB),
 # BENCH_BURST (200), BENCH_CASES (all of "big small medium login burst"),
+# BENCH_FTPX (a binary to measure instead of building this checkout),
 # BENCH_SFTP_SAMPLE (10: over a link, sftp copies 1 in this many of the
 # small files, once, as it pays round trips per file), BENCH_DIR (a new
 # directory under /dev/shm). It installs what it needs from Debian's
@@ -64,9 +65,13 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 
-echo "building ftpx (release)" >&2
-(cd "$ROOT" && cargo build --release --quiet)
-FTPX="$ROOT/target/release/ftpx"
+if [ -n "${BENCH_FTPX:-}" ]; then
+    FTPX=$BENCH_FTPX  # another build, to compare
+else
+    echo "building ftpx (release)" >&2
+    (cd "$ROOT" && cargo build --release --quiet)
+    FTPX="$ROOT/target/release/ftpx"
+fi
 
 W=${BENCH_DIR:-$(mktemp -d /dev/shm/ftpx-bench.XXXXXX)}
 mkdir -p "$W"

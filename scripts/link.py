@@ -7,12 +7,13 @@ round trip in each direction and caps the bytes in flight.
 Every connection to 127.0.0.1:LISTEN_PORT is relayed to 127.0.0.1:TARGET_PORT.
 Each direction is a pipe of its own: bytes read from one side are written to
 the other RTT/2 after they were read, in order. At most WINDOW bytes of a
-direction (default 6 MiB) are held at once, read but not yet delivered: the
-relay stops reading that side until some are delivered, so the sender's TCP
-stalls as a real one does when its window is full. With --rate, a
-direction's bytes also leave no faster than BYTES_PER_S (a bottleneck link
-with a queue of WINDOW bytes). It prints `relaying PORT` once it listens,
-and runs until it is killed.
+direction (default 6 MiB) are in flight at once, read but not yet
+acknowledged (half a round trip after their delivery): the relay stops
+reading that side until some are, so the sender's TCP stalls as a real one
+does when its window is full, at most WINDOW bytes a round trip. With
+--rate, a direction's bytes also leave no faster than BYTES_PER_S (a
+bottleneck link with a queue of WINDOW bytes). It prints `relaying PORT`
+once it listens, and runs until it is killed.
 
 What it models: latency (each byte arrives RTT/2 later, so a reply comes a
 round trip after its request), a window that bounds what a connection can
@@ -78,9 +79,14 @@ class Direction:
                 await asyncio.sleep(due - now)
             writer.write(data)
             await writer.drain()
-            self.held -= len(data)
-            if self.held < self.window:
-                self.room.set()
+            # The window opens when the acknowledgement is back, half a
+            # round trip after delivery: a window's worth a round trip.
+            asyncio.get_running_loop().call_at(due + self.delay, self.release, len(data))
+
+    def release(self, n):
+        self.held -= n
+        if self.held < self.window:
+            self.room.set()
 
 
 async def relay(args, client_reader, client_writer):
