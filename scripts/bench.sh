@@ -399,7 +399,7 @@ print(f"{'rtt':>5} {'case':<11} {'tool':<10} {'s median':>9} {'MiB/s median (min
 order = ["login", "put", "get", "small-put", "small-get", "medium-put", "medium-get"]
 for rtt in sorted({k[0] for k in rows}):
     for case in order:
-        ftpx = stats((rtt, case, "ftpx")) if rows[(rtt, case, "ftpx")] else None
+        ftpx = stats((rtt, case, "ftpx")) if rows.get((rtt, case, "ftpx")) else None
         for key in sorted(k for k in rows if k[:2] == (rtt, case)):
             st = stats(key)
             tool = key[2]
@@ -420,11 +420,11 @@ tcp = size_mib / float(tcps)
 print(f"\nceilings: {evp} (ftpx negotiated {cipher}) {aead_mib:.0f} MiB/s per core; "
       f"BLAKE3 one thread {b3:.0f} MiB/s; raw TCP loopback copy {tcp:.0f} MiB/s")
 for case in ["put", "get"]:
-    if rows[(0, case, "ftpx")]:
+    if rows.get((0, case, "ftpx")):
         m = stats((0, case, "ftpx"))["mib"]
         print(f"ftpx {case} on loopback: {m / aead_mib:.2f} of the cipher, {m / b3:.2f} of BLAKE3, {m / tcp:.2f} of raw TCP")
     for rtt in sorted({k[0] for k in rows if k[0]}):
-        if rows[(rtt, case, "ftpx")]:
+        if rows.get((rtt, case, "ftpx")):
             allowed = int(window) / (rtt / 1000) / (1 << 20)
             if float(rate):
                 allowed = min(allowed, float(rate) / (1 << 20))

@@ -235,12 +235,14 @@ impl Client {
         VPath::resolve(&self.cwd, arg, usize::MAX).map_err(|e| ClientError::Local(e.to_string()))
     }
 
-    /// Closes the session politely: `QUIT`, then TLS's close. Its `221` is
-    /// not waited for, which would cost a round trip at the end of every
-    /// run: every reply the client wanted is read, and the server reads the
-    /// `QUIT` before the close.
+    /// Closes the session politely. Waiting for the `221` costs a round
+    /// trip, but once it came the server has logged every request before.
     pub async fn quit(mut self) {
-        let _ = self.conn.write_line(&Request::Quit.to_line()).await;
+        if self.conn.write_line(&Request::Quit.to_line()).await.is_ok()
+            && self.conn.flush().await.is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.read_reply()).await;
+        }
         self.conn.shutdown().await;
     }
 }

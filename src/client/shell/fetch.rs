@@ -166,26 +166,24 @@ impl Fetch {
                 Ok(client) => self.drain(client).await,
                 Err(e) => Err(e),
             };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_retriable() && attempt < remote.retries => {
-                    if self.got + self.skipped > done_before {
-                        (attempt, done_before) = (0, self.got + self.skipped);
-                    }
-                    attempt += 1;
-                    remote.client = None;
-                    self.requeue();
-                    self.progress.suspend(|| {
-                        eprintln!(
-                            "ftpx: {}; retrying ({attempt}/{})",
-                            said(&e),
-                            remote.retries
-                        )
-                    });
-                    tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
-                }
-                Err(e) => return Err(e),
+            let Err(e) = result else { return Ok(()) };
+            if self.got + self.skipped > done_before {
+                (attempt, done_before) = (0, self.got + self.skipped);
             }
+            if !e.is_retriable() || attempt >= remote.retries {
+                return Err(e);
+            }
+            attempt += 1;
+            remote.client = None;
+            self.requeue();
+            self.progress.suspend(|| {
+                eprintln!(
+                    "ftpx: {}; retrying ({attempt}/{})",
+                    said(&e),
+                    remote.retries
+                )
+            });
+            tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
         }
     }
 
