@@ -15,6 +15,24 @@ use crate::transfer::{self, Plan, Stopped, Tree};
 use super::error::local_err;
 use super::{Client, ClientError, Result, Transferred};
 
+/// A `GET` written and not yet answered: where its file lands and what
+/// the request offered to resume from.
+pub struct AskedGet {
+    landing: Landing,
+    offered: Vec<u64>,
+    prior_chunk: u64,
+    started: std::time::Instant,
+    /// Bytes of the request line.
+    request_len: usize,
+}
+
+impl AskedGet {
+    /// Bytes the request took on the wire.
+    pub fn request_len(&self) -> usize {
+        self.request_len
+    }
+}
+
 impl Client {
     /// Downloads `remote` to the local file `target`, resuming from a
     /// partial download that both ends prove equal.
@@ -24,6 +42,15 @@ impl Client {
         target: &Path,
         progress: &ProgressBar,
     ) -> Result<Transferred> {
+        let asked = self.ask_get(remote, target).await?;
+        self.flush().await?;
+        self.get_answered(asked, progress).await
+    }
+
+    /// Writes the `GET` of `remote` to `target` with the resume candidates
+    /// an earlier attempt left, without waiting for its reply (see
+    /// [`Client::pipe`]); [`Client::get_answered`] reads it.
+    pub async fn ask_get(&mut self, remote: &VPath, target: &Path) -> Result<AskedGet> {
         let started = std::time::Instant::now();
         let landing = Landing::new(&self.journal_dir, remote, target)?;
         let (candidates, prior_chunk) = landing.offers().await?;
@@ -32,7 +59,33 @@ impl Client {
             path: landing.source.clone(),
             candidates,
         };
-        let reply = self.exchange(&request).await?;
+        let request_len = self.pipe(&request).await?;
+        Ok(AskedGet {
+            landing,
+            offered,
+            prior_chunk,
+            started,
+            request_len,
+        })
+    }
+
+    /// Reads the reply to the oldest piped `GET` and receives its file,
+    /// verified, into place.
+    pub async fn get_answered(
+        &mut self,
+        asked: AskedGet,
+        progress: &ProgressBar,
+    ) -> Result<Transferred> {
+        let AskedGet {
+            landing,
+            offered,
+            prior_chunk,
+            started,
+            ..
+        } = asked;
+        let target = landing.target.clone();
+        let reply = self.read_reply().await?;
+        self.answered();
         let id = reply.transfer_id();
         if reply.code >= 400 {
             info!(remote = %landing.source, local = %target.display(), id, code = reply.code, error = ?reply.text, "download refused");
@@ -82,7 +135,7 @@ impl Client {
                 if let Some(j) = &journal {
                     j.remove();
                 }
-                done.map_err(|e| local_err(target, e))?;
+                done.map_err(|e| local_err(&target, e))?;
                 info!(remote = %landing.source, local = %target.display(), id, size, resumed_at = offset,
                       hash = %protocol::hex(&hash), ms, "download complete");
                 Ok(Transferred {

@@ -15,7 +15,7 @@ mod reply;
 pub mod shell;
 mod upload;
 
-pub use download::MAX_DOWNLOAD;
+pub use download::{AskedGet, MAX_DOWNLOAD};
 pub use error::{ClientError, Result};
 pub use reply::{
     Listing, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_REPLY_BYTES, MAX_REPLY_LINE, MAX_REPLY_LINES,
@@ -100,6 +100,9 @@ pub struct Client {
     /// Set while file data is in flight; still set after a failure there,
     /// when the two ends may be out of step and the session is unusable.
     in_data: bool,
+    /// Requests written with [`Client::pipe`] whose replies were not yet
+    /// read whole: while there are any, the session is not in step.
+    unanswered: usize,
 }
 
 impl Client {
@@ -121,23 +124,47 @@ impl Client {
         trust: &Trust,
         io_timeout: Duration,
     ) -> Result<Client> {
+        let mut client = Client::open(host, port, trust, io_timeout).await?;
+        client.greeted().await?;
+        Ok(client)
+    }
+
+    /// Like [`Client::connect_with`], then logs in (or registers) with the
+    /// `LOGIN` written before the greeting arrives: a round trip less. A
+    /// server that refuses the session in its greeting is reported as such.
+    pub async fn connect_and_login(
+        host: &str,
+        port: u16,
+        trust: &Trust,
+        io_timeout: Duration,
+        (user, password, register): (&str, &str, bool),
+    ) -> Result<Client> {
+        let mut client = Client::open(host, port, trust, io_timeout).await?;
+        client
+            .pipe(&login_request(user, password, register))
+            .await?;
+        client.flush().await?;
+        client.greeted().await?;
+        let reply = client.read_answer().await?;
+        if reply.code >= 400 {
+            return Err(reply.into_error());
+        }
+        Ok(client)
+    }
+
+    /// The TLS session, before its greeting.
+    async fn open(host: &str, port: u16, trust: &Trust, io_timeout: Duration) -> Result<Client> {
         let (stream, addr) = connect::tls_session(host, port, trust, io_timeout).await?;
-        let mut client = Client {
+        let client = Client {
             conn: Connection::new(stream, io_timeout),
             cwd: VPath::root(),
             journal_dir: state_dir().join("journal"),
             options: TransferOptions::default(),
             in_data: false,
+            unanswered: 0,
             io_timeout,
             closed: false,
         };
-        let greeting = client.read_reply().await?;
-        if greeting.code != 220 {
-            return Err(ClientError::Server {
-                code: greeting.code,
-                text: greeting.text,
-            });
-        }
         let cipher = client
             .conn
             .get_ref()
@@ -148,6 +175,15 @@ impl Client {
             .unwrap_or_default();
         info!(server = %addr, cipher = cipher.as_str(), "connected");
         Ok(client)
+    }
+
+    /// Reads the greeting: anything but 220 refuses the session.
+    async fn greeted(&mut self) -> Result<()> {
+        let greeting = self.read_reply().await?;
+        if greeting.code != 220 {
+            return Err(greeting.into_error());
+        }
+        Ok(())
     }
 
     /// Keeps this client's journals in `dir` instead of the state directory.
@@ -161,9 +197,15 @@ impl Client {
         &mut self.conn
     }
 
+    /// Whether the replies still to come can be read: no file data is
+    /// half read and the server did not close (requests may be in flight).
+    pub fn in_step(&self) -> bool {
+        !self.in_data && !self.closed
+    }
+
     /// Whether the session is in step and can take another request.
     pub fn is_usable(&self) -> bool {
-        !self.in_data && !self.closed
+        !self.in_data && !self.closed && self.unanswered == 0
     }
 
     pub fn cwd(&self) -> &VPath {
@@ -171,13 +213,9 @@ impl Client {
     }
 
     pub async fn login(&mut self, user: &str, password: &str, register: bool) -> Result<()> {
-        let (user, password) = (user.to_string(), password.to_string());
-        let request = if register {
-            Request::Register { user, password }
-        } else {
-            Request::Login { user, password }
-        };
-        self.request(&request).await.map(|_| ())
+        self.request(&login_request(user, password, register))
+            .await
+            .map(|_| ())
     }
 
     /// Changes the remote directory and returns the new one.
@@ -197,7 +235,8 @@ impl Client {
         VPath::resolve(&self.cwd, arg, usize::MAX).map_err(|e| ClientError::Local(e.to_string()))
     }
 
-    /// Closes the session politely.
+    /// Closes the session politely. Waiting for the `221` costs a round
+    /// trip, but once it came the server has logged every request before.
     pub async fn quit(mut self) {
         if self.conn.write_line(&Request::Quit.to_line()).await.is_ok()
             && self.conn.flush().await.is_ok()
@@ -205,5 +244,15 @@ impl Client {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.read_reply()).await;
         }
         self.conn.shutdown().await;
+    }
+}
+
+/// `LOGIN`, or `REGISTER` to create the account first.
+fn login_request(user: &str, password: &str, register: bool) -> Request {
+    let (user, password) = (user.to_string(), password.to_string());
+    if register {
+        Request::Register { user, password }
+    } else {
+        Request::Login { user, password }
     }
 }

@@ -197,13 +197,47 @@ impl Client {
         Ok(())
     }
 
+    /// Writes a request without waiting for its reply, nor sending it yet
+    /// ([`Client::flush`] does): its reply is read later, in order, with
+    /// [`Client::read_answer`], [`Client::read_listing`] or
+    /// [`Client::get_answered`]. Returns the bytes the request took.
+    pub async fn pipe(&mut self, request: &Request) -> Result<usize> {
+        let line = request.to_line();
+        self.conn.write_line(&line).await?;
+        self.unanswered += 1;
+        Ok(line.len() + 1)
+    }
+
+    /// Sends what [`Client::pipe`] wrote.
+    pub async fn flush(&mut self) -> Result<()> {
+        Ok(self.conn.flush().await?)
+    }
+
+    /// Reads the whole reply to the oldest piped request (not a `LIST`:
+    /// see [`Client::read_listing`]), whatever its code.
+    pub async fn read_answer(&mut self) -> Result<Reply> {
+        let reply = self.read_reply().await?;
+        self.answered();
+        Ok(reply)
+    }
+
+    /// One piped request was answered in full.
+    pub(super) fn answered(&mut self) {
+        self.unanswered = self.unanswered.saturating_sub(1);
+    }
+
     /// Lists a remote directory (or describes a file), at most
     /// [`MAX_LIST_ENTRIES`] entries in [`MAX_LIST_BYTES`]; each entry is
     /// parsed as it arrives, so only the parsed entries are kept.
     pub async fn list(&mut self, path: Option<&str>) -> Result<Listing> {
-        let request = Request::List(path.map(str::to_string));
-        self.conn.write_line(&request.to_line()).await?;
-        self.conn.flush().await?;
+        self.pipe(&Request::List(path.map(str::to_string))).await?;
+        self.flush().await?;
+        self.read_listing().await
+    }
+
+    /// Reads the reply to the oldest piped `LIST`, within the same bounds
+    /// as [`Client::list`].
+    pub async fn read_listing(&mut self) -> Result<Listing> {
         let mut entries = vec![];
         let mut bad = None;
         let (code, text) = self
@@ -219,6 +253,7 @@ impl Client {
                 Ok(())
             })
             .await?;
+        self.answered();
         if code >= 400 {
             return Err(ClientError::Server { code, text });
         }

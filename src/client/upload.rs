@@ -14,11 +14,15 @@ use crate::transfer::journal::{self, Journal, Record};
 use crate::transfer::{self, Plan, Tree};
 
 use super::error::local_err;
-use super::reply::PIPELINE_WINDOW;
 use super::{Client, ClientError, Reply, Result, Transferred};
 
 /// Files `send_many` reads ahead of the sending (each at most 1 MiB).
 const READ_AHEAD_FILES: usize = 16;
+/// `SEND`s in flight at most: enough to fill a long link's window with
+/// small files (256 of 16 KiB are 4 MiB), while their replies (about
+/// 100 bytes each) stay far within what the connection's buffers hold, as
+/// the client reads none while it writes.
+const SEND_WINDOW: usize = 256;
 
 impl Client {
     /// Uploads small files (each at most [`protocol::MAX_SEND`] bytes) with
@@ -28,7 +32,7 @@ impl Client {
     /// stored (sending them again overwrites them with the same bytes).
     ///
     /// A blocking task reads and hashes the files ahead of the sending. When
-    /// [`PIPELINE_WINDOW`] files are unanswered, the replies are read until
+    /// [`SEND_WINDOW`] files are unanswered, the replies are read until
     /// half are, so files go out in bursts with one flush each.
     pub async fn send_many(
         &mut self,
@@ -75,9 +79,9 @@ impl Client {
                 .write_frame(&FrameHeader::end(size, hash), &[])
                 .await?;
             in_flight.push_back((i, hash, size));
-            if in_flight.len() >= PIPELINE_WINDOW {
+            if in_flight.len() >= SEND_WINDOW {
                 self.conn.flush().await?;
-                while in_flight.len() > PIPELINE_WINDOW / 2 {
+                while in_flight.len() > SEND_WINDOW / 2 {
                     let (i, hash, size) = in_flight.pop_front().expect("queue is full");
                     let outcome = self.sent(&files[i], hash, size).await?;
                     done(i, outcome);

@@ -104,6 +104,24 @@
 //!   and an end frame.
 //! - `NOOP` → 200. `HELP` → 211. `QUIT` → 221 and close.
 //!
+//! # Pipelining
+//!
+//! A client may write requests before the replies to earlier ones have
+//! arrived (`get -r` asks for listings, hashes and files so). The server
+//! reads and handles one request at a time, in order, and its replies come
+//! in the same order, a `GET`'s 151 and frames included, before the next
+//! request's reply. It holds nothing for the requests it has not reached:
+//! they wait in the connection under TCP's flow control (and at most its
+//! 64 KiB read buffer), so pipelining can't make it queue more. A client
+//! that pipelines keeps what it has written and not yet had answered small
+//! enough for the connection's buffers (the `ftpx` client: 32 KiB of
+//! request lines), or both ends could wait on each other, the server
+//! writing a reply the client does not read while the client writes a
+//! request the server does not read. `SEND` is pipelined by design (above).
+//! The `ftpx` client writes its `LOGIN` before the greeting has arrived; a
+//! greeting other than 220 still refuses the session, and the server reads
+//! nothing more.
+//!
 //! # Transfer ids
 //!
 //! The server gives every `PUT`, `GET` and `SEND` it handles an id: a word

@@ -19,8 +19,11 @@ use crate::common::{BIN, PASSWORD};
 
 /// What the fake server does with one request line.
 enum Answer {
-    /// Writes these bytes and reads the next request.
+    /// Writes these bytes (after any held) and reads the next request.
     Send(Vec<u8>),
+    /// Keeps these bytes to write before the next `Send`, and reads the
+    /// next request: a server that answers only once more requests came.
+    Hold(Vec<u8>),
     /// Writes `first`, then `again` over and over until the client hangs
     /// up or `cap` bytes are out.
     Forever {
@@ -48,6 +51,15 @@ impl Fake {
         greeting: &str,
         script: impl Fn(&str) -> Answer + Send + Sync + 'static,
     ) -> Fake {
+        Fake::start_greeting(Greet::First, greeting, script).await
+    }
+
+    /// [`Fake::start`], greeting when `greet` says.
+    async fn start_greeting(
+        greet: Greet,
+        greeting: &str,
+        script: impl Fn(&str) -> Answer + Send + Sync + 'static,
+    ) -> Fake {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         ftpx::tls::gen_cert(&certs, &ftpx::tls::default_hosts(), false).unwrap();
@@ -69,7 +81,8 @@ impl Fake {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let _ = serve(BufStream::new(tls), &greeting, &*script, &counter).await;
+                    let conn = BufStream::new(tls);
+                    let _ = serve(conn, (greet, &greeting), &*script, &counter).await;
                 });
             }
         });
@@ -105,22 +118,37 @@ impl Fake {
     }
 }
 
+/// When a fake server greets.
+#[derive(Clone, Copy, PartialEq)]
+enum Greet {
+    /// At once, as a server must.
+    First,
+    /// Only once the client's first request came.
+    AfterRequest,
+}
+
 async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut conn: BufStream<S>,
-    greeting: &str,
+    (greet, greeting): (Greet, &str),
     script: &Script,
     sent: &AtomicU64,
 ) -> std::io::Result<()> {
-    conn.write_all(greeting.as_bytes()).await?;
-    conn.flush().await?;
+    if greet == Greet::First {
+        conn.write_all(greeting.as_bytes()).await?;
+        conn.flush().await?;
+    }
     let mut line = String::new();
     let mut logged_in = false;
+    let mut held = vec![];
     loop {
         line.clear();
         if conn.read_line(&mut line).await? == 0 {
             return Ok(());
         }
         let request = line.trim_end();
+        if greet == Greet::AfterRequest && !logged_in {
+            conn.write_all(greeting.as_bytes()).await?;
+        }
         let answer = if !logged_in {
             logged_in = request.starts_with("LOGIN ");
             Answer::Send(b"230 welcome\n".to_vec())
@@ -132,7 +160,9 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             script(request)
         };
         match answer {
+            Answer::Hold(bytes) => held.extend_from_slice(&bytes),
             Answer::Send(bytes) => {
+                let bytes = [std::mem::take(&mut held), bytes].concat();
                 conn.write_all(&bytes).await?;
                 conn.flush().await?;
                 sent.fetch_add(bytes.len() as u64, Ordering::SeqCst);
@@ -629,4 +659,106 @@ async fn server_text_reaches_the_client_log_escaped() {
     assert!(log.contains("transfer interrupted"), "{log}");
     assert!(!log.contains('\r') && !log.contains('\x1b'), "{log:?}");
     assert!(log.lines().all(|l| !l.starts_with("2026-01-01")), "{log}");
+}
+
+#[tokio::test]
+async fn get_r_asks_for_every_file_of_a_directory_before_the_first_arrives() {
+    // This server answers no GET until it has all 50: a client that waits
+    // for each file before asking for the next would wait for ever.
+    const FILES: usize = 50;
+    let gets = std::sync::atomic::AtomicUsize::new(0);
+    let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+        "LIST" => {
+            let mut text = String::new();
+            for i in 0..FILES {
+                text += &format!("213-f 5 0 f{i:02}\n");
+            }
+            Answer::Send(format!("{text}213 {FILES} entries\n").into_bytes())
+        }
+        "GET" if gets.fetch_add(1, Ordering::SeqCst) + 1 < FILES => {
+            Answer::Hold(download(b"hello", 1024))
+        }
+        "GET" => Answer::Send(download(b"hello", 1024)),
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "get -r tree").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    assert!(
+        run.out()
+            .contains(&format!("{FILES} files received, 0 already complete")),
+        "{}",
+        run.out()
+    );
+    for i in 0..FILES {
+        assert_eq!(
+            std::fs::read(work.join(format!("tree/f{i:02}"))).unwrap(),
+            b"hello"
+        );
+    }
+}
+
+#[tokio::test]
+async fn get_r_takes_only_a_few_listings_ahead_of_the_files() {
+    // A tree of 2,000 directories of 50,000 long names each, whose files
+    // are never there: the client may ask for a few listings at once, but
+    // not hold the tree's million entries before it finds out.
+    const PER_DIR: usize = 50_000;
+    let name = "n".repeat(240);
+    let listing: Arc<Vec<u8>> = Arc::new({
+        let mut text = String::new();
+        for i in 0..PER_DIR {
+            text += &format!("213-f 5 0 {name}{i:05}\n");
+        }
+        format!("{text}213 {PER_DIR} entries\n").into_bytes()
+    });
+    let one_listing = listing.len() as u64;
+    let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+        "LIST" if req.ends_with("/tree") => {
+            let dirs: String = (0..2000).map(|i| format!("213-d 0 0 d{i:04}\n")).collect();
+            Answer::Send(format!("{dirs}213 2000 entries\n").into_bytes())
+        }
+        "LIST" => Answer::Send(listing.to_vec()),
+        _ => Answer::Send(b"550 no such file\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "get -r tree").await;
+    assert_eq!(run.status, 1, "{}", run.err());
+    assert!(run.err().contains("no such file"), "{}", run.err());
+    let sent = fake.sent();
+    assert!(
+        sent < 6 * one_listing,
+        "the server sent {sent} bytes, {} listings",
+        sent / one_listing
+    );
+    assert!(
+        run.max_rss < BASE_RSS + 6 * one_listing,
+        "peak memory {} bytes",
+        run.max_rss
+    );
+    // The directories were made; no file was.
+    let files: Vec<_> = tree(&work.join("tree"))
+        .into_iter()
+        .filter(|p| p.components().count() > 1)
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+}
+
+#[tokio::test]
+async fn the_login_goes_out_without_waiting_for_the_greeting() {
+    // This server greets only once a request came: a client that waits
+    // for the greeting before it logs in would wait for ever.
+    let fake = Fake::start_greeting(Greet::AfterRequest, "220 fake ready", |req| {
+        match verb(req) {
+            "PWD" => Answer::Send(b"257 \"/\"\n".to_vec()),
+            _ => Answer::Send(b"500 no\n".to_vec()),
+        }
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "pwd").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    assert_eq!(run.out(), "/\n");
 }

@@ -1928,6 +1928,89 @@ async fn trees_copy_exactly_both_ways_and_complete_files_are_skipped() {
     s.stop().await;
 }
 
+/// ann's `tree` on the server: 40 small files (empty to 6 KiB) in each
+/// of `a`, `b` and `c`, and `z/big` of [`BIG`] bytes. Returns their count.
+fn many_small_and_a_big(s: &TestServer) -> usize {
+    let tree = s.home("ann").join("tree");
+    for (d, dir) in ["a", "b", "c"].into_iter().enumerate() {
+        std::fs::create_dir_all(tree.join(dir)).unwrap();
+        for i in 0..40 {
+            let bytes = data(i * 150, (d * 40 + i) as u8);
+            std::fs::write(tree.join(dir).join(format!("f{i:02}")), bytes).unwrap();
+        }
+    }
+    std::fs::create_dir_all(tree.join("z")).unwrap();
+    std::fs::write(tree.join("z/big"), big_data(BIG, 40)).unwrap();
+    3 * 40 + 1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_r_killed_midway_keeps_what_is_complete_and_resumes_the_rest() {
+    let r = Relayed::start(TestServer::start().await).await;
+    let n = many_small_and_a_big(&r.s);
+    // Into the existing `copy`, both times: `copy/tree`.
+    std::fs::create_dir(r.work.path().join("copy")).unwrap();
+    let (source, copy) = (
+        r.s.home("ann").join("tree"),
+        r.work.path().join("copy/tree"),
+    );
+    let part = copy.join("z/.big.ftpx-part");
+    r.proxy.hold_one(DOWN, 6 << 20);
+    let mut shell = r.spawn("get -r tree copy", &[]);
+    wait_to_grow(DOWN, &part, 3 << 20).await;
+    shell.kill();
+    r.proxy.cut();
+    r.proxy.open();
+
+    // Whatever has its name is whole; the rest is hidden partial files.
+    let mut complete = 0;
+    for (rel, bytes) in snapshot(&copy) {
+        let name = Path::new(&rel).file_name().unwrap().to_string_lossy();
+        if name.ends_with(".ftpx-part") || bytes.is_none() {
+            continue;
+        }
+        let original = std::fs::read(source.join(&rel)).unwrap();
+        assert!(bytes.unwrap() == original, "{rel} is not its source");
+        complete += 1;
+    }
+    assert!(complete < n, "nothing was left to do");
+
+    let out = r.run_direct("get -r tree copy");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let summary = format!(
+        "{} files received, {complete} already complete",
+        n - complete
+    );
+    assert!(out.stdout.contains(&summary), "{}", out.stdout);
+    assert!(
+        resumed_at(&out.stdout).is_some_and(|at| at > 0),
+        "{}",
+        out.stdout
+    );
+    assert!(snapshot(&copy) == snapshot(&source), "the copy differs");
+    assert_eq!(
+        entries(&r.work.path().join("state/journal")),
+        Vec::<PathBuf>::new()
+    );
+    r.s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_r_cut_midway_asks_again_for_what_was_in_flight() {
+    let r = Relayed::start(TestServer::start().await).await;
+    let n = many_small_and_a_big(&r.s);
+    let (source, copy) = (r.s.home("ann").join("tree"), r.work.path().join("copy"));
+    // Cut once in the first small files, with many requests still in flight.
+    r.proxy.cut_after(DOWN, 40 << 10);
+    let out = r.run("get -r tree copy", &[]).await;
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("retrying"), "{}", out.stderr);
+    let summary = format!("{n} files received, 0 already complete");
+    assert!(out.stdout.contains(&summary), "{}", out.stdout);
+    assert!(snapshot(&copy) == snapshot(&source), "the copy differs");
+    r.s.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // What others see while an upload is under way
 

@@ -1091,6 +1091,23 @@ async fn sessions_over_the_per_address_limit_get_421() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_client_reports_a_full_server_though_its_login_was_already_sent() {
+    let s = TestServer::start_with(|c| c.limits.max_sessions = 1).await;
+    s.add_user("ann", 1 << 20);
+    let held = s.login("ann").await;
+    let work = tempfile::tempdir().unwrap();
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "pwd");
+    assert_eq!(out.status, 3, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("too many sessions on this server"),
+        "{}",
+        out.stderr
+    );
+    drop(held);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sessions_over_the_server_limit_get_421() {
     let s = TestServer::start_with(|c| c.limits.max_sessions = 2).await;
     let a = Raw::connect(&s).await;

@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
+use super::fetch::get_tree;
 use super::output::{
     file_bar, format_entry, format_entry_as, format_unfinished, printable, report_file,
 };
-use super::tree::{get_tree, put_tree};
+use super::tree::put_tree;
 use super::{Flow, Remote, Transfer, local_path};
 use crate::client::{Client, ClientError};
 use crate::config::human_bytes;
@@ -341,10 +342,10 @@ async fn remove_tree(remote: &mut Remote, path: &str) -> Result<(), ClientError>
                 'd' => dirs.push(path),
                 _ => files.push(path),
             }
-            if files.len() + dirs.len() > super::tree::MAX_TREE_ENTRIES {
+            if files.len() + dirs.len() > super::fetch::MAX_TREE_ENTRIES {
                 return Err(ClientError::Local(format!(
                     "{root}: more than {} entries; remove it in parts",
-                    super::tree::MAX_TREE_ENTRIES
+                    super::fetch::MAX_TREE_ENTRIES
                 )));
             }
         }

@@ -4,8 +4,9 @@
 //! reconnects and resumes when a transfer's connection drops.
 //!
 //! The parts: this loop and the connection it keeps (`Remote`), the
-//! `commands`, the `tree` transfers of `put -r` and `get -r`, and the
-//! `output`: what is printed, escaped, and the progress bars.
+//! `commands`, the tree transfers of `put -r` (`tree`) and `get -r`
+//! (`fetch`), and the `output`: what is printed, escaped, and the
+//! progress bars.
 
 /// Prints a result line on standard output. A closed pipe (`| head`) is
 /// not an error: the run ends quietly with success.
@@ -22,6 +23,7 @@ macro_rules! out {
 
 mod commands;
 mod complete;
+mod fetch;
 mod output;
 mod tree;
 
@@ -156,14 +158,14 @@ impl Remote {
             self.client = None;
         }
         if self.client.is_none() {
-            let mut c = Client::connect_with(
+            let mut c = Client::connect_and_login(
                 &self.target.host,
                 self.target.port,
                 &self.trust,
                 self.io_timeout,
+                (&self.target.user, &self.password, register),
             )
             .await?;
-            c.login(&self.target.user, &self.password, register).await?;
             info!(user = %self.target.user, register, "logged in");
             if self.cwd != "/" {
                 c.cd(Some(&self.cwd)).await?;

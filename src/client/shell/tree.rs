@@ -1,13 +1,14 @@
-//! `put -r` and `get -r`: whole trees, skipping what is already complete on
-//! the other side, never writing outside the directory the user named.
+//! `put -r`: a whole tree, skipping what is already complete on the
+//! server; and what `get -r` (`fetch`) shares with it: which names from the
+//! wire are usable, local hashes, local directories never made through a link.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::commands::remote_is_dir;
-use super::output::{TreeProgress, printable, said};
-use super::{Remote, Transfer, local_path};
+use super::output::{TreeProgress, said};
+use super::{Remote, Transfer};
 use crate::client::{Client, ClientError};
 use crate::protocol::{self, Entry, Request, VPath};
 
@@ -29,28 +30,6 @@ pub(super) fn local_hash(path: &Path) -> Option<blake3::Hash> {
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(path).ok()?).ok()?;
     Some(h.finalize())
-}
-
-/// Whether the remote file `path` has `size` bytes and BLAKE3 `hash`.
-pub(super) async fn remote_matches(
-    client: &mut Client,
-    path: &VPath,
-    size: u64,
-    hash: impl FnOnce() -> Option<blake3::Hash>,
-) -> bool {
-    let Ok(stat) = client.request(&Request::Stat(path.to_string())).await else {
-        return false;
-    };
-    let Ok(entry) = Entry::parse(&stat.text) else {
-        return false;
-    };
-    if entry.kind != 'f' || entry.size != size {
-        return false;
-    }
-    let Ok(reply) = client.request(&Request::Hash(path.to_string())).await else {
-        return false;
-    };
-    hash().is_some_and(|h| protocol::hex(&h) == reply.text)
 }
 
 /// A local file to upload: its path, its remote path and its size.
@@ -283,230 +262,6 @@ async fn send_small_files(
         }
     }
     Ok(sent)
-}
-
-/// Levels below the directory `get -r` copies, at most: an honest server's
-/// paths have at most 4096 bytes, so at most 2048 levels.
-pub(super) const MAX_TREE_DEPTH: usize = 2048;
-/// Entries (files, directories and others) `get -r` takes from the remote
-/// tree in one run, at most; beyond, copy the tree in parts.
-pub(super) const MAX_TREE_ENTRIES: usize = 1_000_000;
-/// Directories `get -r` has found and not yet copied, at most. Each is kept
-/// as one name of at most [`crate::protocol::MAX_NAME`] bytes.
-pub(super) const MAX_TREE_PENDING: usize = 100_000;
-
-/// One directory of the tree `get -r` is copying, and its subdirectories
-/// still to copy.
-pub(super) struct Level {
-    remote: VPath,
-    local: PathBuf,
-    subdirs: Vec<String>,
-}
-
-/// Copies a remote tree, one directory at a time as it walks: list it,
-/// make its local directory, fetch its files, then go down. Only the
-/// names of directories still to copy are kept, within the limits above.
-pub(super) async fn get_tree(
-    remote: &mut Remote,
-    src: &str,
-    dest: Option<&str>,
-    keep_times: bool,
-) -> Result<(), ClientError> {
-    let root = remote.client().await?.remote_path(src)?;
-    let name = root.file_name().unwrap_or("home").to_string();
-    // Into an existing directory, as `cp -r` and sftp do; else by that name.
-    let local_root = match dest.map(local_path) {
-        Some(d) if d.is_dir() => d.join(&name),
-        Some(d) => d,
-        None => PathBuf::from(&name),
-    };
-    let mut walk = Walk {
-        keep_times,
-        ..Walk::default()
-    };
-    // The directory the user named is theirs to choose, even through a link.
-    let subdirs = walk
-        .copy_dir(remote, &root, &local_root, |d| std::fs::create_dir_all(d))
-        .await?;
-    let mut stack = vec![Level {
-        remote: root,
-        local: local_root,
-        subdirs,
-    }];
-    while let Some(top) = stack.last_mut() {
-        let Some(name) = top.subdirs.pop() else {
-            stack.pop();
-            continue;
-        };
-        walk.pending -= 1;
-        let (r, l) = (top.remote.join(&name), top.local.join(&name));
-        if stack.len() >= MAX_TREE_DEPTH {
-            return Err(ClientError::Protocol(format!(
-                "{}: the remote tree is more than {MAX_TREE_DEPTH} levels deep",
-                r
-            )));
-        }
-        let subdirs = walk.copy_dir(remote, &r, &l, make_local_dir).await?;
-        stack.push(Level {
-            remote: r,
-            local: l,
-            subdirs,
-        });
-    }
-    let line = format!(
-        "{} files received, {} already complete",
-        walk.got, walk.skipped
-    );
-    walk.progress.finish(&line);
-    Ok(())
-}
-
-/// What `get -r` has done so far.
-pub(super) struct Walk {
-    entries: usize,
-    pending: usize,
-    got: usize,
-    skipped: usize,
-    progress: TreeProgress,
-    /// `get -r -p`: each file gets its remote modification time.
-    keep_times: bool,
-}
-
-impl Default for Walk {
-    fn default() -> Walk {
-        Walk {
-            entries: 0,
-            pending: 0,
-            got: 0,
-            skipped: 0,
-            progress: TreeProgress::new(),
-            keep_times: false,
-        }
-    }
-}
-
-impl Walk {
-    /// Copies the files of the remote directory `rdir` into `ldir` (made
-    /// by `make`) and returns the names of its subdirectories, last first.
-    async fn copy_dir(
-        &mut self,
-        remote: &mut Remote,
-        rdir: &VPath,
-        ldir: &Path,
-        make: impl FnOnce(&Path) -> std::io::Result<()>,
-    ) -> Result<Vec<String>, ClientError> {
-        let listing = remote.client().await?.list(Some(&rdir.to_string())).await?;
-        if listing.truncated {
-            return Err(ClientError::Local(format!(
-                "{rdir}: listing truncated by the server; copy it in parts"
-            )));
-        }
-        self.entries += listing.entries.len();
-        if self.entries > MAX_TREE_ENTRIES {
-            return Err(ClientError::Local(format!(
-                "the remote tree has more than {MAX_TREE_ENTRIES} entries; copy it in parts"
-            )));
-        }
-        make(ldir).map_err(|e| ClientError::Local(format!("{}: {e}", ldir.display())))?;
-        let mut subdirs = vec![];
-        let mut files = vec![];
-        for Entry {
-            kind,
-            size,
-            mtime,
-            name,
-        } in listing.entries
-        {
-            if !safe_name(&name) {
-                self.progress.suspend(|| {
-                    eprintln!(
-                        "ftpx: skipping {} in {}: not a usable file name",
-                        printable(&format!("{name:?}")),
-                        printable(&rdir.to_string())
-                    )
-                });
-                continue;
-            }
-            match kind {
-                'd' => subdirs.push(name),
-                'f' => files.push((name, size, mtime)),
-                _ => self.progress.suspend(|| {
-                    eprintln!(
-                        "ftpx: skipping {}: not a regular file",
-                        printable(&rdir.join(&name).to_string())
-                    )
-                }),
-            }
-        }
-        self.pending += subdirs.len();
-        if self.pending > MAX_TREE_PENDING {
-            return Err(ClientError::Local(format!(
-                "the remote tree has more than {MAX_TREE_PENDING} directories waiting to be copied; copy it in parts"
-            )));
-        }
-        self.copy_files(remote, rdir, ldir, files).await?;
-        subdirs.reverse();
-        Ok(subdirs)
-    }
-
-    /// Copies the files of one directory, skipping those already complete.
-    async fn copy_files(
-        &mut self,
-        remote: &mut Remote,
-        rdir: &VPath,
-        ldir: &Path,
-        files: Vec<(String, u64, i64)>,
-    ) -> Result<(), ClientError> {
-        let bytes = files.iter().map(|(_, size, _)| size).sum();
-        self.progress.add(files.len() as u64, bytes);
-        for (name, size, mtime) in files {
-            let lpath = ldir.join(&name);
-            self.copy_file(remote, rdir, ldir, &name, size).await?;
-            if self.keep_times {
-                let when = std::time::UNIX_EPOCH
-                    + std::time::Duration::from_secs(mtime.max(0).unsigned_abs());
-                std::fs::File::options()
-                    .write(true)
-                    .open(&lpath)
-                    .and_then(|f| f.set_modified(when))
-                    .map_err(|e| ClientError::Local(format!("{}: {e}", lpath.display())))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Copies one file, unless it is already complete.
-    async fn copy_file(
-        &mut self,
-        remote: &mut Remote,
-        rdir: &VPath,
-        ldir: &Path,
-        name: &str,
-        size: u64,
-    ) -> Result<(), ClientError> {
-        let (rpath, lpath) = (rdir.join(name), ldir.join(name));
-        // Only a regular file (not a link) can already be complete.
-        let local_size = std::fs::symlink_metadata(&lpath)
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len());
-        let lp = lpath.clone();
-        if local_size == Some(size)
-            && remote_matches(remote.client().await?, &rpath, size, || local_hash(&lp)).await
-        {
-            self.skipped += 1;
-            self.progress.skip(size);
-            return Ok(());
-        }
-        let bar = self.progress.file(&rpath.to_string(), size).clone();
-        let t = self
-            .progress
-            .follow(remote.transfer(&Transfer::Get(rpath, lpath.clone()), &bar))
-            .await?;
-        self.progress.done(&t, &lpath.display().to_string());
-        self.got += 1;
-        Ok(())
-    }
 }
 
 /// Makes a directory below the one `get -r` copies into, or takes the one

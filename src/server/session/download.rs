@@ -51,7 +51,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         (info.size, info.offset) = (plan.size, plan.offset);
-        self.reply(
+        // Sent with the first frames.
+        self.announce(
             Code::Sending,
             &format!("{} {} {chunk}", info.size, info.offset),
         )

@@ -301,13 +301,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Sends a final reply line, after the line that announces a
     /// transfer's id if one is waiting (see `protocol`).
     async fn reply(&mut self, code: Code, text: &str) -> Result<()> {
+        self.announce(code, text).await?;
+        Ok(self.conn.flush().await?)
+    }
+
+    /// [`Session::reply`] without sending it yet: for a reply that data
+    /// frames follow at once (151), which go out with it.
+    async fn announce(&mut self, code: Code, text: &str) -> Result<()> {
         if let Some(id) = self.note.transfer.take() {
             self.conn
                 .write_line(&protocol::transfer_line(code, &id))
                 .await?;
         }
         self.server.metrics.reply(code.number());
-        Ok(self.conn.reply(code, text).await?)
+        Ok(self.conn.write_line(&code.line(text)).await?)
     }
 
     /// Replies after every SEND before it has been answered: replies go
