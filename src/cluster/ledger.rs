@@ -224,7 +224,10 @@ async fn read_account(tx: &Transaction<'_>, user: &str) -> Result<Account, Unava
         "SELECT path, bytes, entries, node IS NULL FROM reservations
          WHERE name = $1 AND (node IS NULL OR node IN ({LIVE}))"
     );
-    let (row, rows) = tokio::try_join!(lock, tx.rows(&reservations, &name))?;
+    // The first statement's error is the cause; the second's would only
+    // say the transaction was aborted.
+    let (row, rows) = tokio::join!(lock, tx.rows(&reservations, &name));
+    let (row, rows) = (row?, rows?);
     let stored = Usage {
         bytes: u64_of(row.get(0)),
         entries: u64_of(row.get(1)),
@@ -312,11 +315,16 @@ async fn write_account(
     });
     // Sent together, in this order, on the transaction's one connection:
     // one round trip for them all.
-    let (_, _, _) = tokio::try_join!(
+    let (stored, deletes, upserts) = tokio::join!(
         stored,
-        futures_util::future::try_join_all(deletes),
-        futures_util::future::try_join_all(upserts),
-    )?;
+        futures_util::future::join_all(deletes),
+        futures_util::future::join_all(upserts),
+    );
+    // In order: the first error is the cause.
+    stored?;
+    for done in deletes.into_iter().chain(upserts) {
+        done?;
+    }
     Ok(())
 }
 

@@ -357,14 +357,20 @@ async fn race_for_one_quota(svc: &Service, nodes: &[BinServer; 2], user: &str) {
                 .unwrap()
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Well below the nodes' lock timeout (2 s), which the last in the queue
+    // also spends waiting for the three before it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     hold.commit().await.unwrap();
     let outs: Vec<_> = clients
         .into_iter()
         .map(|c| c.wait_with_output().unwrap())
         .collect();
     let ok = outs.iter().filter(|o| o.status.success()).count();
-    assert_eq!(ok, 2, "{user}: uploads that got in: {ok} of 4");
+    let errors: Vec<_> = outs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert_eq!(ok, 2, "{user}: uploads that got in: {ok} of 4: {errors:?}");
     for o in outs.iter().filter(|o| !o.status.success()) {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("quota"), "{err}");
