@@ -178,6 +178,9 @@ pub struct TransferSection {
     pub partial_ttl_hours: u64,
     /// How often the sweeper looks for expired unfinished uploads.
     pub partial_sweep_secs: u64,
+    /// Bytes of chunk hashes kept of files sent, so that a download of an
+    /// unchanged file is not hashed again; 0 keeps none.
+    pub hash_cache: Size,
 }
 
 impl Default for TransferSection {
@@ -188,6 +191,7 @@ impl Default for TransferSection {
             checkpoint_secs: 2,
             partial_ttl_hours: 24 * 7,
             partial_sweep_secs: 600,
+            hash_cache: Size(32 << 20),
         }
     }
 }

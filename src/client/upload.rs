@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::protocol::{self, Candidate, FrameHeader, Request, VPath};
 use crate::transfer::journal::{self, Journal, Record};
-use crate::transfer::{self, Plan, Tree};
+use crate::transfer::{self, Known, Plan, Tree};
 
 use super::error::local_err;
 use super::{Client, ClientError, Reply, Result, Transferred};
@@ -162,10 +162,12 @@ impl Client {
         let file = Arc::new(file);
         let (offset, tree) = if resumable && !offers.is_empty() {
             let f = file.clone();
-            tokio::task::spawn_blocking(move || transfer::choose(&f, size, chunk, &offers))
-                .await
-                .map_err(|e| ClientError::Local(e.to_string()))?
-                .map_err(|e| local_err(local, e))?
+            tokio::task::spawn_blocking(move || {
+                transfer::choose(&f, size, chunk, &offers, &Known::Nothing)
+            })
+            .await
+            .map_err(|e| ClientError::Local(e.to_string()))?
+            .map_err(|e| local_err(local, e))?
         } else {
             (0, Tree::default())
         };
@@ -188,7 +190,7 @@ impl Client {
             offset,
             tree,
         };
-        let hash = transfer::send(&mut self.conn, plan, progress).await?;
+        let hash = transfer::send(&mut self.conn, plan, &mut Known::Nothing, progress).await?;
         let reply = self.read_reply().await?;
         self.in_data = false;
         let ms = started.elapsed().as_millis() as u64;

@@ -39,6 +39,7 @@ pub struct Metrics {
     hash_wait: Histogram,
     quota_refusals: Counter,
     partial_bytes: Gauge,
+    download_hashes: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +66,7 @@ impl Metrics {
             hash_wait: Histogram::new(exponential_buckets(0.001, 4.0, 9)),
             quota_refusals: Counter::default(),
             partial_bytes: Gauge::default(),
+            download_hashes: Family::default(),
         };
         m.register();
         m
@@ -142,6 +144,11 @@ impl Metrics {
             "Bytes held in unfinished uploads and their journals on disk",
             self.partial_bytes.clone(),
         );
+        r.register(
+            "download_hashes",
+            "Downloads by where their chunk hashes came from: cached or computed",
+            self.download_hashes.clone(),
+        );
     }
 
     pub fn session_opened(&self) {
@@ -199,6 +206,13 @@ impl Metrics {
         if code == crate::protocol::Code::QuotaExceeded.number() {
             self.quota_refusals.inc();
         }
+    }
+
+    /// A download's chunk hashes: `cached` or `computed`.
+    pub fn download_hashed(&self, source: &'static str) {
+        self.download_hashes
+            .get_or_create(&vec![("source", source.into())])
+            .inc();
     }
 
     pub fn hash_waited(&self, wait: Duration) {

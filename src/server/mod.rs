@@ -33,6 +33,7 @@ use crate::server::defender::{Attempt, Banned, Defender, Source};
 use crate::server::turns::{Turn, Turns};
 use crate::store::quota::Ledger;
 use crate::store::users::UserDb;
+use crate::transfer::cache::ChunkCache;
 
 /// What all sessions share.
 pub struct Server {
@@ -51,6 +52,8 @@ pub struct Server {
     /// The sessions open now, for `ftpx status` and `ftpx kick`.
     pub live: Arc<live::Live>,
     pub metrics: metrics::Metrics,
+    /// Chunk hashes of files sent, for downloads of unchanged files.
+    pub hashes: ChunkCache,
     /// A hash with the configured cost, checked for unknown users so that
     /// they cost the same as a wrong password.
     pub dummy_hash: String,
@@ -133,6 +136,7 @@ impl Server {
             sessions: Mutex::new(Sessions::default()),
             live: Arc::default(),
             metrics: metrics::Metrics::new(),
+            hashes: ChunkCache::new(config.transfer.hash_cache.0),
             dummy_hash,
             config,
         })

@@ -29,6 +29,7 @@
 //! resumes at the highest offset whose proof matches, else at 0. Nothing is
 //! ever appended to bytes that were not proven equal to the source.
 
+pub mod cache;
 pub mod connection;
 pub mod error;
 pub mod journal;
@@ -218,18 +219,34 @@ pub fn offer(
 /// The sender's choice: the highest candidate (a whole number of chunks
 /// within `size`) whose proof matches `file`'s own prefix, with the tree
 /// there; else 0 and an empty tree.
+///
+/// With `known`, the file's chunk hashes, nothing is read.
 pub fn choose(
     file: &File,
     size: u64,
     chunk: u64,
     candidates: &[Candidate],
+    known: &Known,
 ) -> std::io::Result<(u64, Tree)> {
     let usable: Vec<&Candidate> = candidates
         .iter()
         .filter(|c| c.offset > 0 && c.offset <= size && c.offset % chunk == 0)
         .collect();
     let offsets: Vec<u64> = usable.iter().map(|c| c.offset).collect();
-    let trees = prefix_trees(file, size, chunk, &offsets)?;
+    let trees = match known {
+        Known::All(chunks) => offsets
+            .iter()
+            .map(|&o| {
+                let mut t = Tree::default();
+                let before = usize::try_from(o / chunk)
+                    .ok()
+                    .and_then(|n| chunks.get(..n));
+                before.unwrap_or_default().iter().for_each(|&cv| t.push(cv));
+                t
+            })
+            .collect(),
+        _ => prefix_trees(file, size, chunk, &offsets)?,
+    };
     let best = usable
         .iter()
         .zip(trees)
@@ -252,11 +269,26 @@ pub struct Plan {
     pub tree: Tree,
 }
 
+/// What a sender knows of its file's chunk hashes before reading it.
+#[derive(Debug, Default)]
+pub enum Known {
+    /// Nothing: each chunk is hashed as it is read.
+    #[default]
+    Nothing,
+    /// Nothing yet: each chunk is hashed as it is read, and every hash is
+    /// kept here (for a send from offset 0).
+    Collect(Vec<ChainingValue>),
+    /// Every chunk's hash, from an earlier hashing of the same version of
+    /// the file: nothing is hashed again. The receiver checks them all.
+    All(cache::Chunks),
+}
+
 /// Sends `file[offset..size]` as chunk frames and an end frame. Returns
 /// the whole file's hash.
 pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     plan: Plan,
+    known: &mut Known,
     progress: &ProgressBar,
 ) -> Result<blake3::Hash> {
     struct Read {
@@ -271,13 +303,22 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         offset,
         tree,
     } = plan;
+    let all = match known {
+        Known::All(chunks) => Some(chunks.clone()),
+        _ => None,
+    };
     let read = |mut buf: Vec<u8>, mut tree: Tree, at: u64| {
         let file = file.clone();
+        let all = all.clone();
         let len = usize::try_from((size - at).min(chunk)).unwrap_or(0);
         tokio::task::spawn_blocking(move || {
             buf.resize(len, 0);
             let hash = file.read_exact_at(&mut buf, at).map(|()| {
-                let h = chunk_hash(size, at, &buf);
+                let known = all.as_ref().and_then(|c| {
+                    let i = usize::try_from(at / chunk).ok()?;
+                    c.get(i).copied()
+                });
+                let h = known.unwrap_or_else(|| chunk_hash(size, at, &buf));
                 tree.push(h);
                 h
             });
@@ -302,6 +343,9 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(Error::File(e));
             }
         };
+        if let Known::Collect(hashes) = known {
+            hashes.push(hash);
+        }
         let at = pos;
         pos += done.buf.len() as u64;
         if pos < size {
@@ -608,7 +652,7 @@ mod tests {
             vec![49_152, 8192]
         );
         // The sender with the same bytes takes the highest offer, and its tree continues correctly.
-        let (at, mut tree) = choose(&f, size, chunk, &offers).unwrap();
+        let (at, mut tree) = choose(&f, size, chunk, &offers, &Known::Nothing).unwrap();
         assert_eq!(at, 49_152);
         for (i, c) in data[at as usize..].chunks(chunk as usize).enumerate() {
             tree.push(chunk_hash(size, at + (i as u64) * chunk, c));
@@ -619,12 +663,38 @@ mod tests {
         let mut other = data.clone();
         other[20_000] ^= 1;
         g.write_all(&other).unwrap();
-        assert_eq!(choose(&g, size, chunk, &offers).unwrap().0, 8192);
+        assert_eq!(
+            choose(&g, size, chunk, &offers, &Known::Nothing).unwrap().0,
+            8192
+        );
         other[5] ^= 1;
         g.write_all_at(&other, 0).unwrap();
-        assert_eq!(choose(&g, size, chunk, &offers).unwrap().0, 0);
+        assert_eq!(
+            choose(&g, size, chunk, &offers, &Known::Nothing).unwrap().0,
+            0
+        );
         // Offers beyond the sender's size or off the chunk grid are never taken.
-        assert_eq!(choose(&f, 40_000, chunk, &offers).unwrap().0, 8192);
-        assert_eq!(choose(&f, size, 8192 * 2, &offers).unwrap().0, 0);
+        assert_eq!(
+            choose(&f, 40_000, chunk, &offers, &Known::Nothing)
+                .unwrap()
+                .0,
+            8192
+        );
+        assert_eq!(
+            choose(&f, size, 8192 * 2, &offers, &Known::Nothing)
+                .unwrap()
+                .0,
+            0
+        );
+        // Known chunk hashes give the same choice and tree without reading.
+        let all: Vec<ChainingValue> = data
+            .chunks(chunk as usize)
+            .enumerate()
+            .map(|(i, c)| chunk_hash(size, i as u64 * chunk, c))
+            .collect();
+        let known = Known::All(all.into());
+        let empty = tempfile::tempfile().unwrap();
+        let (at, tree) = choose(&empty, size, chunk, &offers, &known).unwrap();
+        assert_eq!((at, tree.proof()), (49_152, offers[0].hash));
     }
 }

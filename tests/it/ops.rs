@@ -423,6 +423,80 @@ async fn metrics_move_while_a_transfer_is_in_flight() {
     server.terminate();
 }
 
+/// Downloads `name` of `user` to `local` with the real client, and reads the
+/// server's download counters: (computed, cached).
+fn get_and_count(server: &BinServer, addr: &str, name: &str, local: &Path) -> (f64, f64) {
+    let _ = std::fs::remove_file(local);
+    let out = connect_c(
+        &server.dir,
+        &server.ca(),
+        server.port,
+        "hana",
+        &format!("get {name} {}", local.display()),
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let body = http_get(addr, "/metrics").1;
+    (
+        sample(&body, "ftpx_download_hashes_total{source=\"computed\"}"),
+        sample(&body, "ftpx_download_hashes_total{source=\"cached\"}"),
+    )
+}
+
+#[test]
+fn a_file_changed_in_place_is_never_sent_with_its_old_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), "metrics_listen = \"127.0.0.1:0\"");
+    server.useradd("hana", "64MiB");
+    let addr = metrics_addr(dir.path());
+    let remote = dir.path().join("var/homes/hana/f");
+    let local = dir.path().join("f.down");
+    let bytes = data(4 * MIB + 5, 11);
+    std::fs::write(&remote, &bytes).unwrap();
+    // Hashes of a file changed in the last two seconds are not kept.
+    assert_eq!(get_and_count(&server, &addr, "f", &local), (1.0, 0.0));
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(get_and_count(&server, &addr, "f", &local), (2.0, 0.0));
+    assert_eq!(get_and_count(&server, &addr, "f", &local), (2.0, 1.0));
+    assert_eq!(std::fs::read(&local).unwrap(), bytes);
+
+    // One byte changed in place, same size, the old modification time put
+    // back: only the change time tells.
+    let old = std::fs::metadata(&remote).unwrap().modified().unwrap();
+    let mut changed = bytes.clone();
+    changed[3 * MIB] ^= 0x5a;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&remote)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &changed[3 * MIB..3 * MIB + 1], 3 * MIB as u64)
+        .unwrap();
+    f.set_modified(old).unwrap();
+    drop(f);
+    assert_eq!(std::fs::metadata(&remote).unwrap().modified().unwrap(), old);
+    assert_eq!(get_and_count(&server, &addr, "f", &local), (3.0, 1.0));
+    assert_eq!(std::fs::read(&local).unwrap(), changed);
+    server.terminate();
+}
+
+#[test]
+fn no_hashes_are_kept_with_hash_cache_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    let config =
+        config_with("metrics_listen = \"127.0.0.1:0\"") + "[transfer]\nhash_cache = \"0\"\n";
+    std::fs::write(dir.path().join("etc/ftpx.toml"), config).unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("hana", "64MiB");
+    let addr = metrics_addr(dir.path());
+    let remote = dir.path().join("var/homes/hana/f");
+    std::fs::write(&remote, data(MIB, 12)).unwrap();
+    std::thread::sleep(Duration::from_millis(2200));
+    let local = dir.path().join("f.down");
+    assert_eq!(get_and_count(&server, &addr, "f", &local), (1.0, 0.0));
+    assert_eq!(get_and_count(&server, &addr, "f", &local), (2.0, 0.0));
+    server.terminate();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_lists_a_transfer_in_flight_and_kick_ends_it_resumably() {
     let dir = tempfile::tempdir().unwrap();

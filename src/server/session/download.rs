@@ -1,8 +1,11 @@
 //! GET: the server's end of a download, from the offer the client's resume
 //! candidates allow to the last frame.
 
+use std::fs::File;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use blake3::hazmat::ChainingValue;
 
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -12,7 +15,8 @@ use super::{Session, blocking};
 use crate::error::{Error, Result};
 use crate::protocol::{Candidate, Code};
 use crate::server::live::{TransferInfo, new_transfer_id};
-use crate::transfer::{self, Plan};
+use crate::transfer::cache::Key;
+use crate::transfer::{self, Known, Plan};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn get(&mut self, arg: String, candidates: Vec<Candidate>) -> Result<()> {
@@ -29,22 +33,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         self.note.transfer = Some(info.id.clone());
         let p = path.clone();
+        let server = self.server.clone();
         let plan = blocking(move || {
+            let began = SystemTime::now();
             let file = home.open_read(&p)?;
-            let size = file.metadata().map_err(Error::Storage)?.len();
-            let (offset, tree) =
-                transfer::choose(&file, size, chunk, &candidates).map_err(Error::Storage)?;
-            Ok(Plan {
+            let meta = file.metadata().map_err(Error::Storage)?;
+            let key = Key::of(&meta, chunk);
+            let mut known = match server.hashes.get(&key) {
+                Some(chunks) => Known::All(chunks),
+                None => Known::Nothing,
+            };
+            let size = meta.len();
+            let (offset, tree) = transfer::choose(&file, size, chunk, &candidates, &known)
+                .map_err(Error::Storage)?;
+            let keep = offset == 0 && server.hashes.would_keep(&key) && key.settled_at(began);
+            if matches!(known, Known::Nothing) && keep {
+                known = Known::Collect(Vec::new());
+            }
+            let plan = Plan {
                 file: Arc::new(file),
                 size,
                 chunk,
                 offset,
                 tree,
-            })
+            };
+            Ok((plan, known, key, began))
         })
         .await;
-        let plan = match plan {
-            Ok(plan) => plan,
+        let (plan, mut known, key, began) = match plan {
+            Ok(planned) => planned,
             Err(e) => {
                 self.log_download(&info, started, Err(&e), 0);
                 return Err(e);
@@ -58,15 +75,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         )
         .await?;
         self.in_transfer = true;
+        let source = match known {
+            Known::All(_) => "cached",
+            _ => "computed",
+        };
+        self.server.metrics.download_hashed(source);
+        let file = plan.file.clone();
         let progress = ProgressBar::hidden();
         let entry = self.seat.entry.clone();
         entry.transfer_started(&info, &progress, &self.server.metrics);
-        let sent = transfer::send(&mut self.conn, plan, &progress).await;
+        let sent = transfer::send(&mut self.conn, plan, &mut known, &progress).await;
         entry.transfer_stopped(&self.server.metrics);
         let bytes = progress.position().saturating_sub(info.offset);
         match sent {
             Ok(hash) => {
                 self.in_transfer = false;
+                if let Known::Collect(chunks) = known {
+                    self.keep_hashes(&file, key, began, chunks).await;
+                }
                 self.log_download(&info, started, Ok(hash), bytes);
                 Ok(())
             }
@@ -77,6 +103,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(e)
             }
         }
+    }
+
+    /// Keeps the chunk hashes of a file just sent whole, if it did not
+    /// change while it was read.
+    async fn keep_hashes(
+        &self,
+        file: &Arc<File>,
+        key: Key,
+        began: SystemTime,
+        chunks: Vec<ChainingValue>,
+    ) {
+        let (server, file) = (self.server.clone(), file.clone());
+        let _ = blocking(move || {
+            if file
+                .metadata()
+                .is_ok_and(|m| Key::of(&m, key.chunk()) == key)
+            {
+                server.hashes.put(key, began, chunks);
+            }
+            Ok(())
+        })
+        .await;
     }
 
     /// The download's one line: refused before its first frame, failed
