@@ -112,6 +112,11 @@ impl Client {
             ClientError::Protocol(format!("bad download plan {:?}: {why}", reply.text))
         })?;
         landing.check_room(size - offset)?;
+        if offset == 0 && size <= chunk {
+            return self
+                .get_whole(landing, (size, id.clone()), started, progress)
+                .await;
+        }
         let (file, tree, mut journal) = landing.open(size, chunk, offset).await?;
         info!(remote = %landing.source, local = %target.display(), id, size, resumed_at = offset, "download starts");
         progress.set_length(size);
@@ -150,6 +155,43 @@ impl Client {
                 self.download_stopped(error).await
             }
         }
+    }
+
+    /// Receives a file of one chunk into memory and lands it, written,
+    /// made durable and renamed into place, on one trip to the blocking
+    /// pool. It has no journal: after a failure it starts again.
+    async fn get_whole(
+        &mut self,
+        landing: Landing,
+        (size, id): (u64, Option<String>),
+        started: std::time::Instant,
+        progress: &ProgressBar,
+    ) -> Result<Transferred> {
+        let target = landing.target.clone();
+        info!(remote = %landing.source, local = %target.display(), id, size, "download starts");
+        progress.set_length(size);
+        progress.set_position(0);
+        let (data, hash) = match transfer::receive_whole(&mut self.conn, size, progress).await {
+            Ok(received) => received,
+            Err(error) => {
+                info!(remote = %landing.source, local = %target.display(), id, verified = 0, error = ?error.to_string(), "download stopped");
+                return self.download_stopped(error).await;
+            }
+        };
+        self.in_data = false;
+        let landed =
+            tokio::task::spawn_blocking(move || landing.land_whole(&data).map(|()| landing))
+                .await
+                .map_err(|e| ClientError::Local(e.to_string()))?;
+        let landing = landed.map_err(|e| local_err(&target, e))?;
+        let ms = started.elapsed().as_millis() as u64;
+        info!(remote = %landing.source, local = %target.display(), id, size, resumed_at = 0,
+              hash = %protocol::hex(&hash), ms, "download complete");
+        Ok(Transferred {
+            hash,
+            size,
+            resumed_at: 0,
+        })
     }
 
     /// The error of a download that stopped, and the session back in step
@@ -284,6 +326,19 @@ impl Landing {
             .save(offset)
             .map_err(|e| ClientError::Local(format!("cannot write the journal: {e}")))?;
         Ok((file, tree, Some(journal)))
+    }
+
+    /// Writes a whole verified file as the partial and moves it onto the
+    /// target, durably; on failure the partial goes.
+    fn land_whole(&self, data: &[u8]) -> std::io::Result<()> {
+        let written = open_nofollow(&self.partial, true).and_then(|mut file| {
+            std::io::Write::write_all(&mut file, data)?;
+            self.finish(&file)
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+        written
     }
 
     /// Moves the verified partial onto the target, durably.

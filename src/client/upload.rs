@@ -190,7 +190,9 @@ impl Client {
             offset,
             tree,
         };
-        let hash = transfer::send(&mut self.conn, plan, &mut Known::Nothing, progress).await?;
+        let hash =
+            transfer::send(&mut self.conn, plan, &mut Known::Nothing, None, progress).await?;
+        self.conn.flush().await?;
         let reply = self.read_reply().await?;
         self.in_data = false;
         let ms = started.elapsed().as_millis() as u64;

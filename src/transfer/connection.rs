@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 
 use crate::protocol::{Code, FRAME_HEADER_LEN, FrameHeader};
@@ -68,6 +69,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// (the next read tells which). Cancel safe: nothing is consumed.
     pub async fn input(&mut self) {
         let _ = self.stream.fill_buf().await;
+    }
+
+    /// Whether a whole line has arrived and waits to be read (looking at
+    /// what is buffered, and at what the stream has ready without waiting).
+    /// A peer that sends requests without waiting for replies gets its
+    /// replies in fewer writes when they are sent only once none waits.
+    pub fn line_waiting(&mut self) -> bool {
+        match self.stream.fill_buf().now_or_never() {
+            Some(Ok(buf)) => buf.contains(&b'\n'),
+            _ => false,
+        }
+    }
+
+    /// Up to `max` lines that have arrived whole, as text, without taking
+    /// them (the next reads return them as ever); stops at one that is not
+    /// UTF-8. For a reader that prepares their work ahead.
+    pub fn lines_waiting(&mut self, max: usize) -> Vec<String> {
+        let Some(Ok(buf)) = self.stream.fill_buf().now_or_never() else {
+            return vec![];
+        };
+        let mut lines = buf.split_inclusive(|&b| b == b'\n');
+        let whole = lines.by_ref().take(max).take_while(|l| l.ends_with(b"\n"));
+        let text = whole.map_while(|l| {
+            let l = l.strip_suffix(b"\n")?;
+            let l = l.strip_suffix(b"\r").unwrap_or(l);
+            std::str::from_utf8(l).ok().map(str::to_string)
+        });
+        text.collect()
     }
 
     /// Queues a line; [`Connection::flush`] sends it.

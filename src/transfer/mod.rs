@@ -283,12 +283,52 @@ pub enum Known {
     All(cache::Chunks),
 }
 
-/// Sends `file[offset..size]` as chunk frames and an end frame. Returns
-/// the whole file's hash.
+/// Reads the chunk at `at` into `buf` and gives its hash: the known one if
+/// `all` has it, else computed.
+fn read_chunk(
+    plan: (&File, u64, u64),
+    at: u64,
+    all: Option<&cache::Chunks>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<ChainingValue> {
+    let (file, size, chunk) = plan;
+    buf.resize(usize::try_from((size - at).min(chunk)).unwrap_or(0), 0);
+    file.read_exact_at(buf, at)?;
+    let known = all.and_then(|c| c.get(usize::try_from(at / chunk).ok()?).copied());
+    Ok(known.unwrap_or_else(|| chunk_hash(size, at, buf)))
+}
+
+/// The first chunk of a send, read with its plan: for a file of one chunk,
+/// one trip to the blocking pool instead of two.
+pub struct Ahead {
+    data: Vec<u8>,
+    hash: ChainingValue,
+}
+
+/// Reads the chunk at the plan's offset (on the blocking pool: it reads).
+pub fn read_ahead(plan: &Plan, known: &Known) -> std::io::Result<Ahead> {
+    let all = match known {
+        Known::All(chunks) => Some(chunks),
+        _ => None,
+    };
+    let mut data = Vec::new();
+    let hash = read_chunk(
+        (&plan.file, plan.size, plan.chunk),
+        plan.offset,
+        all,
+        &mut data,
+    )?;
+    Ok(Ahead { data, hash })
+}
+
+/// Sends `file[offset..size]` as chunk frames and an end frame, starting
+/// with `ahead` if the first chunk was read already. Returns the whole
+/// file's hash. The caller flushes the connection.
 pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     plan: Plan,
     known: &mut Known,
+    ahead: Option<Ahead>,
     progress: &ProgressBar,
 ) -> Result<blake3::Hash> {
     struct Read {
@@ -296,44 +336,54 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         tree: Tree,
         hash: std::io::Result<ChainingValue>,
     }
+    enum Next {
+        Reading(JoinHandle<Read>),
+        Ready(Read),
+    }
     let Plan {
         file,
         size,
         chunk,
         offset,
-        tree,
+        mut tree,
     } = plan;
     let all = match known {
         Known::All(chunks) => Some(chunks.clone()),
         _ => None,
     };
     let read = |mut buf: Vec<u8>, mut tree: Tree, at: u64| {
-        let file = file.clone();
-        let all = all.clone();
-        let len = usize::try_from((size - at).min(chunk)).unwrap_or(0);
-        tokio::task::spawn_blocking(move || {
-            buf.resize(len, 0);
-            let hash = file.read_exact_at(&mut buf, at).map(|()| {
-                let known = all.as_ref().and_then(|c| {
-                    let i = usize::try_from(at / chunk).ok()?;
-                    c.get(i).copied()
-                });
-                let h = known.unwrap_or_else(|| chunk_hash(size, at, &buf));
+        let (file, all) = (file.clone(), all.clone());
+        Next::Reading(tokio::task::spawn_blocking(move || {
+            let hash = read_chunk((&file, size, chunk), at, all.as_ref(), &mut buf);
+            if let Ok(h) = hash {
                 tree.push(h);
-                h
-            });
+            }
             Read { buf, tree, hash }
-        })
+        }))
     };
 
     let mut pos = offset;
     let mut spare = Vec::new();
-    let mut pending = (pos < size).then(|| read(Vec::new(), tree.clone(), pos));
-    let mut tree = tree;
-    while let Some(task) = pending.take() {
-        let done = task
-            .await
-            .map_err(|e| Error::File(std::io::Error::other(e)))?;
+    let mut pending = match ahead {
+        _ if pos >= size => None,
+        Some(Ahead { data, hash }) => {
+            let mut tree = tree.clone();
+            tree.push(hash);
+            Some(Next::Ready(Read {
+                buf: data,
+                tree,
+                hash: Ok(hash),
+            }))
+        }
+        None => Some(read(Vec::new(), tree.clone(), pos)),
+    };
+    while let Some(next) = pending.take() {
+        let done = match next {
+            Next::Ready(done) => done,
+            Next::Reading(task) => task
+                .await
+                .map_err(|e| Error::File(std::io::Error::other(e)))?,
+        };
         let hash = match done.hash {
             Ok(hash) => hash,
             Err(e) => {
@@ -365,7 +415,6 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let hash = tree.finalize();
     conn.write_frame(&FrameHeader::end(size, hash), &[]).await?;
-    conn.flush().await?;
     Ok(hash)
 }
 
@@ -584,6 +633,60 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         error,
         verified: r.written,
     })
+}
+
+/// Receives a file of at most one chunk, from offset 0, into memory: its
+/// chunk frame (none for an empty file) and its end frame, checked as
+/// [`receive`] checks them, and with the same errors: a chunk that fails
+/// its hash is read to the end frame and reported ([`Error::BadChunk`]),
+/// leaving the session in step. For a receiver that then writes the whole
+/// file in one go.
+pub async fn receive_whole<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    size: u64,
+    progress: &ProgressBar,
+) -> Result<(Vec<u8>, blake3::Hash)> {
+    let mut data = Vec::new();
+    let mut failed = None;
+    loop {
+        let header = conn.read_frame_header().await?;
+        match header.kind {
+            FrameKind::Chunk => {
+                let len = u64::from(header.len);
+                if header.offset != 0 || !data.is_empty() || len != size || size == 0 {
+                    return Err(Error::Protocol(format!(
+                        "chunk at {} of {len} bytes: expected the whole file of {size} bytes at 0",
+                        header.offset
+                    )));
+                }
+                data.resize(header.len as usize, 0);
+                conn.read_payload(&mut data).await?;
+                if chunk_hash(size, 0, &data) != header.hash {
+                    failed.get_or_insert(Error::BadChunk(0));
+                }
+                progress.inc(len);
+            }
+            FrameKind::End => {
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                if header.offset != size || data.len() as u64 != size {
+                    return Err(Error::Protocol(format!(
+                        "end frame at {} but {} of {size} bytes arrived",
+                        header.offset,
+                        data.len()
+                    )));
+                }
+                let hash = blake3::hash(&data);
+                if hash.as_bytes() != &header.hash {
+                    return Err(Error::HashMismatch);
+                }
+                return Ok((data, hash));
+            }
+            FrameKind::Abort => return Err(Error::Aborted),
+            FrameKind::Start => return Err(Error::Protocol("unexpected start frame".into())),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ftpx::protocol::{FrameHeader, FrameKind};
+use ftpx::protocol::{FRAME_HEADER_LEN, FrameHeader, FrameKind};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufStream};
 
 use crate::common::{BIN, PASSWORD};
@@ -544,27 +544,76 @@ async fn get_r_does_not_write_through_a_linked_directory() {
 
 #[tokio::test]
 async fn a_planted_link_at_the_partial_file_or_target_is_replaced_not_followed() {
-    let fake = Fake::start("220 fake ready", |req| match verb(req) {
-        "GET" => Answer::Send(download(&[7u8; 5000], 1024)),
-        _ => Answer::Send(b"550 no\n".to_vec()),
-    })
-    .await;
-    let work = fake.workdir("w");
-    let outside = fake.workdir("outside");
-    for victim in ["part-victim", "target-victim"] {
-        std::fs::write(outside.join(victim), b"keep me").unwrap();
+    // A file of several chunks, and one of a single chunk (landed whole).
+    for size in [5000, 700] {
+        let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+            "GET" => Answer::Send(download(&vec![7u8; size], 1024)),
+            _ => Answer::Send(b"550 no\n".to_vec()),
+        })
+        .await;
+        let work = fake.workdir("w");
+        let outside = fake.workdir("outside");
+        for victim in ["part-victim", "target-victim"] {
+            std::fs::write(outside.join(victim), b"keep me").unwrap();
+        }
+        std::os::unix::fs::symlink(outside.join("part-victim"), work.join(".f.ftpx-part")).unwrap();
+        std::os::unix::fs::symlink(outside.join("target-victim"), work.join("f")).unwrap();
+        let run = fake.client(&work, "get f").await;
+        assert_eq!(run.status, 0, "{size}: {}", run.err());
+        for victim in ["part-victim", "target-victim"] {
+            let kept = std::fs::read(outside.join(victim)).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&kept),
+                "keep me",
+                "{size}: {victim}"
+            );
+        }
+        assert!(!work.join("f").is_symlink());
+        assert_eq!(std::fs::read(work.join("f")).unwrap(), vec![7u8; size]);
+        assert!(!work.join(".f.ftpx-part").exists());
     }
-    std::os::unix::fs::symlink(outside.join("part-victim"), work.join(".f.ftpx-part")).unwrap();
-    std::os::unix::fs::symlink(outside.join("target-victim"), work.join("f")).unwrap();
-    let run = fake.client(&work, "get f").await;
-    assert_eq!(run.status, 0, "{}", run.err());
-    for victim in ["part-victim", "target-victim"] {
-        let kept = std::fs::read(outside.join(victim)).unwrap();
-        assert_eq!(String::from_utf8_lossy(&kept), "keep me", "{victim}");
+}
+
+#[tokio::test]
+async fn a_file_of_one_chunk_that_fails_its_hashes_leaves_nothing() {
+    // A wrong chunk hash, then a right chunk with a wrong whole-file hash.
+    let body = [9u8; 700];
+    let wrong_chunk = {
+        let mut wire = download(&body, 1024);
+        let at = wire.iter().position(|&b| b == b'\n').unwrap() + 1;
+        let mut header =
+            FrameHeader::decode(wire[at..at + FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+        header.hash[0] ^= 1;
+        wire[at..at + FRAME_HEADER_LEN].copy_from_slice(&header.encode());
+        wire
+    };
+    let wrong_whole = {
+        let mut wire = download(&body, 1024);
+        let end = wire.len() - FRAME_HEADER_LEN;
+        let mut header = FrameHeader::decode(wire[end..].try_into().unwrap()).unwrap();
+        header.hash[0] ^= 1;
+        wire[end..].copy_from_slice(&header.encode());
+        wire
+    };
+    for (wire, why) in [
+        (wrong_chunk, "failed its hash check"),
+        (wrong_whole, "hash did not match"),
+    ] {
+        let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+            "GET" => Answer::Send(wire.clone()),
+            _ => Answer::Send(b"550 no\n".to_vec()),
+        })
+        .await;
+        let work = fake.workdir("w");
+        let run = fake.client(&work, "get f").await;
+        assert_eq!(run.status, 1, "{why}: {}", run.err());
+        assert!(run.err().contains(why), "{why}: {}", run.err());
+        let left: Vec<_> = tree(&work)
+            .into_iter()
+            .filter(|p| !p.starts_with(".state"))
+            .collect();
+        assert!(left.is_empty(), "{why}: left {left:?}");
     }
-    assert!(!work.join("f").is_symlink());
-    assert_eq!(std::fs::read(work.join("f")).unwrap(), vec![7u8; 5000]);
-    assert!(!work.join(".f.ftpx-part").exists());
 }
 
 /// Runs `get f` against a server that answers GET with `reply` and then

@@ -2182,3 +2182,56 @@ async fn a_spoiled_download_never_reaches_the_target() {
     assert_eq!(std::fs::read(&target).unwrap(), b"older");
     assert!(!part.exists(), "a partial that can never verify was kept");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gets_sent_together_are_answered_in_order_whatever_each_finds() {
+    // The server plans GETs that arrived together in one go: each still
+    // gets its own answer, in order, and a file read ahead of its turn is
+    // sent as it was when planned, whole and verified.
+    let (s, work, mut c) = ann_at_work(1 << 30).await;
+    let home = s.home("ann");
+    let small = data(1000, 1);
+    let big = big_data(2 * CHUNK + 5, 2);
+    std::fs::write(home.join("small"), &small).unwrap();
+    std::fs::write(home.join("big"), &big).unwrap();
+    std::fs::write(home.join("empty"), b"").unwrap();
+    std::fs::create_dir(home.join("dir")).unwrap();
+    let asks: [(&str, Option<&[u8]>); 8] = [
+        ("small", Some(&small)),
+        ("missing", None),
+        ("big", Some(&big)),
+        ("dir", None),
+        ("empty", Some(b"")),
+        ("../../etc/passwd", None),
+        ("small", Some(&small)),
+        ("big", Some(&big)),
+    ];
+    let mut asked = vec![];
+    for (i, (name, _)) in asks.iter().enumerate() {
+        let remote = c.remote_path(name).unwrap();
+        let local = work.path().join(format!("got{i}"));
+        asked.push(c.ask_get(&remote, &local).await.unwrap());
+    }
+    c.flush().await.unwrap();
+    let bar = ProgressBar::hidden();
+    for (i, ((name, want), ask)) in asks.iter().zip(asked).enumerate() {
+        let got = c.get_answered(ask, &bar).await;
+        let local = work.path().join(format!("got{i}"));
+        match want {
+            Some(bytes) => {
+                let t = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(t.hash, blake3::hash(bytes), "{name}");
+                assert_eq!(std::fs::read(&local).unwrap(), *bytes, "{name}");
+            }
+            None => {
+                assert!(
+                    matches!(got, Err(ClientError::Server { code: 550, .. })),
+                    "{name}: {got:?}"
+                );
+                assert!(!local.exists(), "{name}");
+            }
+        }
+    }
+    // The session is in step after them all.
+    assert_eq!(c.request(&Request::Pwd).await.unwrap().code, 257);
+}

@@ -1,6 +1,7 @@
 //! GET: the server's end of a download, from the offer the client's resume
 //! candidates allow to the last frame.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -13,16 +14,89 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::log::{self, Ended};
 use super::{Session, blocking};
 use crate::error::{Error, Result};
-use crate::protocol::{Candidate, Code};
+use crate::protocol::{Candidate, Code, Request, VPath};
+use crate::server::Server;
 use crate::server::live::{TransferInfo, new_transfer_id};
+use crate::store::jail::Home;
 use crate::transfer::cache::Key;
-use crate::transfer::{self, Known, Plan};
+use crate::transfer::{self, Ahead, Known, Plan};
+
+/// GETs planned ahead of their turn, at most.
+const MAX_PLANNED: usize = 64;
+/// Bytes of small files read ahead of their turn, at most.
+const READ_AHEAD_BYTES: u64 = 4 << 20;
+
+/// A GET planned before its turn: the request (its path resolved) and its plan.
+pub(super) struct Planned {
+    request: (VPath, Vec<Candidate>),
+    planned: Result<Prepared>,
+}
+
+/// A download ready to start: the file open at its offset, what is known
+/// of its hashes, and its only chunk if it was read already.
+struct Prepared {
+    plan: Plan,
+    known: Known,
+    ahead: Option<Ahead>,
+    key: Key,
+    /// When planning began: hashes kept from this send must be of a file
+    /// that had settled by then.
+    began: SystemTime,
+}
+
+/// Opens `path` in `home` and chooses where its download starts from the
+/// client's resume `candidates` (on the blocking pool). A file of one chunk
+/// is read now if `room` (bytes that may still be read ahead) allows.
+fn prepare(
+    server: &Server,
+    home: &Home,
+    path: &VPath,
+    candidates: &[Candidate],
+    room: &mut u64,
+) -> Result<Prepared> {
+    let chunk = server.config.transfer.chunk_size.0;
+    let began = SystemTime::now();
+    let file = home.open_read(path)?;
+    let meta = file.metadata().map_err(Error::Storage)?;
+    let key = Key::of(&meta, chunk);
+    let mut known = match server.hashes.get(&key) {
+        Some(chunks) => Known::All(chunks),
+        None => Known::Nothing,
+    };
+    let size = meta.len();
+    let (offset, tree) =
+        transfer::choose(&file, size, chunk, candidates, &known).map_err(Error::Storage)?;
+    let keep = offset == 0 && server.hashes.would_keep(&key) && key.settled_at(began);
+    if matches!(known, Known::Nothing) && keep {
+        known = Known::Collect(Vec::new());
+    }
+    let plan = Plan {
+        file: Arc::new(file),
+        size,
+        chunk,
+        offset,
+        tree,
+    };
+    let left = size - offset;
+    let ahead = match left {
+        1.. if left <= chunk && left <= *room => {
+            *room -= left;
+            Some(transfer::read_ahead(&plan, &known).map_err(Error::Storage)?)
+        }
+        _ => None,
+    };
+    Ok(Prepared {
+        plan,
+        known,
+        ahead,
+        key,
+        began,
+    })
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn get(&mut self, arg: String, candidates: Vec<Candidate>) -> Result<()> {
         let path = self.resolve(&arg)?;
-        let home = self.logged_in()?.home.clone();
-        let chunk = self.server.config.transfer.chunk_size.0;
         let started = Instant::now();
         let mut info = TransferInfo {
             id: new_transfer_id(),
@@ -32,36 +106,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             offset: 0,
         };
         self.note.transfer = Some(info.id.clone());
-        let p = path.clone();
-        let server = self.server.clone();
-        let plan = blocking(move || {
-            let began = SystemTime::now();
-            let file = home.open_read(&p)?;
-            let meta = file.metadata().map_err(Error::Storage)?;
-            let key = Key::of(&meta, chunk);
-            let mut known = match server.hashes.get(&key) {
-                Some(chunks) => Known::All(chunks),
-                None => Known::Nothing,
-            };
-            let size = meta.len();
-            let (offset, tree) = transfer::choose(&file, size, chunk, &candidates, &known)
-                .map_err(Error::Storage)?;
-            let keep = offset == 0 && server.hashes.would_keep(&key) && key.settled_at(began);
-            if matches!(known, Known::Nothing) && keep {
-                known = Known::Collect(Vec::new());
-            }
-            let plan = Plan {
-                file: Arc::new(file),
-                size,
-                chunk,
-                offset,
-                tree,
-            };
-            Ok((plan, known, key, began))
-        })
-        .await;
-        let (plan, mut known, key, began) = match plan {
-            Ok(planned) => planned,
+        let planned = match self.planned.pop_front() {
+            Some(p) if p.request.0 == path && p.request.1 == candidates => p.planned,
+            _ => self.plan_batch(path, candidates).await,
+        };
+        let Prepared {
+            plan,
+            mut known,
+            ahead,
+            key,
+            began,
+        } = match planned {
+            Ok(prepared) => prepared,
             Err(e) => {
                 self.log_download(&info, started, Err(&e), 0);
                 return Err(e);
@@ -71,7 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Sent with the first frames.
         self.announce(
             Code::Sending,
-            &format!("{} {} {chunk}", info.size, info.offset),
+            &format!("{} {} {}", info.size, info.offset, plan.chunk),
         )
         .await?;
         self.in_transfer = true;
@@ -84,7 +140,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let progress = ProgressBar::hidden();
         let entry = self.seat.entry.clone();
         entry.transfer_started(&info, &progress, &self.server.metrics);
-        let sent = transfer::send(&mut self.conn, plan, &mut known, &progress).await;
+        let mut sent = transfer::send(&mut self.conn, plan, &mut known, ahead, &progress).await;
+        if sent.is_ok()
+            && let Err(e) = self.send_replies().await
+        {
+            sent = Err(e);
+        }
         entry.transfer_stopped(&self.server.metrics);
         let bytes = progress.position().saturating_sub(info.offset);
         match sent {
@@ -103,6 +164,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(e)
             }
         }
+    }
+
+    /// Plans the GET of `path` together with the GETs that arrived whole
+    /// behind it (a client fetching a tree sends them without waiting), on
+    /// one trip to the blocking pool; theirs wait in `planned` for their
+    /// turn. Files of one chunk are read too, within [`READ_AHEAD_BYTES`].
+    async fn plan_batch(&mut self, path: VPath, candidates: Vec<Candidate>) -> Result<Prepared> {
+        self.planned.clear();
+        let max_path = self.server.config.limits.max_path;
+        let cwd = self.cwd.clone();
+        let mut batch = vec![(path, candidates)];
+        for line in self.conn.lines_waiting(MAX_PLANNED - 1) {
+            let Ok(Request::Get { path, candidates }) = Request::parse(&line) else {
+                break;
+            };
+            let Ok(path) = VPath::resolve(&cwd, &path, max_path) else {
+                break;
+            };
+            batch.push((path, candidates));
+        }
+        let (server, home) = (self.server.clone(), self.logged_in()?.home.clone());
+        let planned = blocking(move || {
+            let mut room = READ_AHEAD_BYTES;
+            let prepared = batch.into_iter().map(|(path, candidates)| {
+                let planned = prepare(&server, &home, &path, &candidates, &mut room);
+                Planned {
+                    request: (path, candidates),
+                    planned,
+                }
+            });
+            Ok(prepared.collect::<VecDeque<_>>())
+        })
+        .await?;
+        self.planned = planned;
+        let first = self.planned.pop_front().map(|p| p.planned);
+        first.unwrap_or_else(|| Err(Error::Storage(std::io::Error::other("nothing planned"))))
     }
 
     /// Keeps the chunk hashes of a file just sent whole, if it did not

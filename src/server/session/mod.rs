@@ -14,6 +14,7 @@ mod files;
 mod log;
 mod upload;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +46,8 @@ pub struct Session<S> {
     account_read: Option<u64>,
     cwd: VPath,
     stores: Stores,
+    /// GETs planned before their turn, in the order they came.
+    planned: VecDeque<download::Planned>,
     /// What the request being handled tells the log.
     note: Note,
     /// A transfer's frames are on the wire: no reply can be put between them.
@@ -95,6 +98,7 @@ pub async fn run_seated<S: AsyncRead + AsyncWrite + Unpin>(
         account_read: None,
         cwd: VPath::root(),
         stores: Stores::default(),
+        planned: VecDeque::new(),
         note: Note::default(),
         in_transfer: false,
         counted: false,
@@ -302,7 +306,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// transfer's id if one is waiting (see `protocol`).
     async fn reply(&mut self, code: Code, text: &str) -> Result<()> {
         self.announce(code, text).await?;
-        Ok(self.conn.flush().await?)
+        match code {
+            // The client waits for it before its frames.
+            Code::Ready => Ok(self.conn.flush().await?),
+            _ => Ok(self.send_replies().await?),
+        }
+    }
+
+    /// Sends the replies written so far, unless another request has
+    /// arrived whole: its reply goes out with them. A client that sends
+    /// requests without waiting (`get -r`, a login with its first command)
+    /// gets its replies in a few writes instead of one each.
+    async fn send_replies(&mut self) -> crate::transfer::error::Result<()> {
+        if self.conn.line_waiting() {
+            return Ok(());
+        }
+        self.conn.flush().await
     }
 
     /// [`Session::reply`] without sending it yet: for a reply that data

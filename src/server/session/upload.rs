@@ -282,7 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(());
             }
             let Some(reply) = self.stores.replies.front_mut() else {
-                return Ok(self.conn.flush().await?);
+                return Ok(self.send_replies().await?);
             };
             let outcome = match reply.outcome.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => {
