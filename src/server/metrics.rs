@@ -39,6 +39,7 @@ pub struct Metrics {
     hash_wait: Histogram,
     quota_refusals: Counter,
     partial_bytes: Gauge,
+    directory_syncs: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +66,7 @@ impl Metrics {
             hash_wait: Histogram::new(exponential_buckets(0.001, 4.0, 9)),
             quota_refusals: Counter::default(),
             partial_bytes: Gauge::default(),
+            directory_syncs: Counter::default(),
         };
         m.register();
         m
@@ -142,6 +144,11 @@ impl Metrics {
             "Bytes held in unfinished uploads and their journals on disk",
             self.partial_bytes.clone(),
         );
+        r.register(
+            "directory_syncs",
+            "Directory fsyncs made to land uploads (small files landed together share one)",
+            self.directory_syncs.clone(),
+        );
     }
 
     pub fn session_opened(&self) {
@@ -199,6 +206,11 @@ impl Metrics {
         if code == crate::protocol::Code::QuotaExceeded.number() {
             self.quota_refusals.inc();
         }
+    }
+
+    /// A directory was synced to make the uploads landed in it durable.
+    pub fn directory_synced(&self) {
+        self.directory_syncs.inc();
     }
 
     pub fn hash_waited(&self, wait: Duration) {
