@@ -40,6 +40,7 @@ pub struct Metrics {
     quota_refusals: Counter,
     partial_bytes: Gauge,
     download_hashes: Family<Labels, Counter>,
+    directory_syncs: Counter,
 }
 
 impl Default for Metrics {
@@ -67,6 +68,7 @@ impl Metrics {
             quota_refusals: Counter::default(),
             partial_bytes: Gauge::default(),
             download_hashes: Family::default(),
+            directory_syncs: Counter::default(),
         };
         m.register();
         m
@@ -149,6 +151,11 @@ impl Metrics {
             "Downloads by where their chunk hashes came from: cached or computed",
             self.download_hashes.clone(),
         );
+        r.register(
+            "directory_syncs",
+            "Directory fsyncs made to land uploads (small files landed together share one)",
+            self.directory_syncs.clone(),
+        );
     }
 
     pub fn session_opened(&self) {
@@ -213,6 +220,11 @@ impl Metrics {
         self.download_hashes
             .get_or_create(&vec![("source", source.into())])
             .inc();
+    }
+
+    /// A directory was synced to make the uploads landed in it durable.
+    pub fn directory_synced(&self) {
+        self.directory_syncs.inc();
     }
 
     pub fn hash_waited(&self, wait: Duration) {

@@ -67,6 +67,11 @@ impl Home {
         &self.dir
     }
 
+    /// Whether `other` is a clone of this same handle.
+    pub fn is(&self, other: &Home) -> bool {
+        Arc::ptr_eq(&self.dir, &other.dir)
+    }
+
     /// Whether `path` is a directory (following in-home symlinks).
     pub fn check_dir(&self, path: &VPath) -> Result<()> {
         let m = self

@@ -11,7 +11,10 @@
 //!
 //! - [`Upload::land`]: the verified file is renamed onto its target, and the
 //!   charge settled against what it replaces at that moment, under the
-//!   account's lock; any other staging file of that path goes with it;
+//!   account's lock; any other staging file of that path goes with it. The
+//!   rename is durable once its directory is synced: `land` does that at
+//!   once, while [`Upload::land_unsynced`] leaves it to the caller, so that
+//!   small files landed together cost one sync per directory;
 //! - [`Upload::park`]: the partial stays to be resumed, charged in full,
 //!   if that fits the user's limits (else it is discarded);
 //! - [`Upload::discard`]: its staging files are removed and its reservation
@@ -190,8 +193,10 @@ impl Upload {
         Ok((file, tree, journal))
     }
 
-    /// Stores a small upload whose bytes are all here and verified.
-    pub fn store(self, data: &[u8]) -> Result<()> {
+    /// Stores a small upload whose bytes are all here and verified. It
+    /// lands as [`Upload::land_unsynced`] does: the file is not durable
+    /// until the directory returned is synced.
+    pub fn store(self, data: &[u8]) -> Result<Unsynced> {
         let write = || -> io::Result<()> {
             if let Some(dir) = self.files.send.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -202,14 +207,27 @@ impl Upload {
         };
         write().map_err(|e| Error::fs(e, &self.path.to_string()))?;
         let send = self.files.send.clone();
-        self.land(&send)
+        self.land_unsynced(&send)
     }
 
     /// Moves the verified file `staged` onto the target, settling the
-    /// charge against what it replaces now, under the account's lock. If
+    /// charge against what it replaces now, under the account's lock, and
+    /// syncs the target's directory (one fsync; a failure is logged). If
     /// the account can't be locked (a cluster's database is away), nothing
     /// moves and the upload stays resumable.
-    pub fn land(mut self, staged: &Path) -> Result<()> {
+    pub fn land(self, staged: &Path) -> Result<()> {
+        let path = self.path.clone();
+        let unsynced = self.land_unsynced(staged)?;
+        if let Err(e) = unsynced.sync() {
+            warn!(event = "error", path = %path, error = %e, "could not make the rename durable");
+        }
+        Ok(())
+    }
+
+    /// Lands as [`Upload::land`] does, but returns the target's directory
+    /// unsynced: the caller syncs it, once for every upload landed there
+    /// together, before it tells anyone the file is stored.
+    pub fn land_unsynced(mut self, staged: &Path) -> Result<Unsynced> {
         let dir = staged.parent().unwrap_or(Path::new("."));
         let staging = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
             .map_err(Error::Storage)?;
@@ -241,14 +259,15 @@ impl Upload {
             Ok::<_, Error>(())
         })?;
         self.ended = true;
-        if let Err(e) = home.sync_dir(&path.parent()) {
-            warn!(event = "error", path = %path, error = %e, "could not make the rename durable");
-        }
+        let unsynced = Unsynced {
+            home: home.clone(),
+            dir: path.parent(),
+        };
         // A partial of this path that the landed file supersedes.
         if self.superseded {
             self.files.remove();
         }
-        Ok(())
+        Ok(unsynced)
     }
 
     /// Keeps the partial to be resumed, charged in full from now on, if that
@@ -306,6 +325,34 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         self.park_or_discard();
+    }
+}
+
+/// The directory of a home that an upload was renamed into, not synced
+/// yet: the rename is durable only once it is. One sync covers every
+/// rename into the directory before it.
+#[derive(Debug)]
+#[must_use = "a landed file is not durable until its directory is synced"]
+pub struct Unsynced {
+    home: Home,
+    dir: VPath,
+}
+
+impl Unsynced {
+    /// The directory, in the home.
+    pub fn dir(&self) -> &VPath {
+        &self.dir
+    }
+
+    /// Whether `other` is the same directory of the same home, which one
+    /// sync covers.
+    pub fn same_dir(&self, other: &Unsynced) -> bool {
+        self.home.is(&other.home) && self.dir == other.dir
+    }
+
+    /// Syncs the directory, making the renames into it durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.home.sync_dir(&self.dir)
     }
 }
 

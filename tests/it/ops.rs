@@ -497,6 +497,43 @@ fn no_hashes_are_kept_with_hash_cache_at_zero() {
     server.terminate();
 }
 
+#[test]
+fn put_r_of_many_small_files_syncs_each_directory_once_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), "metrics_listen = \"127.0.0.1:0\"");
+    server.useradd("gus", "64MiB");
+    let (dirs, per_dir) = (["a", "b", "c"], 100);
+    let mut files = vec![];
+    for (d, name) in dirs.iter().enumerate() {
+        std::fs::create_dir_all(dir.path().join("tree").join(name)).unwrap();
+        for i in 0..per_dir {
+            let rel = format!("tree/{name}/f{i:03}");
+            let bytes = data(i * 40, (d * per_dir + i) as u8);
+            std::fs::write(dir.path().join(&rel), &bytes).unwrap();
+            files.push((rel, bytes));
+        }
+    }
+    let out = connect_c(dir.path(), &server.ca(), server.port, "gus", "put -r tree");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let n = files.len();
+    let sent = format!("{n} files sent, 0 already complete");
+    assert!(out.stdout.contains(&sent), "{}", out.stdout);
+    let home = dir.path().join("var/homes/gus");
+    for (rel, bytes) in &files {
+        assert!(std::fs::read(home.join(rel)).unwrap() == *bytes, "{rel}");
+    }
+    let metrics = http_get(&metrics_addr(dir.path()), "/metrics").1;
+    let ok = "ftpx_transfers_total{direction=\"up\",result=\"ok\"}";
+    assert_eq!(sample(&metrics, ok), n as f64, "{metrics}");
+    // The renames of a batch share one sync per directory.
+    let syncs = sample(&metrics, "ftpx_directory_syncs_total");
+    assert!(
+        syncs >= dirs.len() as f64 && syncs <= (n / 10) as f64,
+        "{syncs} directory syncs for {n} files"
+    );
+    server.terminate();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_lists_a_transfer_in_flight_and_kick_ends_it_resumably() {
     let dir = tempfile::tempdir().unwrap();

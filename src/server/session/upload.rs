@@ -2,7 +2,8 @@
 //! SEND, a small file whose frames follow the request with no round trip.
 //! Both hand the upload's life to a `store::upload::Upload`; SENDs are
 //! written by one blocking task per session while the session reads on,
-//! and answered in order.
+//! and answered in order. The SENDs that task writes in one run are
+//! answered as a batch, once each directory they landed in is synced.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,8 +21,9 @@ use crate::error::{Error, Result};
 use crate::protocol::{self, Code, FrameKind, VPath};
 use crate::server::Server;
 use crate::server::live::{TransferInfo, new_transfer_id};
+use crate::server::metrics::Metrics;
 use crate::store::quota::UploadLock;
-use crate::store::upload::{Owner, Upload};
+use crate::store::upload::{Owner, Unsynced, Upload};
 use crate::transfer::{self, Checkpoints, Plan, Stopped};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -155,6 +157,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     upload.land(&part)
                 })
                 .await;
+                if landed.is_ok() {
+                    // Landing synced the file's directory.
+                    self.server.metrics.directory_synced();
+                }
                 landed.map(|()| hash).map_err(|e| (e, size))
             }
             Err(Stopped { error, verified }) => {
@@ -334,8 +340,9 @@ struct Store {
 
 impl Store {
     /// Charges the quota, writes a staging file and moves it into place.
-    /// Returns the text of the 226 reply.
-    fn write(self) -> Result<String> {
+    /// Returns the text of the 226 reply and the directory to sync before
+    /// it is sent.
+    fn write(self) -> Result<(String, Unsynced)> {
         let Store {
             server,
             id,
@@ -361,22 +368,23 @@ impl Store {
             user: Some(&owner.name),
         };
         let end = match &stored {
-            Ok(()) => Ended::new("ok", size, Ok(hash), started),
+            Ok(_) => Ended::new("ok", size, Ok(hash), started),
             Err(e) => Ended::new("refused", 0, Err(e), started),
         };
         log::transfer(&server, who, "SEND", &info, end);
-        stored.map(|()| {
+        stored.map(|unsynced| {
             server.metrics.moved("up", size);
-            format!("{} {size}", protocol::hex(&hash))
+            (format!("{} {size}", protocol::hex(&hash)), unsynced)
         })
     }
 }
 
 /// The SENDs of one session that are verified but not yet answered. One
 /// task on the blocking pool at a time writes them, in the order they came,
-/// while the session reads on; their replies go out in the same order,
-/// before any other request is handled. In flight: at most
-/// [`Stores::MAX_FILES`] files and [`Stores::MAX_BYTES`] bytes.
+/// while the session reads on, and releases their replies a [`Batch`] at a
+/// time; they go out in the same order, before any other request is
+/// handled. In flight: at most [`Stores::MAX_FILES`] files and
+/// [`Stores::MAX_BYTES`] bytes.
 #[derive(Default)]
 pub(super) struct Stores {
     queue: Arc<Mutex<StoreQueue>>,
@@ -419,12 +427,13 @@ impl Stores {
         let id = store.id.clone();
         self.replies.push_back(StoreReply { outcome, bytes, id });
         self.bytes += bytes;
+        let server = store.server.clone();
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.jobs.push_back((store, done));
         if !queue.writing {
             queue.writing = true;
             let queue = self.queue.clone();
-            tokio::task::spawn_blocking(move || write_stores(&queue));
+            tokio::task::spawn_blocking(move || write_stores(&queue, &server.metrics));
         }
     }
 
@@ -453,8 +462,10 @@ impl Stores {
     }
 }
 
-/// The blocking side of [`Stores`]: writes queued stores until none is left.
-fn write_stores(queue: &Mutex<StoreQueue>) {
+/// The blocking side of [`Stores`]: writes queued stores until none is
+/// left, committing a batch of them whenever the queue runs empty or
+/// [`Batch::MAX`] are written.
+fn write_stores(queue: &Mutex<StoreQueue>, metrics: &Metrics) {
     let lock = || queue.lock().unwrap_or_else(|e| e.into_inner());
     /// Should a store panic, the queue is left with no writer and no
     /// orphaned job (their replies turn into errors).
@@ -469,15 +480,200 @@ fn write_stores(queue: &Mutex<StoreQueue>) {
         }
     }
     let _unwind = Unwind(queue);
+    let mut batch = Batch::default();
     loop {
-        let next = {
+        let next = if batch.len() < Batch::MAX {
             let mut queue = lock();
             let next = queue.jobs.pop_front();
-            // Under the same lock as the pop, so a push never finds a writer that is leaving.
-            queue.writing = next.is_some();
+            // Under the same lock as the pop, so a push never finds a
+            // writer that is leaving. One with a batch to commit stays.
+            queue.writing = next.is_some() || !batch.is_empty();
             next
+        } else {
+            None
         };
-        let Some((store, done)) = next else { return };
-        let _ = done.send(store.write());
+        match next {
+            Some((store, done)) => batch.add(done, store.write()),
+            None if batch.is_empty() => return,
+            None => std::mem::take(&mut batch).commit(metrics),
+        }
+    }
+}
+
+/// The stores written in one run of the writer, landed but not answered.
+/// A 226 means the file is durable, and its rename is durable only once
+/// its directory is synced: the replies wait here until [`Batch::commit`]
+/// has synced each directory the batch landed in, once, and `commit` is
+/// the only way they leave.
+#[derive(Default)]
+struct Batch {
+    /// The directories to sync, each once.
+    dirs: Vec<Unsynced>,
+    /// The replies, in order.
+    replies: Vec<Held>,
+}
+
+/// A store's reply, held in its [`Batch`].
+struct Held {
+    done: oneshot::Sender<Result<String>>,
+    outcome: Result<String>,
+    /// The index in the batch's `dirs` of the directory the file landed
+    /// in; none for a store that failed.
+    dir: Option<usize>,
+}
+
+impl Batch {
+    /// The most stores in one batch: as many as a session has in flight.
+    const MAX: usize = Stores::MAX_FILES;
+
+    fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+
+    /// Holds the reply of a store: the text of its 226 and the directory
+    /// it landed in, or the error that refused it.
+    fn add(&mut self, done: oneshot::Sender<Result<String>>, written: Result<(String, Unsynced)>) {
+        let (outcome, dir) = match written {
+            Ok((text, unsynced)) => {
+                let at = match self.dirs.iter().position(|d| d.same_dir(&unsynced)) {
+                    Some(at) => at,
+                    None => {
+                        self.dirs.push(unsynced);
+                        self.dirs.len() - 1
+                    }
+                };
+                (Ok(text), Some(at))
+            }
+            Err(e) => (Err(e), None),
+        };
+        self.replies.push(Held { done, outcome, dir });
+    }
+
+    /// Syncs each directory once, then releases the replies in order. A
+    /// store whose directory could not be synced is answered with an
+    /// error: its file is in place, but might not survive a crash, and a
+    /// 226 would promise that it does.
+    fn commit(self, metrics: &Metrics) {
+        let synced: Vec<bool> = self
+            .dirs
+            .iter()
+            .map(|d| {
+                metrics.directory_synced();
+                let synced = d.sync();
+                if let Err(e) = &synced {
+                    warn!(event = "error", path = %d.dir(), error = %e, "could not make the renames into a directory durable");
+                }
+                synced.is_ok()
+            })
+            .collect();
+        for Held { done, outcome, dir } in self.replies {
+            let outcome = match (outcome, dir) {
+                (Ok(_), Some(at)) if !synced[at] => Err(Error::Storage(std::io::Error::other(
+                    "the directory of the stored file could not be synced",
+                ))),
+                (outcome, _) => outcome,
+            };
+            let _ = done.send(outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::jail::Home;
+    use crate::store::quota::{Ledger, Limits};
+
+    /// A user's uploads in a fresh temp dir, whose home holds `dirs`.
+    fn owner(root: &std::path::Path, dirs: &[&str]) -> Owner {
+        let home = root.join("home");
+        for d in dirs {
+            std::fs::create_dir_all(home.join(d)).unwrap();
+        }
+        Owner {
+            ledger: Arc::new(Ledger::default()),
+            name: "u".into(),
+            home: Home::open(&home).unwrap(),
+            limits: Limits {
+                bytes: 1 << 20,
+                entries: 100,
+            },
+            staging: root.join("partial/u"),
+        }
+    }
+
+    /// Stores `data` at `path` as a SEND does, adding its reply to `batch`.
+    fn store(
+        batch: &mut Batch,
+        owner: &Owner,
+        path: &str,
+        data: &[u8],
+    ) -> oneshot::Receiver<Result<String>> {
+        let path = VPath::resolve(&VPath::root(), path, 99).unwrap();
+        let lock = owner
+            .ledger
+            .lock_upload(&owner.name, &path)
+            .unwrap()
+            .unwrap();
+        let written = Upload::begin(lock, owner, path, data.len() as u64)
+            .and_then(|u| u.store(data))
+            .map(|unsynced| ("stored".to_string(), unsynced));
+        let (done, outcome) = oneshot::channel();
+        batch.add(done, written);
+        outcome
+    }
+
+    #[test]
+    fn a_batch_releases_no_reply_before_its_commit() {
+        let root = tempfile::tempdir().unwrap();
+        let owner = owner(root.path(), &["a", "b"]);
+        let mut batch = Batch::default();
+        let mut replies = vec![];
+        for i in 0..6 {
+            let dir = ["a", "b"][i % 2];
+            replies.push(store(&mut batch, &owner, &format!("/{dir}/f{i}"), b"bytes"));
+        }
+        // Over the quota: refused, and answered with the batch.
+        replies.push(store(&mut batch, &owner, "/a/huge", &vec![0; 2 << 20]));
+        assert_eq!(batch.dirs.len(), 2, "one sync per directory");
+        for r in &mut replies {
+            assert!(matches!(
+                r.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ));
+        }
+        assert!(root.path().join("home/b/f5").exists());
+        batch.commit(&Metrics::new());
+        let answers: Vec<_> = replies.iter_mut().map(|r| r.try_recv().unwrap()).collect();
+        assert!(
+            answers[..6]
+                .iter()
+                .all(|a| matches!(a.as_deref(), Ok("stored"))),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[6], Err(Error::QuotaExceeded { .. })),
+            "{answers:?}"
+        );
+    }
+
+    #[test]
+    fn a_reply_waits_for_its_directory_sync_and_fails_with_it() {
+        let root = tempfile::tempdir().unwrap();
+        let owner = owner(root.path(), &["a", "b"]);
+        let mut batch = Batch::default();
+        let mut in_a = store(&mut batch, &owner, "/a/f", b"one");
+        let mut in_b = store(&mut batch, &owner, "/b/f", b"two");
+        // The directory goes before the commit syncs it: a reply released
+        // before that sync would claim a durable file.
+        let home = root.path().join("home");
+        std::fs::rename(home.join("b"), home.join("moved")).unwrap();
+        batch.commit(&Metrics::new());
+        assert_eq!(in_a.try_recv().unwrap().unwrap(), "stored");
+        assert!(matches!(in_b.try_recv().unwrap(), Err(Error::Storage(_))));
     }
 }
