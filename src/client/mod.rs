@@ -214,11 +214,10 @@ impl Client {
             Login::Refused(e) => Err(ClientError::Login(e.clone())),
             Login::Pending { .. } => {
                 self.login = Login::Done;
-                let mut outcome = self.conn.flush().await.map_err(ClientError::from);
-                if outcome.is_ok() {
-                    outcome = self.read_login().await;
-                }
-                match outcome {
+                // What is written goes out; if it can't, what the server
+                // said before (a greeting that refuses) is still read.
+                let _ = self.conn.flush().await;
+                match self.read_login().await {
                     Ok(()) => {
                         info!("logged in");
                         Ok(())
