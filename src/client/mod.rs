@@ -186,7 +186,7 @@ impl Client {
     }
 
     /// Writes and sends `LOGIN` (or `REGISTER`), before the greeting came.
-    /// Its reply is not counted as [`Client::pipe`]'s: [`Client::login`]
+    /// Its reply is not counted as [`Client::pipe`]'s: the `login` field
     /// tracks it.
     async fn send_login(&mut self, user: &str, password: &str, register: bool) -> Result<()> {
         self.write_request(&login_request(user, password, register))
