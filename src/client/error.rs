@@ -2,6 +2,7 @@
 //! answered, and what stopped a transfer, in the client's words.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::transfer;
 
@@ -31,6 +32,12 @@ pub enum ClientError {
     Connection(String),
     #[error("{0}")]
     Verify(String),
+    /// The session did not open: its greeting or the login (or
+    /// registration) sent with the first request refused it, or the
+    /// connection failed before they were read. The client keeps the
+    /// error and gives it again for every later request.
+    #[error("{0}")]
+    Login(Arc<ClientError>),
 }
 
 impl ClientError {

@@ -23,6 +23,7 @@ pub use reply::{
 };
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -103,6 +104,27 @@ pub struct Client {
     /// Requests written with [`Client::pipe`] whose replies were not yet
     /// read whole: while there are any, the session is not in step.
     unanswered: usize,
+    /// What the client knows of its login: the one place that holds its
+    /// outcome (see [`Client::logged_in`]).
+    login: Login,
+    /// `QUIT` goes out with the next [`Client::flush`]: the request it
+    /// sends is the session's last.
+    quit_next: bool,
+    /// `QUIT` was sent; only its `221` is left to read.
+    quit_sent: bool,
+}
+
+/// The login of a session.
+#[derive(Debug)]
+enum Login {
+    /// Answered, or never asked for ([`Client::connect`]).
+    Done,
+    /// Sent with its greeting and reply still to read: they are read before
+    /// any other reply. `ahead`: one request went out after it.
+    Pending { ahead: bool },
+    /// The greeting or the login refused the session, or the connection
+    /// failed before they were read.
+    Refused(Arc<ClientError>),
 }
 
 impl Client {
@@ -140,16 +162,115 @@ impl Client {
         (user, password, register): (&str, &str, bool),
     ) -> Result<Client> {
         let mut client = Client::open(host, port, trust, io_timeout).await?;
-        client
-            .pipe(&login_request(user, password, register))
+        client.send_login(user, password, register).await?;
+        client.read_login().await?;
+        Ok(client)
+    }
+
+    /// Like [`Client::connect_and_login`], but returns once the `LOGIN` is
+    /// sent: the first request goes out without waiting for its reply, and
+    /// the greeting and the login's reply are read before that request's
+    /// reply (see [`Client::logged_in`]). A script's login and first
+    /// command so cost one round trip together.
+    pub async fn connect_and_send_login(
+        host: &str,
+        port: u16,
+        trust: &Trust,
+        io_timeout: Duration,
+        (user, password, register): (&str, &str, bool),
+    ) -> Result<Client> {
+        let mut client = Client::open(host, port, trust, io_timeout).await?;
+        client.send_login(user, password, register).await?;
+        client.login = Login::Pending { ahead: false };
+        Ok(client)
+    }
+
+    /// Writes and sends `LOGIN` (or `REGISTER`), before the greeting came.
+    /// Its reply is not counted as [`Client::pipe`]'s: the `login` field
+    /// tracks it.
+    async fn send_login(&mut self, user: &str, password: &str, register: bool) -> Result<()> {
+        self.write_request(&login_request(user, password, register))
             .await?;
-        client.flush().await?;
-        client.greeted().await?;
-        let reply = client.read_answer().await?;
+        self.flush().await
+    }
+
+    /// Reads the greeting and the reply to the login sent before it.
+    async fn read_login(&mut self) -> Result<()> {
+        self.greeted().await?;
+        let reply = self.read_reply_now(ReplyLimit::REPLY).await?;
         if reply.code >= 400 {
             return Err(reply.into_error());
         }
-        Ok(client)
+        Ok(())
+    }
+
+    /// The outcome of the login: once it was sent with
+    /// [`Client::connect_and_send_login`], reads its greeting and reply the
+    /// first time (every reply read does so first). A refusal is kept:
+    /// this and every later request return it, as [`ClientError::Login`].
+    pub async fn logged_in(&mut self) -> Result<()> {
+        match &self.login {
+            Login::Done => Ok(()),
+            Login::Refused(e) => Err(ClientError::Login(e.clone())),
+            Login::Pending { .. } => {
+                self.login = Login::Done;
+                // What is written goes out; if it can't, what the server
+                // said before (a greeting that refuses) is still read.
+                let _ = self.conn.flush().await;
+                match self.read_login().await {
+                    Ok(()) => {
+                        info!("logged in");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        self.login = Login::Refused(e.clone());
+                        Err(ClientError::Login(e))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the login's outcome is still to be read.
+    pub fn login_pending(&self) -> bool {
+        matches!(self.login, Login::Pending { .. })
+    }
+
+    /// The refusal of the session, if its login was refused.
+    pub fn refusal(&self) -> Option<ClientError> {
+        match &self.login {
+            Login::Refused(e) => Some(ClientError::Login(e.clone())),
+            _ => None,
+        }
+    }
+
+    /// Writes a request line, not yet sent. While the login's outcome is
+    /// still to come, one request goes out with it; the next one waits
+    /// for it, so a refused login has at most one request refused behind
+    /// it (which the server does not count against the session).
+    async fn write_request(&mut self, request: &Request) -> Result<usize> {
+        match self.login {
+            Login::Pending { ahead: false } => self.login = Login::Pending { ahead: true },
+            Login::Pending { ahead: true } | Login::Refused(_) => self.logged_in().await?,
+            Login::Done => {}
+        }
+        let line = request.to_line();
+        if let Err(e) = self.conn.write_line(&line).await {
+            return Err(self.failed(e.into()).await);
+        }
+        Ok(line.len() + 1)
+    }
+
+    /// An error while the login's outcome is still to come: the session
+    /// did not open, and is reported as its login's outcome says.
+    async fn failed(&mut self, e: ClientError) -> ClientError {
+        if self.login_pending()
+            && let Err(refused) = self.logged_in().await
+        {
+            return refused;
+        }
+        e
     }
 
     /// The TLS session, before its greeting.
@@ -162,6 +283,9 @@ impl Client {
             options: TransferOptions::default(),
             in_data: false,
             unanswered: 0,
+            login: Login::Done,
+            quit_next: false,
+            quit_sent: false,
             io_timeout,
             closed: false,
         };
@@ -179,7 +303,7 @@ impl Client {
 
     /// Reads the greeting: anything but 220 refuses the session.
     async fn greeted(&mut self) -> Result<()> {
-        let greeting = self.read_reply().await?;
+        let greeting = self.read_reply_now(ReplyLimit::REPLY).await?;
         if greeting.code != 220 {
             return Err(greeting.into_error());
         }
@@ -235,12 +359,23 @@ impl Client {
         VPath::resolve(&self.cwd, arg, usize::MAX).map_err(|e| ClientError::Local(e.to_string()))
     }
 
+    /// Makes the next request the session's last: `QUIT` goes out with it
+    /// (at the next [`Client::flush`]), and [`Client::quit`] then only
+    /// reads the `221` that follows its reply, no round trip more. For a
+    /// command of one request and its reply.
+    pub fn quit_with_next(&mut self) {
+        self.quit_next = true;
+    }
+
     /// Closes the session politely. Waiting for the `221` costs a round
-    /// trip, but once it came the server has logged every request before.
+    /// trip unless `QUIT` went out with the last request
+    /// ([`Client::quit_with_next`]), but once it came the server has
+    /// logged every request before.
     pub async fn quit(mut self) {
-        if self.conn.write_line(&Request::Quit.to_line()).await.is_ok()
-            && self.conn.flush().await.is_ok()
-        {
+        let sent = self.quit_sent
+            || (self.conn.write_line(&Request::Quit.to_line()).await.is_ok()
+                && self.conn.flush().await.is_ok());
+        if sent {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.read_reply()).await;
         }
         self.conn.shutdown().await;

@@ -96,9 +96,16 @@ impl Client {
 
     /// Reads one whole reply; a longer one is a protocol error.
     pub async fn read_reply_within(&mut self, limit: ReplyLimit) -> Result<Reply> {
+        self.logged_in().await?;
+        self.read_reply_now(limit).await
+    }
+
+    /// [`Client::read_reply_within`] without reading a login's outcome
+    /// first: for the greeting and the login's reply themselves.
+    pub(super) async fn read_reply_now(&mut self, limit: ReplyLimit) -> Result<Reply> {
         let mut lines = vec![];
         let (code, text) = self
-            .read_reply_lines(limit, |line| {
+            .read_lines(limit, |line| {
                 lines.push(line);
                 Ok(())
             })
@@ -108,8 +115,19 @@ impl Client {
 
     /// Reads one reply, handing each continuation line's text to `each` as
     /// it arrives, and returns the final line's code and text. Past `limit`
-    /// the reply is a protocol error, and the session is out of step.
+    /// the reply is a protocol error, and the session is out of step. The
+    /// outcome of a login sent with the first request is read first.
     async fn read_reply_lines(
+        &mut self,
+        limit: ReplyLimit,
+        each: impl FnMut(String) -> Result<()>,
+    ) -> Result<(u16, String)> {
+        self.logged_in().await?;
+        self.read_lines(limit, each).await
+    }
+
+    /// [`Client::read_reply_lines`], the login's outcome aside.
+    async fn read_lines(
         &mut self,
         limit: ReplyLimit,
         mut each: impl FnMut(String) -> Result<()>,
@@ -147,8 +165,8 @@ impl Client {
 
     /// Sends a request and returns its reply, whatever its code.
     pub async fn exchange(&mut self, request: &Request) -> Result<Reply> {
-        self.conn.write_line(&request.to_line()).await?;
-        self.conn.flush().await?;
+        self.write_request(request).await?;
+        self.flush().await?;
         self.read_reply_within(ReplyLimit::of(request)).await
     }
 
@@ -175,9 +193,9 @@ impl Client {
     ) -> Result<()> {
         for (b, batch) in requests.chunks(PIPELINE_WINDOW).enumerate() {
             for r in batch {
-                self.conn.write_line(&r.to_line()).await?;
+                self.write_request(r).await?;
             }
-            self.conn.flush().await?;
+            self.send().await?;
             for (i, r) in batch.iter().enumerate() {
                 let reply = self.read_reply_within(ReplyLimit::of(r)).await?;
                 let reply = if reply.code >= 400 {
@@ -202,15 +220,28 @@ impl Client {
     /// [`Client::read_answer`], [`Client::read_listing`] or
     /// [`Client::get_answered`]. Returns the bytes the request took.
     pub async fn pipe(&mut self, request: &Request) -> Result<usize> {
-        let line = request.to_line();
-        self.conn.write_line(&line).await?;
+        let len = self.write_request(request).await?;
         self.unanswered += 1;
-        Ok(line.len() + 1)
+        Ok(len)
     }
 
-    /// Sends what [`Client::pipe`] wrote.
+    /// Sends what [`Client::pipe`] wrote, and `QUIT` after it if
+    /// [`Client::quit_with_next`] asked for it.
     pub async fn flush(&mut self) -> Result<()> {
-        Ok(self.conn.flush().await?)
+        if std::mem::take(&mut self.quit_next) {
+            // Accepted before login too: it never waits for the login.
+            self.conn.write_line(&Request::Quit.to_line()).await?;
+            self.quit_sent = true;
+        }
+        self.send().await
+    }
+
+    /// Sends what was written.
+    pub(super) async fn send(&mut self) -> Result<()> {
+        match self.conn.flush().await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failed(e.into()).await),
+        }
     }
 
     /// Reads the whole reply to the oldest piped request (not a `LIST`:

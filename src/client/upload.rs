@@ -64,7 +64,7 @@ impl Client {
                 path: files[i].1.to_string(),
                 size,
             };
-            self.conn.write_line(&line.to_line()).await?;
+            self.write_request(&line).await?;
             self.conn.write_frame(&FrameHeader::start(0), &[]).await?;
             if size > 0 {
                 let chunk = FrameHeader {
@@ -80,7 +80,7 @@ impl Client {
                 .await?;
             in_flight.push_back((i, hash, size));
             if in_flight.len() >= SEND_WINDOW {
-                self.conn.flush().await?;
+                self.send().await?;
                 while in_flight.len() > SEND_WINDOW / 2 {
                     let (i, hash, size) = in_flight.pop_front().expect("queue is full");
                     let outcome = self.sent(&files[i], hash, size).await?;
@@ -88,7 +88,7 @@ impl Client {
                 }
             }
         }
-        self.conn.flush().await?;
+        self.send().await?;
         while let Some((i, hash, size)) = in_flight.pop_front() {
             let outcome = self.sent(&files[i], hash, size).await?;
             done(i, outcome);

@@ -120,7 +120,11 @@
 //! request the server does not read. `SEND` is pipelined by design (above).
 //! The `ftpx` client writes its `LOGIN` before the greeting has arrived; a
 //! greeting other than 220 still refuses the session, and the server reads
-//! nothing more.
+//! nothing more. In a script it also writes its first request right behind
+//! the `LOGIN`, before the login's reply (one request, no more), and `QUIT`
+//! right behind the last request when that is one request and its reply.
+//! A request refused (530) only because the login just before it failed
+//! is not counted against `max_bad_requests`: the failed login was.
 //!
 //! # Transfer ids
 //!

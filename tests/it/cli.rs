@@ -233,6 +233,50 @@ fn batch_modes_stop_at_the_first_failure() {
 }
 
 #[test]
+fn a_refused_login_with_a_command_sent_behind_it_ends_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    // Two strikes end a session: the failed login is one, and the PWD
+    // sent with it must not be the second.
+    let config = format!("{}[limits]\nmax_bad_requests = 2\n", test_config_toml());
+    std::fs::write(dir.path().join("etc/ftpx.toml"), config).unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("eve", "1MiB");
+    let wrong = |commands: &str| {
+        run(ftpx(dir.path())
+            .args(["connect", &format!("eve@127.0.0.1:{}", server.port), "--ca"])
+            .arg(server.ca())
+            .args(["-c", commands])
+            .env("FTPX_PASSWORD", "not the password"))
+    };
+    // `pwd` goes out with the login; `lcd` is local, so the client waits
+    // for the login's reply first, as it used to before any command.
+    let sent = wrong("pwd");
+    let waited = wrong("lcd /; pwd");
+    for out in [&sent, &waited] {
+        assert_eq!(out.status, exit::LOGIN, "{}", out.stderr);
+        assert_eq!(
+            out.stderr,
+            "ftpx: login failed: unknown user or wrong password\n"
+        );
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+    server.terminate();
+    let log = std::fs::read_to_string(dir.path().join("var/log/ftpx.log")).unwrap();
+    let pwd: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request=\"PWD\""))
+        .collect();
+    // Sent once, with the login, and refused: it did not run.
+    assert_eq!(pwd.len(), 1, "{log}");
+    assert!(pwd[0].contains("code=530"), "{}", pwd[0]);
+    assert!(!log.contains("too many bad requests"), "{log}");
+    assert_eq!(log.matches("event=login_failed").count(), 2, "{log}");
+    // The QUIT sent with the PWD ended that session.
+    assert_eq!(log.matches("reason=\"quit\"").count(), 1, "{log}");
+}
+
+#[test]
 fn login_failures_look_the_same_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let server = BinServer::start(dir.path(), 0);

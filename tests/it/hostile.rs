@@ -125,6 +125,9 @@ enum Greet {
     First,
     /// Only once the client's first request came.
     AfterRequest,
+    /// Only once the client's first two requests came: the login and the
+    /// first command's.
+    AfterTwoRequests,
 }
 
 async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
@@ -133,7 +136,18 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     script: &Script,
     sent: &AtomicU64,
 ) -> std::io::Result<()> {
-    if greet == Greet::First {
+    // Lines read before their turn, as a server that waits for more.
+    let mut early = std::collections::VecDeque::new();
+    if greet == Greet::AfterTwoRequests {
+        for _ in 0..2 {
+            let mut line = String::new();
+            if conn.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            early.push_back(line);
+        }
+    }
+    if matches!(greet, Greet::First | Greet::AfterTwoRequests) {
         conn.write_all(greeting.as_bytes()).await?;
         conn.flush().await?;
     }
@@ -142,8 +156,10 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let mut held = vec![];
     loop {
         line.clear();
-        if conn.read_line(&mut line).await? == 0 {
-            return Ok(());
+        match early.pop_front() {
+            Some(read) => line = read,
+            None if conn.read_line(&mut line).await? == 0 => return Ok(()),
+            None => {}
         }
         let request = line.trim_end();
         if greet == Greet::AfterRequest && !logged_in {
@@ -153,7 +169,9 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             logged_in = request.starts_with("LOGIN ");
             Answer::Send(b"230 welcome\n".to_vec())
         } else if request == "QUIT" {
-            conn.write_all(b"221 bye\n").await?;
+            // What was held goes out first: replies keep their order.
+            let bytes = [std::mem::take(&mut held), b"221 bye\n".to_vec()].concat();
+            conn.write_all(&bytes).await?;
             conn.flush().await?;
             return Ok(());
         } else {
@@ -810,4 +828,62 @@ async fn the_login_goes_out_without_waiting_for_the_greeting() {
     let run = fake.client(&work, "pwd").await;
     assert_eq!(run.status, 0, "{}", run.err());
     assert_eq!(run.out(), "/\n");
+}
+
+#[tokio::test]
+async fn a_script_sends_its_first_command_with_the_login() {
+    // This server says nothing, not even its greeting, until the login
+    // and the next request came: a client that waits for the login's
+    // reply before its first command hangs until its timeout.
+    let fake = Fake::start_greeting(
+        Greet::AfterTwoRequests,
+        "220 fake ready",
+        |req| match verb(req) {
+            "PWD" => Answer::Send(b"257 \"/\"\n".to_vec()),
+            _ => Answer::Send(b"500 no\n".to_vec()),
+        },
+    )
+    .await;
+    let work = fake.workdir("w");
+    let started = Instant::now();
+    let run = fake.client(&work, "pwd").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    assert_eq!(run.out(), "/\n");
+    // Well within the client's 10 s timeout: nothing waited for it.
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A transfer as the first command too: its GET goes with the login.
+    let body = b"pipelined".to_vec();
+    let wire = download(&body, 1024);
+    let fake = Fake::start_greeting(
+        Greet::AfterTwoRequests,
+        "220 fake ready",
+        move |req| match verb(req) {
+            "GET" => Answer::Send(wire.clone()),
+            _ => Answer::Send(b"500 no\n".to_vec()),
+        },
+    )
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "get f").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    assert_eq!(std::fs::read(work.join("f")).unwrap(), body);
+}
+
+#[tokio::test]
+async fn a_script_sends_quit_with_its_last_command() {
+    // This server answers PWD only once the next request came: a client
+    // that waits for that reply before it sends QUIT hangs until its
+    // timeout.
+    let fake = Fake::start("220 fake ready", |req| match verb(req) {
+        "PWD" => Answer::Hold(b"257 \"/\"\n".to_vec()),
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let started = Instant::now();
+    let run = fake.client(&work, "pwd").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    assert_eq!(run.out(), "/\n");
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -452,6 +452,27 @@ async fn a_session_that_keeps_sending_bad_requests_is_closed() {
     s.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_sent_with_a_failed_login_is_no_strike() {
+    let s = TestServer::start_with(|c| c.limits.max_bad_requests = 3).await;
+    s.add_user("ann", 1 << 20);
+    let mut raw = Raw::connect(&s).await;
+    // A script's client sends its first request with the login.
+    raw.send(b"LOGIN ann \"not the password\"\nPWD\n").await;
+    assert_eq!(code(&raw.reply().await.unwrap()), 430);
+    assert_eq!(code(&raw.reply().await.unwrap()), 530);
+    // The failed login was one strike; that PWD none. Only that one: the
+    // next refused request counts, and the third strike closes.
+    assert_eq!(code(&raw.ask("PWD").await), 530);
+    assert_eq!(code(&raw.ask("PWD").await), 530);
+    assert_eq!(
+        raw.line().await.as_deref(),
+        Some("421 too many bad requests, closing")
+    );
+    assert!(raw.line().await.is_none(), "the session went on");
+    s.stop().await;
+}
+
 /// The spec closes a session on a 500 only for an over-long line; a whole
 /// line that is not UTF-8 was read to its end, so the session can go on.
 #[tokio::test(flavor = "multi_thread")]

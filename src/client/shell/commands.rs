@@ -546,6 +546,52 @@ async fn get_file(
     Ok(local)
 }
 
+/// Whether a script's command asks the server before it does anything
+/// else: it may start while the login sent with the session is still
+/// unanswered, its first request going out with the login. Any other
+/// command (`lcd`, `!`, `help`...) waits for the login's outcome: nothing
+/// it does may come before a refused login.
+pub(super) fn asks_first(words: &[Word]) -> bool {
+    let cmd = words.first().map_or("", |w| w.text.as_str());
+    matches!(
+        cmd,
+        "pwd"
+            | "cd"
+            | "ls"
+            | "dir"
+            | "mkdir"
+            | "rmdir"
+            | "rm"
+            | "delete"
+            | "mv"
+            | "rename"
+            | "quota"
+            | "df"
+            | "uploads"
+            | "discard"
+            | "put"
+            | "get"
+    )
+}
+
+/// Whether a command is one request and its reply, nothing after it: the
+/// last of a script sends the session's `QUIT` with its request. (A
+/// transfer is not: it may retry, or send frames after its request.)
+pub(super) fn one_request(words: &[Word]) -> bool {
+    if glob_command(words).is_some() {
+        return false;
+    }
+    let words: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+    match words.as_slice() {
+        ["pwd" | "quota" | "df" | "uploads" | "cd"] => true,
+        ["cd" | "rmdir" | "discard", _] | ["mv" | "rename", _, _] => true,
+        ["mkdir", p] => *p != "-p",
+        ["rm" | "delete", p] => *p != "-r",
+        ["ls" | "dir", args @ ..] => ls_arguments(args).is_ok(),
+        _ => false,
+    }
+}
+
 pub(super) const KNOWN: &[&str] = &[
     "pwd", "cd", "ls", "dir", "mkdir", "rmdir", "rm", "delete", "mv", "rename", "quota", "df",
     "uploads", "discard", "put", "get", "exit", "quit", "bye", "lpwd", "lls", "lmkdir",

@@ -37,7 +37,7 @@ use crate::cli::ConnectArgs;
 use crate::client::{Client, ClientError, Transferred, state_dir};
 use crate::protocol::{self, VPath};
 use crate::tls::Trust;
-use commands::execute;
+use commands::{asks_first, execute, one_request};
 
 pub use output::printable;
 use output::said;
@@ -154,6 +154,10 @@ pub(super) struct Remote {
 
 impl Remote {
     async fn open(&mut self, register: bool) -> Result<&mut Client, ClientError> {
+        // A refused login is not tried again on a new connection.
+        if let Some(refused) = self.client.as_ref().and_then(Client::refusal) {
+            return Err(refused);
+        }
         if self.client.as_ref().is_some_and(|c| !c.is_usable()) {
             self.client = None;
         }
@@ -177,6 +181,30 @@ impl Remote {
 
     async fn client(&mut self) -> Result<&mut Client, ClientError> {
         self.open(false).await
+    }
+
+    /// Opens a script's session: the login is sent, and its outcome read
+    /// with the first command's reply (see [`Client::logged_in`]).
+    async fn open_scripted(&mut self, register: bool) -> Result<(), ClientError> {
+        let client = Client::connect_and_send_login(
+            &self.target.host,
+            self.target.port,
+            &self.trust,
+            self.io_timeout,
+            (&self.target.user, &self.password, register),
+        )
+        .await?;
+        info!(user = %self.target.user, register, "login sent");
+        self.client = Some(client);
+        Ok(())
+    }
+
+    /// The outcome of the login, read now if it is still to come.
+    async fn logged_in(&mut self) -> Result<(), ClientError> {
+        match &mut self.client {
+            Some(c) => c.logged_in().await,
+            None => Ok(()),
+        }
     }
 
     /// Runs one transfer, reconnecting and resuming up to `retries` times
@@ -258,33 +286,27 @@ pub async fn run(args: ConnectArgs) -> u8 {
         cwd: "/".into(),
         previous_cwd: "/".into(),
     };
-    if let Err(e) = remote.open(args.register).await {
-        info!(error = ?e.to_string(), "session not opened");
-        if let ClientError::Server { code: 430, .. } = e {
-            eprintln!("ftpx: login failed: unknown user or wrong password");
-        } else {
-            eprintln!("ftpx: {}", said(&e));
-        }
-        return match e {
-            ClientError::Server { code: 430, .. } => exit::LOGIN,
-            ClientError::Server {
-                code: 553 | 501, ..
-            } => exit::LOGIN,
-            _ => exit::CONNECT,
-        };
+    // A script's login goes out with its first command; a person at the
+    // prompt hears at once of a wrong password.
+    let script = match (&args.commands, &args.batch) {
+        (Some(commands), _) => Some(Ok((vec![commands.clone()], true))),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map(|text| (text.lines().map(str::to_string).collect(), false))
+                .map_err(|e| format!("cannot read {}: {e}", file.display())),
+        ),
+        (None, None) => None,
+    };
+    let opened = match script {
+        Some(_) => remote.open_scripted(args.register).await,
+        None => remote.open(args.register).await.map(drop),
+    };
+    if let Err(e) = opened {
+        return not_opened(&e);
     }
-    let status = if let Some(commands) = &args.commands {
-        run_script(&mut remote, std::iter::once(commands.clone()), true).await
-    } else if let Some(file) = &args.batch {
-        match std::fs::read_to_string(file) {
-            Ok(text) => run_script(&mut remote, text.lines().map(str::to_string), false).await,
-            Err(e) => {
-                eprintln!("ftpx: cannot read {}: {e}", file.display());
-                exit::USAGE
-            }
-        }
-    } else {
-        interactive(&mut remote).await
+    let status = match script {
+        Some(script) => run_script(&mut remote, script).await,
+        None => interactive(&mut remote).await,
     };
     if let Some(c) = remote.client.take() {
         c.quit().await;
@@ -292,21 +314,72 @@ pub async fn run(args: ConnectArgs) -> u8 {
     status
 }
 
-/// Runs commands until the first failure.
-pub(super) async fn run_script(
-    remote: &mut Remote,
-    lines: impl Iterator<Item = String>,
-    semicolons: bool,
-) -> u8 {
-    for line in lines {
-        let commands = match protocol::split_words(&line, semicolons || line.contains(';')) {
+/// Reports a session that did not open (connection, TLS, greeting, login
+/// or registration) and returns the exit status: the same whether the
+/// login was answered before the first command or with it.
+fn not_opened(e: &ClientError) -> u8 {
+    let e = match e {
+        ClientError::Login(refused) => refused.as_ref(),
+        other => other,
+    };
+    info!(error = ?e.to_string(), "session not opened");
+    if let ClientError::Server { code: 430, .. } = e {
+        eprintln!("ftpx: login failed: unknown user or wrong password");
+    } else {
+        eprintln!("ftpx: {}", said(e));
+    }
+    match e {
+        ClientError::Server { code: 430, .. } => exit::LOGIN,
+        ClientError::Server {
+            code: 553 | 501, ..
+        } => exit::LOGIN,
+        _ => exit::CONNECT,
+    }
+}
+
+/// Runs a script (its lines, and whether `;` separates commands in all
+/// of them) or reports the file that could not be read. The login was
+/// sent with the session: if it was refused, that is all the run reports,
+/// as when the login is answered before the first command.
+async fn run_script(remote: &mut Remote, script: Result<(Vec<String>, bool), String>) -> u8 {
+    let status = match &script {
+        Ok((lines, semicolons)) => run_lines(remote, lines, *semicolons).await,
+        Err(_) => exit::USAGE,
+    };
+    if status != exit::INTERRUPTED
+        && let Err(e) = remote.logged_in().await
+    {
+        remote.client = None;
+        return not_opened(&e);
+    }
+    if let Err(e) = &script {
+        eprintln!("ftpx: {e}");
+    }
+    status
+}
+
+/// Runs commands until the first failure. A command that asks the server
+/// first may start before the login is answered (its request goes out with
+/// the login); any other waits for the login's outcome, and no command
+/// runs after a refused login (its outcome is then reported by the caller).
+/// The last command, if it is one request, sends `QUIT` with it.
+async fn run_lines(remote: &mut Remote, lines: &[String], semicolons: bool) -> u8 {
+    let split = |line: &str| protocol::split_words(line, semicolons || line.contains(';'));
+    // The last line with a command (or one that does not parse).
+    let last = lines
+        .iter()
+        .rposition(|l| split(l).map_or(true, |c| !c.is_empty()));
+    for (at, line) in lines.iter().enumerate() {
+        let commands = match split(line) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("ftpx: {line:?}: {e}");
                 return exit::FAILED;
             }
         };
-        for mut words in commands {
+        let last_line = last == Some(at);
+        let count = commands.len();
+        for (i, mut words) in commands.into_iter().enumerate() {
             // `-COMMAND`, as in sftp's batches: its failure does not end the run.
             let may_fail = match words.first_mut() {
                 Some(first) if first.text.starts_with('-') => {
@@ -315,6 +388,16 @@ pub(super) async fn run_script(
                 }
                 _ => false,
             };
+            if !asks_first(&words) && remote.logged_in().await.is_err() {
+                return exit::FAILED;
+            }
+            if last_line
+                && i + 1 == count
+                && one_request(&words)
+                && let Some(c) = &mut remote.client
+            {
+                c.quit_with_next();
+            }
             let outcome = tokio::select! {
                 r = execute(remote, &words) => r,
                 _ = tokio::signal::ctrl_c() => {
@@ -322,6 +405,9 @@ pub(super) async fn run_script(
                     return exit::INTERRUPTED;
                 }
             };
+            if remote.logged_in().await.is_err() {
+                return exit::FAILED;
+            }
             match outcome {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Exit) => return exit::OK,

@@ -17,6 +17,9 @@ use crate::protocol::{self, Entry};
 /// terminal: a server's refusal in its own words (the reply code is in the
 /// client's log), a system error without its number.
 pub(super) fn said(e: &ClientError) -> String {
+    if let ClientError::Login(refused) = e {
+        return said(refused);
+    }
     let text = match e {
         ClientError::Server { text, .. } => text.clone(),
         other => other.to_string(),

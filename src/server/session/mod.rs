@@ -171,11 +171,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let login_deadline = Instant::now() + self.server.config.login_timeout();
         // Malformed requests, and requests refused before login.
         let mut strikes = 0;
+        // The last request was a login that failed: a client may have sent
+        // the next request with it, before it could know (the `ftpx`
+        // client's scripts do). That one request, refused only for want
+        // of the login, is not counted: the failed login was.
+        let mut login_failed = false;
         loop {
             let request = match self.next_request(&mut stop, login_deadline).await {
                 Next::Request(request) => request,
-                Next::Bad if self.strike(&mut strikes).await => return "too many bad requests",
-                Next::Bad => continue,
+                Next::Bad => {
+                    login_failed = false;
+                    match self.strike(&mut strikes).await {
+                        true => return "too many bad requests",
+                        false => continue,
+                    }
+                }
                 Next::End(why) => return why,
             };
             if !matches!(request, Request::Send { .. })
@@ -191,6 +201,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let verb = request.verb();
             let started = Instant::now();
             let was_logged_in = self.user.is_some();
+            let is_login = matches!(request, Request::Login { .. } | Request::Register { .. });
+            let after_failed_login = std::mem::take(&mut login_failed);
             self.note = Note::default();
             let handled = self.handle(request).await;
             if handled.is_ok() && !self.note.logged {
@@ -201,10 +213,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(()) if !was_logged_in && self.user.is_some() => strikes = 0,
                 Ok(()) => {}
                 Err(e) => {
+                    let forgiven = after_failed_login && matches!(e, Error::NotLoggedIn);
+                    login_failed = is_login && self.user.is_none();
                     if !self.answer(verb, started, e).await {
                         return "error ends session";
                     }
-                    if self.user.is_none() && self.strike(&mut strikes).await {
+                    if self.user.is_none() && !forgiven && self.strike(&mut strikes).await {
                         return "too many bad requests";
                     }
                 }
