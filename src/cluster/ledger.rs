@@ -211,22 +211,28 @@ fn i64_of(n: u64) -> i64 {
 async fn read_account(tx: &Transaction<'_>, user: &str) -> Result<Account, Unavailable> {
     // One statement makes the row if need be and locks it either way (an
     // upsert's update locks the row as FOR UPDATE would).
-    let name: [&(dyn ToSql + Sync); 1] = [&user];
-    let lock = tx.row(
-        "INSERT INTO usage (name) VALUES ($1)
+    let lock = "INSERT INTO usage (name) VALUES ($1)
          ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
-         RETURNING bytes, entries",
-        &name,
-    );
-    // Sent together: the reservations are read after the lock is taken
-    // (statements on one connection run in order), in one round trip.
+         RETURNING bytes, entries";
     let reservations = format!(
         "SELECT path, bytes, entries, node IS NULL FROM reservations
          WHERE name = $1 AND (node IS NULL OR node IN ({LIVE}))"
     );
+    let (lock, reservations) =
+        tokio::join!(tx.prepare_cached(lock), tx.prepare_cached(&reservations));
+    let (lock, reservations) = (lock?, reservations?);
+    // Both prepared, each query goes out when first polled, and `join`
+    // polls them in order: the reservations are read after the lock is
+    // taken (statements on one connection run in the order sent), in one
+    // round trip. Sent the other way round, they would be read before
+    // the lock, from an older snapshot than the row: a landing that
+    // committed meanwhile would count twice.
+    let name: [&(dyn ToSql + Sync); 1] = [&user];
+    let (row, rows) =
+        futures_util::future::join(tx.query_one(&lock, &name), tx.query(&reservations, &name))
+            .await;
     // The first statement's error is the cause; the second's would only
     // say the transaction was aborted.
-    let (row, rows) = tokio::join!(lock, tx.rows(&reservations, &name));
     let (row, rows) = (row?, rows?);
     let stored = Usage {
         bytes: u64_of(row.get(0)),
@@ -313,8 +319,8 @@ async fn write_account(
             params,
         )
     });
-    // Sent together, in this order, on the transaction's one connection:
-    // one round trip for them all.
+    // Sent together on the transaction's one connection: one round trip
+    // for them all (they touch different rows: their order does not matter).
     let (stored, deletes, upserts) = tokio::join!(
         stored,
         futures_util::future::join_all(deletes),
