@@ -19,10 +19,12 @@ use super::{Client, ClientError, Reply, Result, Transferred};
 /// Files `send_many` reads ahead of the sending (each at most 1 MiB).
 const READ_AHEAD_FILES: usize = 16;
 /// `SEND`s in flight at most: enough to fill a long link's window with
-/// small files (256 of 16 KiB are 4 MiB), while their replies (about
-/// 100 bytes each) stay far within what the connection's buffers hold, as
-/// the client reads none while it writes.
-const SEND_WINDOW: usize = 256;
+/// small files (512 of 16 KiB are 8 MiB, and from 256 to 512 are in flight
+/// as they are refilled by halves), while their replies (about 130 bytes
+/// each, 66 KiB for all) stay within what the connection's buffers hold
+/// (Linux gives a socket at least 128 KiB to receive into), as the client
+/// reads none while it writes.
+const SEND_WINDOW: usize = 512;
 
 impl Client {
     /// Uploads small files (each at most [`protocol::MAX_SEND`] bytes) with

@@ -157,22 +157,21 @@ async fn make_dirs_and_compare(
     dirs: &[VPath],
     files: &[LocalFile],
 ) -> Result<HashSet<usize>, ClientError> {
-    let mkdirs: Vec<Request> = dirs.iter().map(|d| Request::Mkd(d.to_string())).collect();
-    client
-        .request_many(&mkdirs, |_, reply| match reply {
-            Ok(_) | Err(ClientError::Server { code: 553, .. }) => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await?;
-    let lists: Vec<Request> = dirs
-        .iter()
-        .map(|d| Request::List(Some(d.to_string())))
-        .collect();
+    // Each directory made, then listed, all in one round trip: a listing
+    // is answered after the MKD before it.
+    let mut requests: Vec<Request> = dirs.iter().map(|d| Request::Mkd(d.to_string())).collect();
+    requests.extend(dirs.iter().map(|d| Request::List(Some(d.to_string()))));
     // Only the sizes of files we would send are kept, whatever the listings hold.
     let wanted: HashSet<&VPath> = files.iter().map(|f| &f.1).collect();
     let mut there = HashMap::new();
     client
-        .request_many(&lists, |i, reply| {
+        .request_many(&requests, |i, reply| {
+            let Some(listed) = i.checked_sub(dirs.len()) else {
+                return match reply {
+                    Ok(_) | Err(ClientError::Server { code: 553, .. }) => Ok(()),
+                    Err(e) => Err(e),
+                };
+            };
             for line in reply.map(|r| r.lines).unwrap_or_default() {
                 if let Ok(Entry {
                     kind: 'f',
@@ -181,7 +180,7 @@ async fn make_dirs_and_compare(
                     ..
                 }) = Entry::parse(&line)
                 {
-                    let path = dirs[i].join(&name);
+                    let path = dirs[listed].join(&name);
                     if wanted.contains(&path) {
                         there.insert(path, size);
                     }
