@@ -54,6 +54,10 @@ pub struct Server {
     pub metrics: metrics::Metrics,
     /// Chunk hashes of files sent, for downloads of unchanged files.
     pub hashes: ChunkCache,
+    /// The budget of all sessions for downloads planned ahead of their
+    /// turn: files open, and KiB read.
+    pub read_ahead_files: Arc<tokio::sync::Semaphore>,
+    pub read_ahead_kib: Arc<tokio::sync::Semaphore>,
     /// A hash with the configured cost, checked for unknown users so that
     /// they cost the same as a wrong password.
     pub dummy_hash: String,
@@ -137,6 +141,12 @@ impl Server {
             live: Arc::default(),
             metrics: metrics::Metrics::new(),
             hashes: ChunkCache::new(config.transfer.hash_cache.0),
+            read_ahead_files: Arc::new(tokio::sync::Semaphore::new(
+                session::download::READ_AHEAD_FILES,
+            )),
+            read_ahead_kib: Arc::new(tokio::sync::Semaphore::new(
+                session::download::READ_AHEAD_KIB,
+            )),
             dummy_hash,
             config,
         })

@@ -96,7 +96,7 @@ pub struct ChunkCache {
 #[derive(Default)]
 struct Inner {
     map: HashMap<Key, Chunks>,
-    /// Keys from oldest to newest; a key may be here after its entry left.
+    /// Keys from oldest to newest.
     order: VecDeque<Key>,
     bytes: usize,
 }

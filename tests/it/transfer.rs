@@ -2235,3 +2235,71 @@ async fn gets_sent_together_are_answered_in_order_whatever_each_finds() {
     // The session is in step after them all.
     assert_eq!(c.request(&Request::Pwd).await.unwrap().code, 257);
 }
+
+/// Bytes the process `pid` has read so far (`rchar` of /proc/PID/io).
+fn bytes_read_by(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let line = io.lines().find(|l| l.starts_with("rchar:")).unwrap();
+    line[6..].trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gets_to_resume_are_not_planned_ahead_for_a_client_that_left() {
+    // A client sends a small GET and, behind it, GETs of a big file each
+    // offering to resume near its end, and leaves. Planned ahead, each
+    // would have the server hash the file up to that offset after the
+    // client is gone; planned at their turn, the session ends first.
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(dir.path(), 0);
+    server.useradd("ann", "1GiB");
+    let home = dir.path().join("var/homes/ann");
+    std::fs::write(home.join("small"), data(1000, 1)).unwrap();
+    let big = 32 * MIB;
+    std::fs::write(home.join("big"), big_data(big, 2)).unwrap();
+    let mut c = Client::connect(
+        "127.0.0.1",
+        server.port,
+        &server.ca(),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    c.login("ann", PASSWORD, false).await.unwrap();
+    let before = bytes_read_by(server.child.id());
+    c.pipe(&Request::Get {
+        path: "small".into(),
+        candidates: vec![],
+    })
+    .await
+    .unwrap();
+    let resume = ftpx::protocol::Candidate {
+        offset: (big - CHUNK) as u64,
+        hash: blake3::hash(b"not the file's"),
+    };
+    for _ in 0..16 {
+        c.pipe(&Request::Get {
+            path: "big".into(),
+            candidates: vec![resume],
+        })
+        .await
+        .unwrap();
+    }
+    c.flush().await.unwrap();
+    drop(c);
+    // Until the server has read nothing more for a while.
+    let mut read = bytes_read_by(server.child.id());
+    let mut still = 0;
+    while still < 5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = bytes_read_by(server.child.id());
+        still = if now == read { still + 1 } else { 0 };
+        read = now;
+    }
+    let hashed = read - before;
+    assert!(
+        hashed < 4 * big as u64,
+        "the server read {} MiB for a client that left",
+        hashed >> 20
+    );
+    server.terminate();
+}

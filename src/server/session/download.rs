@@ -10,6 +10,7 @@ use blake3::hazmat::ChainingValue;
 
 use indicatif::ProgressBar;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::log::{self, Ended};
 use super::{Session, blocking};
@@ -21,15 +22,22 @@ use crate::store::jail::Home;
 use crate::transfer::cache::Key;
 use crate::transfer::{self, Ahead, Known, Plan};
 
-/// GETs planned ahead of their turn, at most.
+/// GETs planned ahead of their turn, at most, in one session.
 const MAX_PLANNED: usize = 64;
-/// Bytes of small files read ahead of their turn, at most.
+/// Bytes of small files read ahead of their turn, at most, in one session.
 const READ_AHEAD_BYTES: u64 = 4 << 20;
+/// Files planned ahead of their turn (each open, its bytes read), at most,
+/// in all sessions together: one budget for the server.
+pub const READ_AHEAD_FILES: usize = 1024;
+/// Their bytes, in KiB, at most, in all sessions together.
+pub const READ_AHEAD_KIB: usize = 64 << 10;
 
-/// A GET planned before its turn: the request (its path resolved) and its plan.
+/// A GET planned before its turn: the request (its path resolved), its plan,
+/// and its share of the server's budget for plans made ahead.
 pub(super) struct Planned {
     request: (VPath, Vec<Candidate>),
     planned: Result<Prepared>,
+    _budget: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 /// A download ready to start: the file open at its offset, what is known
@@ -92,6 +100,34 @@ fn prepare(
         key,
         began,
     })
+}
+
+/// Plans the GETs of `paths` in order while each file is of one chunk
+/// (read whole now) and the budgets allow: a GET of a bigger file is
+/// planned at its own turn, and so is everything behind it. A GET that
+/// fails (no such file) is answered from its plan.
+fn plan_ahead(server: &Server, home: &Home, paths: Vec<VPath>, planned: &mut VecDeque<Planned>) {
+    let mut room = READ_AHEAD_BYTES;
+    for path in paths {
+        let Ok(file) = server.read_ahead_files.clone().try_acquire_owned() else {
+            return;
+        };
+        let prepared = prepare(server, home, &path, &[], &mut room);
+        let bytes = match &prepared {
+            Ok(p) if p.ahead.is_none() && p.plan.size > 0 => return,
+            Ok(p) => p.plan.size,
+            Err(_) => 0,
+        };
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let Ok(bytes) = server.read_ahead_kib.clone().try_acquire_many_owned(kib) else {
+            return;
+        };
+        planned.push_back(Planned {
+            request: (path, vec![]),
+            planned: prepared,
+            _budget: Some((file, bytes)),
+        });
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -166,40 +202,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// Plans the GET of `path` together with the GETs that arrived whole
-    /// behind it (a client fetching a tree sends them without waiting), on
-    /// one trip to the blocking pool; theirs wait in `planned` for their
-    /// turn. Files of one chunk are read too, within [`READ_AHEAD_BYTES`].
+    /// Plans the GET of `path`, and if its file is of one chunk, the GETs
+    /// of small files that arrived whole behind it (a client fetching a
+    /// tree sends them without waiting), on one trip to the blocking pool;
+    /// theirs wait in `planned` for their turn, which comes once the bytes
+    /// before them are sent. Planned ahead are only GETs with nothing to
+    /// resume (no hashing), of files of one chunk (read whole now), within
+    /// [`MAX_PLANNED`] and [`READ_AHEAD_BYTES`] for the session and the
+    /// server's budget for all ([`READ_AHEAD_FILES`], [`READ_AHEAD_KIB`]).
     async fn plan_batch(&mut self, path: VPath, candidates: Vec<Candidate>) -> Result<Prepared> {
         self.planned.clear();
         let max_path = self.server.config.limits.max_path;
         let cwd = self.cwd.clone();
-        let mut batch = vec![(path, candidates)];
-        for line in self.conn.lines_waiting(MAX_PLANNED - 1) {
-            let Ok(Request::Get { path, candidates }) = Request::parse(&line) else {
-                break;
-            };
-            let Ok(path) = VPath::resolve(&cwd, &path, max_path) else {
-                break;
-            };
-            batch.push((path, candidates));
-        }
-        let (server, home) = (self.server.clone(), self.logged_in()?.home.clone());
-        let planned = blocking(move || {
-            let mut room = READ_AHEAD_BYTES;
-            let prepared = batch.into_iter().map(|(path, candidates)| {
-                let planned = prepare(&server, &home, &path, &candidates, &mut room);
-                Planned {
-                    request: (path, candidates),
-                    planned,
+        let behind: Vec<VPath> = self
+            .conn
+            .lines_waiting(MAX_PLANNED)
+            .iter()
+            .map_while(|line| match Request::parse(line) {
+                Ok(Request::Get { path, candidates }) if candidates.is_empty() => {
+                    VPath::resolve(&cwd, &path, max_path).ok()
                 }
-            });
-            Ok(prepared.collect::<VecDeque<_>>())
+                _ => None,
+            })
+            .collect();
+        let (server, home) = (self.server.clone(), self.logged_in()?.home.clone());
+        let (first, planned) = blocking(move || {
+            // The request's own file is read now if it is of one chunk.
+            let mut room = u64::MAX;
+            let first = prepare(&server, &home, &path, &candidates, &mut room);
+            let mut planned = VecDeque::new();
+            if first.as_ref().is_ok_and(|p| p.plan.size <= p.plan.chunk) {
+                plan_ahead(&server, &home, behind, &mut planned);
+            }
+            Ok((first, planned))
         })
         .await?;
         self.planned = planned;
-        let first = self.planned.pop_front().map(|p| p.planned);
-        first.unwrap_or_else(|| Err(Error::Storage(std::io::Error::other("nothing planned"))))
+        first
     }
 
     /// Keeps the chunk hashes of a file just sent whole, if it did not

@@ -9,7 +9,7 @@
 //! one line.
 
 mod auth;
-mod download;
+pub(super) mod download;
 mod files;
 mod log;
 mod upload;
