@@ -20,10 +20,9 @@ use super::{Client, ClientError, Reply, Result, Transferred};
 const READ_AHEAD_FILES: usize = 16;
 /// `SEND`s in flight at most: enough to fill a long link's window with
 /// small files (512 of 16 KiB are 8 MiB, and from 256 to 512 are in flight
-/// as they are refilled by halves), while their replies (about 130 bytes
-/// each, 66 KiB for all) stay within what the connection's buffers hold
-/// (Linux gives a socket at least 128 KiB to receive into), as the client
-/// reads none while it writes.
+/// as they are refilled by halves). Replies that have arrived are read
+/// between two SENDs, and all of them together (about 130 bytes each, 66
+/// KiB) fit what the connection's buffers hold anyway.
 const SEND_WINDOW: usize = 512;
 
 impl Client {
@@ -81,6 +80,13 @@ impl Client {
                 .write_frame(&FrameHeader::end(size, hash), &[])
                 .await?;
             in_flight.push_back((i, hash, size));
+            // Replies that have arrived are taken as they come, so the
+            // server never waits to write them while the client writes.
+            while !in_flight.is_empty() && self.conn.reply_waiting() {
+                let (i, hash, size) = in_flight.pop_front().expect("not empty");
+                let outcome = self.sent(&files[i], hash, size).await?;
+                done(i, outcome);
+            }
             if in_flight.len() >= SEND_WINDOW {
                 self.send().await?;
                 while in_flight.len() > SEND_WINDOW / 2 {

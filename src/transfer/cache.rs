@@ -32,7 +32,7 @@ use blake3::hazmat::ChainingValue;
 pub const SETTLED: Duration = Duration::from_secs(2);
 
 /// What an entry costs beside its hashes (key, bookkeeping).
-pub const ENTRY_COST: usize = 128;
+pub const ENTRY_COST: usize = 192;
 
 /// The chunk hashes of one whole file, in file order.
 pub type Chunks = Arc<[ChainingValue]>;

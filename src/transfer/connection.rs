@@ -99,6 +99,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         text.collect()
     }
 
+    /// Whether a whole final reply line (`NNN text`) has arrived and waits
+    /// to be read, looking only at what is buffered or ready without
+    /// waiting. For a reader whose peer sends only reply lines here.
+    pub fn reply_waiting(&mut self) -> bool {
+        let Some(Ok(buf)) = self.stream.fill_buf().now_or_never() else {
+            return false;
+        };
+        let whole = buf
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|l| l.ends_with(b"\n"));
+        whole
+            .into_iter()
+            .any(|l| l.len() > 4 && l[..3].iter().all(u8::is_ascii_digit) && l[3] == b' ')
+    }
+
     /// Queues a line; [`Connection::flush`] sends it.
     pub async fn write_line(&mut self, line: &str) -> Result<()> {
         timed(self.io_timeout, "write", async {
