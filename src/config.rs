@@ -145,6 +145,11 @@ pub struct LimitsSection {
     /// Malformed requests in one session, and requests refused before
     /// login, after which the session is closed (0: no limit).
     pub max_bad_requests: u32,
+    /// Files all sessions together may hold open for downloads planned
+    /// ahead of their turn (a tree's small files, read at once)...
+    pub read_ahead_files: usize,
+    /// ...and the bytes they may hold read (0 for either: none).
+    pub read_ahead: Size,
 }
 
 impl Default for LimitsSection {
@@ -161,6 +166,8 @@ impl Default for LimitsSection {
             max_list_entries: 100_000,
             shutdown_grace_secs: 10,
             max_bad_requests: 20,
+            read_ahead_files: 1024,
+            read_ahead: Size(64 << 20),
         }
     }
 }

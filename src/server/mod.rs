@@ -142,10 +142,15 @@ impl Server {
             metrics: metrics::Metrics::new(),
             hashes: ChunkCache::new(config.transfer.hash_cache.0),
             read_ahead_files: Arc::new(tokio::sync::Semaphore::new(
-                session::download::READ_AHEAD_FILES,
+                config
+                    .limits
+                    .read_ahead_files
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             read_ahead_kib: Arc::new(tokio::sync::Semaphore::new(
-                session::download::READ_AHEAD_KIB,
+                usize::try_from(config.limits.read_ahead.0 / 1024)
+                    .unwrap_or(usize::MAX)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             dummy_hash,
             config,

@@ -293,8 +293,21 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(server: &TestServer) -> Raw {
-        let tls = ftpx::tls::client_config(&server.ca).unwrap();
         let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        Raw::over(server, tcp).await
+    }
+
+    /// [`Raw::connect`] with a receive buffer of a few KiB: a client that
+    /// does not read stalls the server's sending at once.
+    pub async fn connect_tight(server: &TestServer) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(server.addr).await.unwrap();
+        Raw::over(server, tcp).await
+    }
+
+    async fn over(server: &TestServer, tcp: tokio::net::TcpStream) -> Raw {
+        let tls = ftpx::tls::client_config(&server.ca).unwrap();
         let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
             .connect(ftpx::tls::server_name("localhost").unwrap(), tcp)
             .await

@@ -2303,3 +2303,62 @@ async fn gets_to_resume_are_not_planned_ahead_for_a_client_that_left() {
     );
     server.terminate();
 }
+
+/// Files under `dir` this process holds open now.
+fn files_open_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir)))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_planned_ahead_stay_within_the_servers_budget() {
+    // A client asks for 60 files of one chunk and reads nothing: the server
+    // stalls sending the first, holding the files it planned ahead open,
+    // as many as its budget allows (files, or bytes: 450 KiB is two files
+    // of 200 KiB). With the default budget, the session's own bound (4 MiB,
+    // 20 such files) is what holds, and more are seen open (7 here, where
+    // the stall comes 14 files in): the count does tell what is held.
+    type Tweak = fn(&mut ftpx::config::Config);
+    let cases: [(&str, Tweak, usize, usize); 3] = [
+        (
+            "read_ahead_files = 3",
+            |c| c.limits.read_ahead_files = 3,
+            1,
+            4,
+        ),
+        // One more for a moment: a file is opened to learn its size.
+        (
+            "read_ahead = 450KiB",
+            |c| c.limits.read_ahead.0 = 450 << 10,
+            1,
+            4,
+        ),
+        ("defaults", |_| {}, 2, 21),
+    ];
+    for (what, tweak, least, most) in cases {
+        let s = TestServer::start_with(tweak).await;
+        s.add_user("ann", 1 << 30);
+        let home = s.home("ann");
+        for i in 0..60 {
+            std::fs::write(home.join(format!("f{i}")), data(200 << 10, i as u8)).unwrap();
+        }
+        let mut raw = Raw::connect_tight(&s).await;
+        raw.login("ann").await;
+        let gets: String = (0..60).map(|i| format!("GET f{i}\n")).collect();
+        raw.send(gets.as_bytes()).await;
+        let mut open = 0;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            open = open.max(files_open_under(&home));
+        }
+        // The file being sent, and those planned ahead of it.
+        assert!(
+            (least..=most).contains(&open),
+            "{what}: {open} files open, expected {least} to {most}"
+        );
+        drop(raw);
+    }
+}

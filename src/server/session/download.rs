@@ -26,12 +26,6 @@ use crate::transfer::{self, Ahead, Known, Plan};
 const MAX_PLANNED: usize = 64;
 /// Bytes of small files read ahead of their turn, at most, in one session.
 const READ_AHEAD_BYTES: u64 = 4 << 20;
-/// Files planned ahead of their turn (each open, its bytes read), at most,
-/// in all sessions together: one budget for the server.
-pub const READ_AHEAD_FILES: usize = 1024;
-/// Their bytes, in KiB, at most, in all sessions together.
-pub const READ_AHEAD_KIB: usize = 64 << 10;
-
 /// A GET planned before its turn: the request (its path resolved), its plan,
 /// and its share of the server's budget for plans made ahead.
 pub(super) struct Planned {
@@ -209,7 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// before them are sent. Planned ahead are only GETs with nothing to
     /// resume (no hashing), of files of one chunk (read whole now), within
     /// [`MAX_PLANNED`] and [`READ_AHEAD_BYTES`] for the session and the
-    /// server's budget for all ([`READ_AHEAD_FILES`], [`READ_AHEAD_KIB`]).
+    /// server's budget for all (`limits.read_ahead_files`, `read_ahead`).
     async fn plan_batch(&mut self, path: VPath, candidates: Vec<Candidate>) -> Result<Prepared> {
         self.planned.clear();
         let max_path = self.server.config.limits.max_path;
