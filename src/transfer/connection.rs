@@ -71,27 +71,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let _ = self.stream.fill_buf().await;
     }
 
-    /// Whether a whole line has arrived and waits to be read (looking at
-    /// what is buffered, and at what the stream has ready without waiting).
-    /// A peer that sends requests without waiting for replies gets its
-    /// replies in fewer writes when they are sent only once none waits.
-    pub fn line_waiting(&mut self) -> bool {
+    /// The bytes that have arrived and wait to be read: those buffered, and
+    /// what the stream has ready without waiting. Nothing is taken.
+    fn arrived(&mut self) -> &[u8] {
         match self.stream.fill_buf().now_or_never() {
-            Some(Ok(buf)) => buf.contains(&b'\n'),
-            _ => false,
+            Some(Ok(buf)) => buf,
+            _ => &[],
         }
+    }
+
+    /// The lines that have arrived whole, each with its line end.
+    fn whole_lines(&mut self) -> impl Iterator<Item = &[u8]> {
+        let lines = self.arrived().split_inclusive(|&b| b == b'\n');
+        lines.take_while(|l| l.ends_with(b"\n"))
+    }
+
+    /// Whether a whole line has arrived and waits to be read. A peer that
+    /// sends requests without waiting for replies gets its replies in fewer
+    /// writes when they are sent only once none waits.
+    pub fn line_waiting(&mut self) -> bool {
+        self.whole_lines().next().is_some()
     }
 
     /// Up to `max` lines that have arrived whole, as text, without taking
     /// them (the next reads return them as ever); stops at one that is not
     /// UTF-8. For a reader that prepares their work ahead.
     pub fn lines_waiting(&mut self, max: usize) -> Vec<String> {
-        let Some(Ok(buf)) = self.stream.fill_buf().now_or_never() else {
-            return vec![];
-        };
-        let mut lines = buf.split_inclusive(|&b| b == b'\n');
-        let whole = lines.by_ref().take(max).take_while(|l| l.ends_with(b"\n"));
-        let text = whole.map_while(|l| {
+        let text = self.whole_lines().take(max).map_while(|l| {
             let l = l.strip_suffix(b"\n")?;
             let l = l.strip_suffix(b"\r").unwrap_or(l);
             std::str::from_utf8(l).ok().map(str::to_string)
@@ -100,18 +106,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Whether a whole final reply line (`NNN text`) has arrived and waits
-    /// to be read, looking only at what is buffered or ready without
-    /// waiting. For a reader whose peer sends only reply lines here.
+    /// to be read. For a reader whose peer sends only reply lines here.
     pub fn reply_waiting(&mut self) -> bool {
-        let Some(Ok(buf)) = self.stream.fill_buf().now_or_never() else {
-            return false;
-        };
-        let whole = buf
-            .split_inclusive(|&b| b == b'\n')
-            .filter(|l| l.ends_with(b"\n"));
-        whole
-            .into_iter()
-            .any(|l| l.len() > 4 && l[..3].iter().all(u8::is_ascii_digit) && l[3] == b' ')
+        let is_final =
+            |l: &[u8]| l.len() > 4 && l[..3].iter().all(u8::is_ascii_digit) && l[3] == b' ';
+        self.whole_lines().any(is_final)
     }
 
     /// Queues a line; [`Connection::flush`] sends it.
