@@ -1,24 +1,36 @@
-//! Buffered lines and frames over any byte stream (TLS in production, an
+//! Lines and frames over any buffered byte stream (TLS in production, an
 //! in-memory pipe in some tests). Every read is bounded in size, and every
 //! read or write of frame data in time.
+//!
+//! Reads come straight from the stream's own buffer: over TLS that is the
+//! plaintext rustls decrypted, so a received byte is copied once more only
+//! into the frame or line that takes it. Writes gather in a buffer of ours,
+//! so that a reply line or a frame header is not a TLS record of its own.
 
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter,
+};
 
 use crate::protocol::{Code, FRAME_HEADER_LEN, FrameHeader};
 use crate::transfer::error::{Error, Result};
 
+/// What a [`Connection`] runs over: a stream that buffers what it reads.
+pub trait Stream: AsyncBufRead + AsyncWrite + Unpin {}
+
+impl<S: AsyncBufRead + AsyncWrite + Unpin> Stream for S {}
+
 pub struct Connection<S> {
-    stream: BufStream<S>,
+    stream: BufWriter<S>,
     io_timeout: Duration,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S: Stream> Connection<S> {
     pub fn new(stream: S, io_timeout: Duration) -> Connection<S> {
         Connection {
-            stream: BufStream::with_capacity(64 * 1024, 64 * 1024, stream),
+            stream: BufWriter::with_capacity(64 * 1024, stream),
             io_timeout,
         }
     }

@@ -43,11 +43,10 @@ use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
 };
 use indicatif::ProgressBar;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
 use crate::protocol::{Candidate, FrameHeader, FrameKind, MAX_CANDIDATES, valid_chunk_size};
-use crate::transfer::connection::Connection;
+use crate::transfer::connection::{Connection, Stream};
 use crate::transfer::journal::Journal;
 pub use error::Error;
 use error::Result;
@@ -324,7 +323,7 @@ pub fn read_ahead(plan: &Plan, known: &Known) -> std::io::Result<Ahead> {
 /// Sends `file[offset..size]` as chunk frames and an end frame, starting
 /// with `ahead` if the first chunk was read already. Returns the whole
 /// file's hash. The caller flushes the connection.
-pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn send<S: Stream>(
     conn: &mut Connection<S>,
     plan: Plan,
     known: &mut Known,
@@ -506,7 +505,7 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    async fn chunk<S: AsyncRead + AsyncWrite + Unpin>(
+    async fn chunk<S: Stream>(
         &mut self,
         conn: &mut Connection<S>,
         header: &FrameHeader,
@@ -576,7 +575,7 @@ impl Receiver<'_> {
 /// stream is read and dropped, so the session stays in step, and the error
 /// ([`Error::BadChunk`], [`Error::File`]...) returned with the good length. A
 /// chunk out of place is a protocol error: the peer is out of step.
-pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn receive<S: Stream>(
     conn: &mut Connection<S>,
     plan: Plan,
     journal: &mut Option<Journal>,
@@ -641,7 +640,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
 /// its hash is read to the end frame and reported ([`Error::BadChunk`]),
 /// leaving the session in step. For a receiver that then writes the whole
 /// file in one go.
-pub async fn receive_whole<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn receive_whole<S: Stream>(
     conn: &mut Connection<S>,
     size: u64,
     progress: &ProgressBar,

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::transfer::connection::Stream;
 use tracing::{info, warn};
 
 use super::{Session, blocking};
@@ -15,7 +15,7 @@ use crate::store::quota::{self, Limits};
 use crate::store::upload::Owner;
 use crate::store::users::{self, Password, User};
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     pub(super) async fn login(
         &mut self,
         name: String,

@@ -8,8 +8,8 @@ use std::time::{Instant, SystemTime};
 
 use blake3::hazmat::ChainingValue;
 
+use crate::transfer::connection::Stream;
 use indicatif::ProgressBar;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::log::{self, Ended};
@@ -124,7 +124,7 @@ fn plan_ahead(server: &Server, home: &Home, paths: Vec<VPath>, planned: &mut Vec
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     pub(super) async fn get(&mut self, arg: String, candidates: Vec<Candidate>) -> Result<()> {
         let path = self.resolve(&arg)?;
         let started = Instant::now();

@@ -2,7 +2,7 @@
 //! home and does its work on the blocking pool; the ones that change what
 //! the home holds do it under the account's lock (see `store::quota`).
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::transfer::connection::Stream;
 
 use super::{Session, blocking, quoted};
 use crate::error::{Error, Result};
@@ -16,7 +16,7 @@ const ONE_ENTRY: Usage = Usage {
     entries: 1,
 };
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     pub(super) async fn pwd(&mut self) -> Result<()> {
         self.note.path = Some(self.cwd.clone());
         self.reply(Code::Path, &quoted(&self.cwd)).await

@@ -19,7 +19,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -30,7 +29,7 @@ use crate::server::live::Seat;
 use crate::store::quota::UploadLock;
 use crate::store::upload::Owner;
 use crate::store::users::Password;
-use crate::transfer::connection::Connection;
+use crate::transfer::connection::{Connection, Stream};
 
 use log::{Note, Who};
 use upload::{Drain, Stores};
@@ -68,7 +67,7 @@ impl<S> Drop for Session<S> {
 }
 
 /// Runs a session to its end.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn run<S: Stream>(
     conn: Connection<S>,
     peer: SocketAddr,
     server: Arc<Server>,
@@ -80,7 +79,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Runs a session that already has its `seat` on the board (whose kick
 /// cuts `conn`'s stream, see `server::kick`).
-pub async fn run_seated<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn run_seated<S: Stream>(
     conn: Connection<S>,
     seat: Seat,
     server: Arc<Server>,
@@ -126,7 +125,7 @@ enum Next {
     End(&'static str),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     fn user_name(&self) -> Option<&str> {
         self.user.as_ref().map(|u| u.name.as_str())
     }

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::transfer::connection::Stream;
 use indicatif::ProgressBar;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -26,7 +26,7 @@ use crate::store::quota::UploadLock;
 use crate::store::upload::{Owner, Unsynced, Upload};
 use crate::transfer::{self, Checkpoints, Plan, Stopped};
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     pub(super) async fn put(&mut self, arg: String, size: u64, chunk: u64) -> Result<()> {
         let path = self.resolve(&arg)?;
         let started = Instant::now();

@@ -247,7 +247,10 @@ impl Fixture {
         self.reset();
         let server = Arc::new(Server::new(self.config.clone()).expect("a server"));
         let (client, server_end) = tokio::io::duplex(64 << 10);
-        let conn = Connection::new(server_end, self.config.io_timeout());
+        let conn = Connection::new(
+            tokio::io::BufReader::new(server_end),
+            self.config.io_timeout(),
+        );
         let peer: SocketAddr = ([127, 0, 0, 1], 40000).into();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut input = format!("LOGIN {USER} \"{PASSWORD}\"\n").into_bytes();
