@@ -44,7 +44,7 @@ impl Client {
     ) -> Result<Transferred> {
         let asked = self.ask_get(remote, target).await?;
         self.flush().await?;
-        self.get_answered(asked, progress).await
+        self.get_answered(asked, progress).await?.landed().await
     }
 
     /// Writes the `GET` of `remote` to `target` with the resume candidates
@@ -70,12 +70,13 @@ impl Client {
     }
 
     /// Reads the reply to the oldest piped `GET` and receives its file,
-    /// verified, into place.
+    /// verified, into place; a file of one chunk may still be on its way
+    /// to the disk when this returns, while the session goes on.
     pub async fn get_answered(
         &mut self,
         asked: AskedGet,
         progress: &ProgressBar,
-    ) -> Result<Transferred> {
+    ) -> Result<Arrival> {
         let AskedGet {
             landing,
             offered,
@@ -143,30 +144,30 @@ impl Client {
                 done.map_err(|e| local_err(&target, e))?;
                 info!(remote = %landing.source, local = %target.display(), id, size, resumed_at = offset,
                       hash = %protocol::hex(&hash), ms, "download complete");
-                Ok(Transferred {
+                Ok(Arrival::Landed(Transferred {
                     hash,
                     size,
                     resumed_at: offset,
-                })
+                }))
             }
             Err(Stopped { error, verified }) => {
                 landing.stopped(&file, journal, &error, verified);
                 info!(remote = %landing.source, local = %target.display(), id, verified, error = ?error.to_string(), ms, "download stopped");
-                self.download_stopped(error).await
+                Err(self.download_stopped(error).await)
             }
         }
     }
 
-    /// Receives a file of one chunk into memory and lands it, written,
-    /// made durable and renamed into place, on one trip to the blocking
-    /// pool. It has no journal: after a failure it starts again.
+    /// Receives a file of one chunk into memory and sends it to the
+    /// blocking pool to be written, made durable and renamed into place,
+    /// in one trip. It has no journal: after a failure it starts again.
     async fn get_whole(
         &mut self,
         landing: Landing,
         (size, id): (u64, Option<String>),
         started: std::time::Instant,
         progress: &ProgressBar,
-    ) -> Result<Transferred> {
+    ) -> Result<Arrival> {
         let target = landing.target.clone();
         info!(remote = %landing.source, local = %target.display(), id, size, "download starts");
         progress.set_length(size);
@@ -175,42 +176,100 @@ impl Client {
             Ok(received) => received,
             Err(error) => {
                 info!(remote = %landing.source, local = %target.display(), id, verified = 0, error = ?error.to_string(), "download stopped");
-                return self.download_stopped(error).await;
+                return Err(self.download_stopped(error).await);
             }
         };
         self.in_data = false;
-        let landed =
-            tokio::task::spawn_blocking(move || landing.land_whole(&data).map(|()| landing))
-                .await
-                .map_err(|e| ClientError::Local(e.to_string()))?;
-        let landing = landed.map_err(|e| local_err(&target, e))?;
-        let ms = started.elapsed().as_millis() as u64;
-        info!(remote = %landing.source, local = %target.display(), id, size, resumed_at = 0,
-              hash = %protocol::hex(&hash), ms, "download complete");
-        Ok(Transferred {
+        let source = landing.source.clone();
+        let writing = tokio::task::spawn_blocking(move || landing.land_whole(&data));
+        Ok(Arrival::Writing(Writing {
+            writing,
+            source,
+            target,
+            id,
             hash,
             size,
-            resumed_at: 0,
-        })
+            started,
+        }))
     }
 
-    /// The error of a download that stopped, and the session back in step
+    /// The error of a download that stopped, with the session back in step
     /// where it still can be.
-    async fn download_stopped(&mut self, error: transfer::Error) -> Result<Transferred> {
+    async fn download_stopped(&mut self, error: transfer::Error) -> ClientError {
         if error.in_step() {
             // The stream was read to its end frame: still in step.
             self.in_data = false;
         }
         if matches!(error, transfer::Error::Aborted) {
             // The server gave up mid-file (its read failed); its reply says why.
-            let reply = self.read_reply().await?;
+            let reply = match self.read_reply().await {
+                Ok(reply) => reply,
+                Err(e) => return e,
+            };
             self.in_data = false;
-            return Err(ClientError::Server {
+            return ClientError::Server {
                 code: reply.code,
                 text: reply.text,
-            });
+            };
         }
-        Err(error.into())
+        error.into()
+    }
+}
+
+/// A downloaded file: in place, or verified and on its way to the disk.
+pub enum Arrival {
+    Landed(Transferred),
+    Writing(Writing),
+}
+
+impl Arrival {
+    /// Waits until the file is in place, durably, or its landing failed.
+    pub async fn landed(self) -> Result<Transferred> {
+        match self {
+            Arrival::Landed(transferred) => Ok(transferred),
+            Arrival::Writing(writing) => writing.landed().await,
+        }
+    }
+}
+
+/// A verified file of one chunk being written, synced and renamed into
+/// place on the blocking pool while the session goes on. It is there once
+/// [`Writing::landed`] says so; dropped, it still lands, unreported.
+pub struct Writing {
+    writing: tokio::task::JoinHandle<std::io::Result<()>>,
+    source: String,
+    target: PathBuf,
+    id: Option<String>,
+    hash: blake3::Hash,
+    size: u64,
+    started: std::time::Instant,
+}
+
+impl Writing {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether [`Writing::landed`] would answer without waiting.
+    pub fn is_finished(&self) -> bool {
+        self.writing.is_finished()
+    }
+
+    /// Waits until the file is in place, durably, or its landing failed.
+    pub async fn landed(self) -> Result<Transferred> {
+        let written = self
+            .writing
+            .await
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        written.map_err(|e| local_err(&self.target, e))?;
+        let ms = self.started.elapsed().as_millis() as u64;
+        info!(remote = %self.source, local = %self.target.display(), id = self.id, size = self.size,
+              resumed_at = 0, hash = %protocol::hex(&self.hash), ms, "download complete");
+        Ok(Transferred {
+            hash: self.hash,
+            size: self.size,
+            resumed_at: 0,
+        })
     }
 }
 

@@ -15,7 +15,7 @@ mod reply;
 pub mod shell;
 mod upload;
 
-pub use download::{AskedGet, MAX_DOWNLOAD};
+pub use download::{Arrival, AskedGet, MAX_DOWNLOAD, Writing};
 pub use error::{ClientError, Result};
 pub use reply::{
     Listing, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_REPLY_BYTES, MAX_REPLY_LINE, MAX_REPLY_LINES,

@@ -2011,6 +2011,47 @@ async fn get_r_cut_midway_asks_again_for_what_was_in_flight() {
     r.s.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn get_r_reports_a_file_that_cannot_land_and_lands_all_the_others() {
+    let s = TestServer::start().await;
+    s.add_user("ann", 1 << 30);
+    let source = s.home("ann").join("tree");
+    for dir in ["a", "b", "c"] {
+        std::fs::create_dir_all(source.join(dir)).unwrap();
+        for i in 0..40 {
+            std::fs::write(
+                source.join(dir).join(format!("f{i:02}")),
+                data(i * 100, i as u8),
+            )
+            .unwrap();
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    // Into the existing `copy`, as cp -r: `copy/tree`.
+    let copy = work.path().join("copy/tree");
+    // b/f07's partial file can't be made: it is a directory with a file in it.
+    let obstacle = copy.join("b/.f07.ftpx-part");
+    std::fs::create_dir_all(&obstacle).unwrap();
+    std::fs::write(obstacle.join("keep"), b"mine").unwrap();
+
+    let out = connect_c(work.path(), &s.ca, s.addr.port(), "ann", "get -r tree copy");
+    assert_ne!(out.status, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("b/f07"), "{}", out.stderr);
+    assert!(!out.stdout.contains("files received"), "{}", out.stdout);
+    assert!(!copy.join("b/f07").exists());
+    assert_eq!(std::fs::read(obstacle.join("keep")).unwrap(), b"mine");
+    let mut landed = snapshot(&copy);
+    landed.retain(|rel, _| !rel.starts_with("b/.f07.ftpx-part"));
+    let mut expected = snapshot(&source);
+    expected.remove("b/f07");
+    assert!(landed == expected, "the files that could land differ");
+
+    std::fs::remove_dir_all(&obstacle).unwrap();
+    run_tree(&work, &s, "get -r tree copy", 1, 119);
+    assert!(snapshot(&copy) == snapshot(&source), "the copy differs");
+    s.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // What others see while an upload is under way
 
@@ -2215,7 +2256,10 @@ async fn gets_sent_together_are_answered_in_order_whatever_each_finds() {
     c.flush().await.unwrap();
     let bar = ProgressBar::hidden();
     for (i, ((name, want), ask)) in asks.iter().zip(asked).enumerate() {
-        let got = c.get_answered(ask, &bar).await;
+        let got = match c.get_answered(ask, &bar).await {
+            Ok(arrival) => arrival.landed().await,
+            Err(e) => Err(e),
+        };
         let local = work.path().join(format!("got{i}"));
         match want {
             Some(bytes) => {

@@ -3,7 +3,9 @@
 //! out without waiting for the replies before them; the replies come back
 //! in order, and each one's work (a listing's entries, a file to check or
 //! fetch) makes the next requests. Each file still travels as its own
-//! verified, resumable `GET` into a partial file renamed into place.
+//! verified, resumable `GET` into a partial file renamed into place. A file
+//! of one chunk is written to disk on the blocking pool while the next
+//! replies are read; it counts as received once it is in place.
 //!
 //! What a server can make the client hold is bounded: one listing is read
 //! within the reply limits, at most [`MAX_LISTINGS_IN_FLIGHT`] are asked
@@ -12,6 +14,8 @@
 //! [`MAX_TREE_DEPTH`]. Requests in flight stay within
 //! [`MAX_IN_FLIGHT_BYTES`], which any connection's buffers hold, so the
 //! client never waits to write while the server waits for it to read.
+//! Files being written stay within [`MAX_WRITING`] and
+//! [`MAX_WRITING_BYTES`].
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -21,7 +25,7 @@ use std::time::Duration;
 use super::output::{TreeProgress, printable, said};
 use super::tree::{local_hash, make_local_dir, safe_name};
 use super::{Remote, local_path};
-use crate::client::{AskedGet, Client, ClientError, Listing};
+use crate::client::{Arrival, AskedGet, Client, ClientError, Listing, Transferred, Writing};
 use crate::protocol::{self, Entry, Request, VPath};
 
 /// Levels below the directory `get -r` copies, at most: an honest server's
@@ -42,6 +46,11 @@ const MAX_IN_FLIGHT_BYTES: usize = 32 << 10;
 const MAX_LISTINGS_IN_FLIGHT: usize = 4;
 /// No listing is asked for while this many files wait to be fetched.
 const FILES_LOW: usize = 4096;
+/// Received files being written to disk at once, at most.
+const MAX_WRITING: usize = 64;
+/// Bytes of the received files being written to disk, at most (one file
+/// of any size is let through).
+const MAX_WRITING_BYTES: u64 = 16 << 20;
 
 /// A directory of the tree, listed or about to be.
 struct Dir {
@@ -126,6 +135,9 @@ struct Fetch {
     in_flight: VecDeque<(Job, usize)>,
     /// Bytes of the request lines in flight.
     in_flight_bytes: usize,
+    /// Received files on their way to the disk, the oldest first.
+    writing: VecDeque<(File, Writing)>,
+    writing_bytes: u64,
     listings: usize,
     /// The failure that ends the run once what is in flight has arrived.
     failed: Option<ClientError>,
@@ -145,6 +157,8 @@ impl Fetch {
             files: VecDeque::new(),
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
+            writing: VecDeque::new(),
+            writing_bytes: 0,
             listings: 0,
             failed: None,
             entries: 0,
@@ -166,7 +180,11 @@ impl Fetch {
                 Ok(client) => self.drain(client).await,
                 Err(e) => Err(e),
             };
-            let Err(e) = result else { return Ok(()) };
+            // What was received lands whatever became of the session.
+            let landed = self.landed(0).await;
+            let Err(e) = result.and(landed) else {
+                return Ok(());
+            };
             if self.got + self.skipped > done_before {
                 (attempt, done_before) = (0, self.got + self.skipped);
             }
@@ -200,7 +218,11 @@ impl Fetch {
                 return self.failed.take().map_or(Ok(()), Err);
             };
             self.in_flight_bytes -= bytes;
-            match self.answer(client, job).await {
+            let answered = match self.answer(client, job).await {
+                Ok(()) => self.landed(MAX_WRITING).await,
+                Err(e) => Err(e),
+            };
+            match answered {
                 Ok(()) => {}
                 Err(e) if self.failed.is_none() && !e.is_retriable() && client.in_step() => {
                     self.failed = Some(e);
@@ -334,10 +356,11 @@ impl Fetch {
                     .file(&file.remote().to_string(), file.size)
                     .clone();
                 match self.progress.follow(client.get_answered(asked, &bar)).await {
-                    Ok(t) => {
-                        self.progress.done(&t, &file.local().display().to_string());
-                        self.got += 1;
-                        self.keep_time(&file)
+                    Ok(Arrival::Landed(t)) => self.received(&file, &t),
+                    Ok(Arrival::Writing(writing)) => {
+                        self.writing_bytes += writing.size();
+                        self.writing.push_back((file, writing));
+                        Ok(())
                     }
                     Err(e) => {
                         self.files.push_front(file);
@@ -346,6 +369,37 @@ impl Fetch {
                 }
             }
         }
+    }
+
+    /// Counts the files that have landed, in the order they were received,
+    /// until at most `keep` are still being written (and within the bytes
+    /// bound). A file that failed to land is fetched again on a retry.
+    async fn landed(&mut self, keep: usize) -> Result<(), ClientError> {
+        while let Some((_, writing)) = self.writing.front() {
+            let over = self.writing.len() > keep || self.writing_bytes > MAX_WRITING_BYTES;
+            if !over && !writing.is_finished() {
+                break;
+            }
+            let Some((file, writing)) = self.writing.pop_front() else {
+                break;
+            };
+            self.writing_bytes -= writing.size();
+            match writing.landed().await {
+                Ok(t) => self.received(&file, &t)?,
+                Err(e) => {
+                    self.files.push_front(file);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A file is in place.
+    fn received(&mut self, file: &File, t: &Transferred) -> Result<(), ClientError> {
+        self.progress.done(t, &file.local().display().to_string());
+        self.got += 1;
+        self.keep_time(file)
     }
 
     /// A directory's listing: its local directory made, its files and
