@@ -12,9 +12,9 @@
 //! - [`Upload::land`]: the verified file is renamed onto its target, and the
 //!   charge settled against what it replaces at that moment, under the
 //!   account's lock; any other staging file of that path goes with it. The
-//!   rename is durable once its directory is synced: `land` does that at
-//!   once, while [`Upload::land_unsynced`] leaves it to the caller, so that
-//!   small files landed together cost one sync per directory;
+//!   rename is durable once its directory is synced, which `land` leaves to
+//!   the caller, so that small files landed together cost one sync per
+//!   directory;
 //! - [`Upload::park`]: the partial stays to be resumed, charged in full,
 //!   if that fits the user's limits (else it is discarded);
 //! - [`Upload::discard`]: its staging files are removed and its reservation
@@ -194,7 +194,7 @@ impl Upload {
     }
 
     /// Stores a small upload whose bytes are all here and verified. It
-    /// lands as [`Upload::land_unsynced`] does: the file is not durable
+    /// lands as [`Upload::land`] does: the file is not durable
     /// until the directory returned is synced.
     pub fn store(self, data: &[u8]) -> Result<Unsynced> {
         let write = || -> io::Result<()> {
@@ -207,27 +207,16 @@ impl Upload {
         };
         write().map_err(|e| Error::fs(e, &self.path.to_string()))?;
         let send = self.files.send.clone();
-        self.land_unsynced(&send)
+        self.land(&send)
     }
 
     /// Moves the verified file `staged` onto the target, settling the
-    /// charge against what it replaces now, under the account's lock, and
-    /// syncs the target's directory (one fsync; a failure is logged). If
+    /// charge against what it replaces now, under the account's lock. If
     /// the account can't be locked (a cluster's database is away), nothing
-    /// moves and the upload stays resumable.
-    pub fn land(self, staged: &Path) -> Result<()> {
-        let path = self.path.clone();
-        let unsynced = self.land_unsynced(staged)?;
-        if let Err(e) = unsynced.sync() {
-            warn!(event = "error", path = %path, error = %e, "could not make the rename durable");
-        }
-        Ok(())
-    }
-
-    /// Lands as [`Upload::land`] does, but returns the target's directory
-    /// unsynced: the caller syncs it, once for every upload landed there
-    /// together, before it tells anyone the file is stored.
-    pub fn land_unsynced(mut self, staged: &Path) -> Result<Unsynced> {
+    /// moves and the upload stays resumable. Returns the target's
+    /// directory unsynced: the caller syncs it, once for every upload
+    /// landed there together, before it tells anyone the file is stored.
+    pub fn land(mut self, staged: &Path) -> Result<Unsynced> {
         let dir = staged.parent().unwrap_or(Path::new("."));
         let staging = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
             .map_err(Error::Storage)?;

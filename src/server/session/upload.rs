@@ -151,17 +151,18 @@ impl<S: Stream> Session<S> {
             transfer::receive(&mut self.conn, plan, &mut journal, checkpoints, progress).await;
         match received {
             Ok(hash) => {
+                let server = self.server.clone();
                 let landed = blocking(move || {
                     file.sync_all().map_err(Error::Storage)?;
                     let part = upload.files().part.clone();
-                    upload.land(&part)
+                    let dir = upload.land(&part)?;
+                    match sync_dir(&dir, &server.metrics) {
+                        true => Ok(hash),
+                        false => Err(not_durable()),
+                    }
                 })
                 .await;
-                if landed.is_ok() {
-                    // Landing synced the file's directory.
-                    self.server.metrics.directory_synced();
-                }
-                landed.map(|()| hash).map_err(|e| (e, size))
+                landed.map_err(|e| (e, size))
             }
             Err(Stopped { error, verified }) => {
                 let error = Error::from(error);
@@ -554,32 +555,38 @@ impl Batch {
     }
 
     /// Syncs each directory once, then releases the replies in order. A
-    /// store whose directory could not be synced is answered with an
-    /// error: its file is in place, but might not survive a crash, and a
-    /// 226 would promise that it does.
+    /// store whose directory could not be synced is answered with
+    /// [`not_durable`].
     fn commit(self, metrics: &Metrics) {
-        let synced: Vec<bool> = self
-            .dirs
-            .iter()
-            .map(|d| {
-                metrics.directory_synced();
-                let synced = d.sync();
-                if let Err(e) = &synced {
-                    warn!(event = "error", path = %d.dir(), error = %e, "could not make the renames into a directory durable");
-                }
-                synced.is_ok()
-            })
-            .collect();
+        let synced: Vec<bool> = self.dirs.iter().map(|d| sync_dir(d, metrics)).collect();
         for Held { done, outcome, dir } in self.replies {
             let outcome = match (outcome, dir) {
-                (Ok(_), Some(at)) if !synced[at] => Err(Error::Storage(std::io::Error::other(
-                    "the directory of the stored file could not be synced",
-                ))),
+                (Ok(_), Some(at)) if !synced[at] => Err(not_durable()),
                 (outcome, _) => outcome,
             };
             let _ = done.send(outcome);
         }
     }
+}
+
+/// Syncs a directory that stores landed in, making their renames durable;
+/// counted, and logged when it fails.
+fn sync_dir(dir: &Unsynced, metrics: &Metrics) -> bool {
+    metrics.directory_synced();
+    let synced = dir.sync();
+    if let Err(e) = &synced {
+        warn!(event = "error", path = %dir.dir(), error = %e, "could not make the renames into a directory durable");
+    }
+    synced.is_ok()
+}
+
+/// The answer to a store whose directory could not be synced: its file is
+/// in place, but might not survive a crash, and a 226 would promise that
+/// it does.
+fn not_durable() -> Error {
+    Error::Storage(std::io::Error::other(
+        "the directory of the stored file could not be synced",
+    ))
 }
 
 #[cfg(test)]
