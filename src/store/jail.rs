@@ -258,11 +258,18 @@ impl Home {
         Ok(self.existing(path))
     }
 
-    /// Makes the entries of the directory at `path` durable, after a rename into it.
-    pub fn sync_dir(&self, path: &VPath) -> io::Result<()> {
+    /// The directory at `path`, open: a handle that stays on it whatever
+    /// is renamed later, to rename into and then sync.
+    pub fn open_dir(&self, path: &VPath) -> io::Result<std::fs::File> {
+        // Opened to read: cap-std's `open_dir` gives an O_PATH handle,
+        // which can't be synced.
         let mut options = OpenOptions::new();
         options.read(true);
-        self.dir.open_with(path.rel(), &options)?.sync_all()
+        let file = self.dir.open_with(path.rel(), &options)?.into_std();
+        if !file.metadata()?.is_dir() {
+            return Err(io::ErrorKind::NotADirectory.into());
+        }
+        Ok(file)
     }
 
     /// Bytes in regular files under the home, and the number of entries
@@ -296,16 +303,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn directories_can_be_synced() {
+    fn directories_open_to_be_synced() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink("/", dir.path().join("out")).unwrap();
         let home = Home::open(dir.path()).unwrap();
-        home.sync_dir(&VPath::root()).unwrap();
-        home.sync_dir(&VPath::resolve(&VPath::root(), "sub", 99).unwrap())
-            .unwrap();
-        assert!(
-            home.sync_dir(&VPath::resolve(&VPath::root(), "none", 99).unwrap())
-                .is_err()
-        );
+        let at = |p: &str| VPath::resolve(&VPath::root(), p, 99).unwrap();
+        home.open_dir(&VPath::root()).unwrap().sync_all().unwrap();
+        home.open_dir(&at("sub")).unwrap().sync_all().unwrap();
+        assert!(home.open_dir(&at("none")).is_err());
+        assert!(home.open_dir(&at("out")).is_err(), "a link out of the home");
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        assert!(home.open_dir(&at("file")).is_err());
     }
 }

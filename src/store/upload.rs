@@ -231,9 +231,16 @@ impl Upload {
         let (path, size) = (&self.path, self.size);
         let files = &self.files;
         let resumable = &mut self.resumable;
-        ledger.with(user, |a| {
+        let unsynced = ledger.with(user, |a| {
             let replaced = home.upload_target(path)?;
             a.check_landing(path, size, replaced, *limits)?;
+            // The file is renamed into this open directory, and this one is
+            // synced, even if another session renames it meanwhile.
+            let unsynced = Unsynced::open(home, path.parent())
+                .map_err(|e| Error::fs(e, &path.parent().to_string()))?;
+            let into = cap_std::fs::Dir::from_std_file(
+                unsynced.handle.try_clone().map_err(Error::Storage)?,
+            );
             // The journal goes first: a crash before the rename leaves a
             // partial without a journal, which the sweeper removes, and
             // never a journal that goes on charging a file already in the home.
@@ -242,16 +249,12 @@ impl Upload {
                 *resumable = false;
             }
             staging
-                .rename(name, home.dir(), path.rel())
+                .rename(name, &into, path.file_name().unwrap_or("."))
                 .map_err(|e| Error::fs(e, &path.to_string()))?;
             a.landed(path, size, replaced);
-            Ok::<_, Error>(())
+            Ok::<_, Error>(unsynced)
         })?;
         self.ended = true;
-        let unsynced = Unsynced {
-            home: home.clone(),
-            dir: path.parent(),
-        };
         // A partial of this path that the landed file supersedes.
         if self.superseded {
             self.files.remove();
@@ -319,29 +322,60 @@ impl Drop for Upload {
 
 /// The directory of a home that an upload was renamed into, not synced
 /// yet: the rename is durable only once it is. One sync covers every
-/// rename into the directory before it.
+/// rename into the directory before it. It is held open, so the sync
+/// reaches the directory the file went into even if it was renamed since.
 #[derive(Debug)]
 #[must_use = "a landed file is not durable until its directory is synced"]
 pub struct Unsynced {
-    home: Home,
+    /// Where it was when the file landed, for the log.
     dir: VPath,
+    handle: File,
+    /// Device and inode: what makes two directories the same.
+    id: (u64, u64),
 }
 
 impl Unsynced {
-    /// The directory, in the home.
+    fn open(home: &Home, dir: VPath) -> io::Result<Unsynced> {
+        use std::os::unix::fs::MetadataExt;
+        let handle = home.open_dir(&dir)?;
+        let meta = handle.metadata()?;
+        Ok(Unsynced {
+            dir,
+            handle,
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// The directory, in the home, as it was named when the file landed.
     pub fn dir(&self) -> &VPath {
         &self.dir
     }
 
-    /// Whether `other` is the same directory of the same home, which one
-    /// sync covers.
+    /// Whether `other` is the same directory, which one sync covers.
     pub fn same_dir(&self, other: &Unsynced) -> bool {
-        self.home.is(&other.home) && self.dir == other.dir
+        self.id == other.id
     }
 
     /// Syncs the directory, making the renames into it durable.
     pub fn sync(&self) -> io::Result<()> {
-        self.home.sync_dir(&self.dir)
+        self.handle.sync_all()
+    }
+
+    /// Swaps the handle for one whose sync fails: a disk's fault, which a
+    /// test cannot cause.
+    #[cfg(test)]
+    pub fn fail_sync(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.handle)
+        );
+        // A handle opened with O_PATH can't be synced (EBADF).
+        self.handle = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(path)
+            .expect("an O_PATH handle");
     }
 }
 

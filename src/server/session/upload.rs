@@ -675,12 +675,31 @@ mod tests {
         let mut batch = Batch::default();
         let mut in_a = store(&mut batch, &owner, "/a/f", b"one");
         let mut in_b = store(&mut batch, &owner, "/b/f", b"two");
-        // The directory goes before the commit syncs it: a reply released
-        // before that sync would claim a durable file.
-        let home = root.path().join("home");
-        std::fs::rename(home.join("b"), home.join("moved")).unwrap();
+        // b's sync will fail: a reply released before it, or despite it,
+        // would claim a durable file.
+        batch.dirs[1].fail_sync();
         batch.commit(&Metrics::new());
         assert_eq!(in_a.try_recv().unwrap().unwrap(), "stored");
         assert!(matches!(in_b.try_recv().unwrap(), Err(Error::Storage(_))));
+    }
+
+    #[test]
+    fn a_directory_renamed_before_its_sync_is_still_the_one_synced() {
+        let root = tempfile::tempdir().unwrap();
+        let owner = owner(root.path(), &["a"]);
+        let mut batch = Batch::default();
+        let mut first = store(&mut batch, &owner, "/a/f1", b"one");
+        // The user's other session moves `a` away and makes a new `a`: the
+        // sync by that name would miss the directory f1 went into.
+        let home = root.path().join("home");
+        std::fs::rename(home.join("a"), home.join("moved")).unwrap();
+        std::fs::create_dir(home.join("a")).unwrap();
+        let mut second = store(&mut batch, &owner, "/a/f2", b"two");
+        assert_eq!(batch.dirs.len(), 2, "two directories, each to be synced");
+        batch.commit(&Metrics::new());
+        assert_eq!(first.try_recv().unwrap().unwrap(), "stored");
+        assert_eq!(second.try_recv().unwrap().unwrap(), "stored");
+        assert_eq!(std::fs::read(home.join("moved/f1")).unwrap(), b"one");
+        assert_eq!(std::fs::read(home.join("a/f2")).unwrap(), b"two");
     }
 }
