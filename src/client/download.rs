@@ -137,7 +137,7 @@ impl Client {
         match received {
             Ok(hash) => {
                 self.in_data = false;
-                let done = landing.finish(&file);
+                let done = by_name(|| landing.finish(&file));
                 if let Some(j) = &journal {
                     j.remove();
                 }
@@ -371,7 +371,7 @@ impl Landing {
     ) -> Result<(File, Tree, Option<Journal>)> {
         let p = self.partial.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let file = open_nofollow(&p, offset == 0)?;
+            let file = by_name(|| open_nofollow(&p, offset == 0))?;
             transfer::resume_partial(file, size, chunk, offset)
         })
         .await
@@ -390,17 +390,20 @@ impl Landing {
     /// Writes a whole verified file as the partial and moves it onto the
     /// target, durably; on failure the partial goes.
     fn land_whole(&self, data: &[u8]) -> std::io::Result<()> {
-        let written = open_nofollow(&self.partial, true).and_then(|mut file| {
-            std::io::Write::write_all(&mut file, data)?;
-            self.finish(&file)
-        });
-        if written.is_err() {
-            let _ = std::fs::remove_file(&self.partial);
-        }
-        written
+        by_name(|| {
+            let written = open_nofollow(&self.partial, true).and_then(|mut file| {
+                std::io::Write::write_all(&mut file, data)?;
+                self.finish(&file)
+            });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&self.partial);
+            }
+            written
+        })
     }
 
-    /// Moves the verified partial onto the target, durably.
+    /// Moves the verified partial onto the target, durably. Only under
+    /// [`by_name`].
     fn finish(&self, file: &File) -> std::io::Result<()> {
         file.sync_all()?;
         std::fs::rename(&self.partial, &self.target)?;
@@ -417,7 +420,7 @@ impl Landing {
         verified: u64,
     ) {
         if matches!(error, transfer::Error::HashMismatch) || journal.is_none() {
-            let _ = std::fs::remove_file(&self.partial);
+            let _ = by_name(|| std::fs::remove_file(&self.partial));
             if let Some(j) = &journal {
                 j.remove();
             }
@@ -428,6 +431,19 @@ impl Landing {
             }
         }
     }
+}
+
+/// Runs `f`, which makes, removes or renames a download's partial file
+/// by its name, while no other download of this process does. Two
+/// downloads to one name (a name a server lists twice, two names one
+/// case-insensitive disk takes for the same, a run after an interrupted
+/// one whose last files are still being written) then never remove or
+/// move into place each other's unfinished partial: whatever has a
+/// target's name is a whole, verified file.
+fn by_name<T>(f: impl FnOnce() -> T) -> T {
+    static BY_NAME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = BY_NAME.lock().unwrap_or_else(|e| e.into_inner());
+    f()
 }
 
 /// Checks a `151 SIZE OFFSET CHUNK` plan against what the client asked:

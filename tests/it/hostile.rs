@@ -520,6 +520,48 @@ async fn get_r_never_lets_a_name_from_the_wire_leave_the_target() {
 }
 
 #[tokio::test]
+async fn get_r_of_a_name_listed_many_times_lands_one_whole_file() {
+    // One name listed again and again, and each GET of it a different file
+    // of one chunk: the downloads to that name, written while the next
+    // arrive, must never remove or move into place each other's partial.
+    const TIMES: u64 = 300;
+    let body = |n: u64| {
+        let mut bytes = crate::common::data(64 << 10, n as u8);
+        bytes[..8].copy_from_slice(&n.to_le_bytes());
+        bytes
+    };
+    let served = Arc::new(AtomicU64::new(0));
+    let counter = served.clone();
+    let fake = Fake::start("220 fake ready", move |req| match verb(req) {
+        "LIST" => {
+            let mut text = "213-f 65536 0 same\n".repeat(TIMES as usize);
+            text += "213 many entries\n";
+            Answer::Send(text.into_bytes())
+        }
+        "GET" => Answer::Send(download(
+            &body(counter.fetch_add(1, Ordering::SeqCst)),
+            128 << 10,
+        )),
+        _ => Answer::Send(b"500 no\n".to_vec()),
+    })
+    .await;
+    let work = fake.workdir("w");
+    let run = fake.client(&work, "get -r tree dest").await;
+    assert_eq!(run.status, 0, "{}", run.err());
+    assert!(served.load(Ordering::SeqCst) >= TIMES);
+    let got = std::fs::read(work.join("dest/same")).unwrap();
+    assert!(
+        (0..TIMES * 2).any(|n| got == body(n)),
+        "a file that was never sent"
+    );
+    assert_eq!(
+        std::fs::read_dir(work.join("dest")).unwrap().count(),
+        1,
+        "a partial file was left"
+    );
+}
+
+#[tokio::test]
 async fn get_r_refuses_names_with_control_characters() {
     let fake = Fake::start("220 fake ready", |req| match verb(req) {
         "LIST" => {

@@ -181,7 +181,7 @@ impl Fetch {
                 Err(e) => Err(e),
             };
             // What was received lands whatever became of the session.
-            let landed = self.landed(0).await;
+            let landed = self.land_all().await;
             let Err(e) = result.and(landed) else {
                 return Ok(());
             };
@@ -393,6 +393,18 @@ impl Fetch {
             }
         }
         Ok(())
+    }
+
+    /// Waits until every received file has landed or failed to; the
+    /// first failure is returned.
+    async fn land_all(&mut self) -> Result<(), ClientError> {
+        let mut first = Ok(());
+        while !self.writing.is_empty() {
+            if let Err(e) = self.landed(0).await {
+                first = first.and(Err(e));
+            }
+        }
+        first
     }
 
     /// A file is in place.
