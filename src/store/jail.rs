@@ -262,9 +262,11 @@ impl Home {
     /// is renamed later, to rename into and then sync.
     pub fn open_dir(&self, path: &VPath) -> io::Result<std::fs::File> {
         // Opened to read: cap-std's `open_dir` gives an O_PATH handle,
-        // which can't be synced.
+        // which can't be synced. Never waits on a FIFO put in its place.
         let mut options = OpenOptions::new();
-        options.read(true);
+        options
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY);
         let file = self.dir.open_with(path.rel(), &options)?.into_std();
         if !file.metadata()?.is_dir() {
             return Err(io::ErrorKind::NotADirectory.into());

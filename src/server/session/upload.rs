@@ -464,8 +464,9 @@ impl Stores {
 }
 
 /// The blocking side of [`Stores`]: writes queued stores until none is
-/// left, committing a batch of them whenever the queue runs empty or
-/// [`Batch::MAX`] are written.
+/// left, committing a batch of them whenever the queue runs empty, or
+/// [`Batch::MAX`] are written, or they landed in [`Batch::MAX_DIRS`]
+/// directories.
 fn write_stores(queue: &Mutex<StoreQueue>, metrics: &Metrics) {
     let lock = || queue.lock().unwrap_or_else(|e| e.into_inner());
     /// Should a store panic, the queue is left with no writer and no
@@ -483,7 +484,7 @@ fn write_stores(queue: &Mutex<StoreQueue>, metrics: &Metrics) {
     let _unwind = Unwind(queue);
     let mut batch = Batch::default();
     loop {
-        let next = if batch.len() < Batch::MAX {
+        let next = if batch.len() < Batch::MAX && batch.dirs.len() < Batch::MAX_DIRS {
             let mut queue = lock();
             let next = queue.jobs.pop_front();
             // Under the same lock as the pop, so a push never finds a
@@ -526,6 +527,8 @@ struct Held {
 impl Batch {
     /// The most stores in one batch: as many as a session has in flight.
     const MAX: usize = Stores::MAX_FILES;
+    /// The most directories one batch holds open until its commit.
+    const MAX_DIRS: usize = 8;
 
     fn len(&self) -> usize {
         self.replies.len()
