@@ -267,11 +267,7 @@ impl Home {
         options
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY);
-        let file = self.dir.open_with(path.rel(), &options)?.into_std();
-        if !file.metadata()?.is_dir() {
-            return Err(io::ErrorKind::NotADirectory.into());
-        }
-        Ok(file)
+        Ok(self.dir.open_with(path.rel(), &options)?.into_std())
     }
 
     /// Bytes in regular files under the home, and the number of entries

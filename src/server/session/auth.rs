@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use crate::transfer::connection::Stream;
 use tracing::{info, warn};
 
 use super::{Session, blocking};
@@ -14,6 +13,7 @@ use crate::store::jail::Home;
 use crate::store::quota::{self, Limits};
 use crate::store::upload::Owner;
 use crate::store::users::{self, Password, User};
+use crate::transfer::connection::Stream;
 
 impl<S: Stream> Session<S> {
     pub(super) async fn login(

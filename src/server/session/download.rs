@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use blake3::hazmat::ChainingValue;
-
-use crate::transfer::connection::Stream;
 use indicatif::ProgressBar;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -20,6 +18,7 @@ use crate::server::Server;
 use crate::server::live::{TransferInfo, new_transfer_id};
 use crate::store::jail::Home;
 use crate::transfer::cache::Key;
+use crate::transfer::connection::Stream;
 use crate::transfer::{self, Ahead, Known, Plan};
 
 /// GETs planned ahead of their turn, at most, in one session.

@@ -2,13 +2,12 @@
 //! home and does its work on the blocking pool; the ones that change what
 //! the home holds do it under the account's lock (see `store::quota`).
 
-use crate::transfer::connection::Stream;
-
 use super::{Session, blocking, quoted};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Code, VPath};
 use crate::store::quota::{Limits, Usage};
 use crate::store::upload;
+use crate::transfer::connection::Stream;
 
 /// One file or directory, as the entry limit counts it.
 const ONE_ENTRY: Usage = Usage {

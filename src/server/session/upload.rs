@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::transfer::connection::Stream;
 use indicatif::ProgressBar;
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -24,6 +23,7 @@ use crate::server::live::{TransferInfo, new_transfer_id};
 use crate::server::metrics::Metrics;
 use crate::store::quota::UploadLock;
 use crate::store::upload::{Owner, Unsynced, Upload};
+use crate::transfer::connection::Stream;
 use crate::transfer::{self, Checkpoints, Plan, Stopped};
 
 impl<S: Stream> Session<S> {
@@ -156,9 +156,10 @@ impl<S: Stream> Session<S> {
                     file.sync_all().map_err(Error::Storage)?;
                     let part = upload.files().part.clone();
                     let dir = upload.land(&part)?;
-                    match sync_dir(&dir, &server.metrics) {
-                        true => Ok(hash),
-                        false => Err(not_durable()),
+                    if sync_dir(&dir, &server.metrics) {
+                        Ok(hash)
+                    } else {
+                        Err(not_durable())
                     }
                 })
                 .await;
