@@ -313,5 +313,19 @@ mod tests {
         assert!(home.open_dir(&at("out")).is_err(), "a link out of the home");
         std::fs::write(dir.path().join("file"), b"").unwrap();
         assert!(home.open_dir(&at("file")).is_err());
+        // A FIFO at a directory's name is refused at once, never waited on.
+        let fifo = std::ffi::CString::new(
+            dir.path()
+                .join("fifo")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(home.open_dir(&at("fifo")).is_err()));
+        let refused = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(refused, Ok(true), "opening a FIFO waited or succeeded");
     }
 }
